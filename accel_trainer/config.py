@@ -1,0 +1,140 @@
+"""Typed run configuration: three dataclasses parsed by ``transformers.HfArgumentParser``.
+
+Each field has a help string; ``__post_init__`` checks values and raises one ``ValueError`` listing
+every problem with the flag that caused it, so the CLI can print one clear message and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+class ConfigError(ValueError):
+    """A bad flag value; the message names the flag."""
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError("invalid arguments:\n  " + "\n  ".join(problems))
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": "Model size preset defined by the recipe (tiny, 4090, b200, 18b)."})
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name for datasets.load_dataset (needs network)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (one type per run)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in --data_files/--dataset_name."})
+    tokenizer_name: str = field(default="byte", metadata={"help": "'byte' (built in, no download) or a transformers tokenizer name/path."})
+    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence after packing."})
+    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of packed blocks held out for validation (percent)."})
+    max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default corpus."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map num_proc)."})
+
+    def __post_init__(self):
+        problems = []
+        if self.block_size < 2:
+            problems.append(f"--block_size={self.block_size}: must be >= 2")
+        if not 0 < self.validation_split_percentage < 50:
+            problems.append(f"--validation_split_percentage={self.validation_split_percentage}: must be in (0, 50)")
+        if self.dataset_name and self.data_files:
+            problems.append("--dataset_name and --data_files: give one of them, not both")
+        if self.max_corpus_bytes <= 0:
+            problems.append(f"--max_corpus_bytes={self.max_corpus_bytes}: must be > 0")
+        _raise_if(problems)
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str = field(default="runs/default", metadata={"help": "Where metrics, logs and checkpoints go."})
+    max_steps: int = field(default=-1, metadata={"help": "Total optimizer steps; -1 means use --num_train_epochs."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Total epochs (not additional ones when resuming)."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Sequences per process per micro-batch."})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "Sequences per process per eval batch."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=3e-3, metadata={"help": "Peak LR of AdamW (embeddings, head, norms, router)."})
+    muon_learning_rate: float = field(default=0.02, metadata={"help": "Peak LR of Muon (hidden matrices, experts)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay of the Muon matrices."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, wsd (warmup-stable-decay) or constant."})
+    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak."})
+    decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
+    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU)."})
+    logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
+    eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
+    max_eval_batches: int = field(default=20, metadata={"help": "Cap on eval batches per process per evaluation."})
+    save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps; 0 disables periodic saves."})
+    ema_decay: float = field(default=0.98, metadata={"help": "Decay of the exponential moving average of train loss."})
+    seed: int = field(default=42, metadata={"help": "Seed for init, data split and order."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
+    run_name: str | None = field(default=None, metadata={"help": "Tracker run name; defaults to the output_dir's name."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+
+    def __post_init__(self):
+        problems = []
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                     "logging_steps", "max_eval_batches"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name}={getattr(self, name)}: must be >= 1")
+        for name in ("eval_steps", "save_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"--max_steps={self.max_steps}: must be > 0, or -1 to use --num_train_epochs")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            problems.append(f"--num_train_epochs={self.num_train_epochs}: must be > 0")
+        for name in ("learning_rate", "muon_learning_rate"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name}={getattr(self, name)}: must be > 0")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            problems.append(f"--weight_decay={self.weight_decay} and --max_grad_norm={self.max_grad_norm}: must be >= 0")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"--mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
+        if self.lr_scheduler_type not in SCHEDULES:
+            problems.append(f"--lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(SCHEDULES)}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"--min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if not 0 < self.decay_ratio <= 1:
+            problems.append(f"--decay_ratio={self.decay_ratio}: must be in (0, 1]")
+        if not 0 <= self.ema_decay < 1:
+            problems.append(f"--ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb, all or none")
+        _raise_if(problems)
+
+
+def parse_args(dataclass_types, args: list[str] | None = None):
+    """Parse CLI flags into the given dataclasses; on a bad flag print one message and exit 2.
+
+    Unknown flags and values that fail ``__post_init__`` both exit with status 2 naming the flag,
+    never with a traceback.
+    """
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    try:
+        # HfArgumentParser reports unknown flags as "Some specified arguments are not used".
+        return parser.parse_args_into_dataclasses(args=args)
+    except ValueError as err:
+        parser.exit(2, f"error: {err}\n")
+
+
+def to_dict(*configs) -> dict:
+    """Flat ``{field: value}`` of the dataclasses, for trackers, checkpoints and diffs."""
+    out = {}
+    for cfg in configs:
+        out.update(dataclasses.asdict(cfg))
+    return out
+

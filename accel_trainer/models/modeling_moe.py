@@ -1,0 +1,225 @@
+"""Decoder-only mixture-of-experts transformer as a `transformers` PreTrainedModel.
+
+Expert weights are stacked per layer as 3D tensors ``[num_experts, out, in]`` so that one tensor holds
+one kind of matrix for every expert (the optimizer orthogonalises each expert's slice on its own).
+Tokens are dispatched by sorting their (token, expert) assignments by expert and running each expert
+once on its contiguous slice: the Python loop is over experts, never over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_moe import MoEConfig
+
+
+@dataclass
+class MoECausalLMOutput(ModelOutput):
+    """Forward result: ``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` * ``aux_loss`` when labels are given."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+
+
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    # Computed per forward instead of cached in a buffer: it is cheap next to attention, and a
+    # non-persistent buffer would be left uninitialised when the model is built on the meta device.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((angles, angles), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class SwiGLU(nn.Module):
+    """Dense gated MLP; used for the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts with stacked weights, an optional shared expert, and a balance loss."""
+
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        e, d, f = config.num_experts, config.hidden_size, config.moe_intermediate_size
+        self.num_experts = e
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.router = nn.Linear(d, e, bias=False)
+        # [experts, out, in], the nn.Linear convention per expert.
+        self.gate_proj = nn.Parameter(torch.empty(e, f, d))
+        self.up_proj = nn.Parameter(torch.empty(e, f, d))
+        self.down_proj = nn.Parameter(torch.empty(e, d, f))
+        self.shared_expert = (SwiGLU(d, config.shared_expert_intermediate_size)
+                              if config.shared_expert_intermediate_size > 0 else None)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        num_tokens = x.shape[0]
+        probs = self.router(x).float().softmax(dim=-1)
+        weights, experts = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+
+        flat_experts = experts.reshape(-1)
+        order = flat_experts.argsort(stable=True)
+        token_of_slot = order // self.top_k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        # One host sync per layer to learn the split sizes; grouped GEMM kernels avoid it on GPU.
+        sorted_x = x[token_of_slot]
+        outputs = []
+        for e, chunk in enumerate(sorted_x.split(counts.tolist())):
+            if chunk.shape[0] == 0:
+                continue
+            hidden = F.silu(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
+            outputs.append(hidden @ self.down_proj[e].t())
+        routed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        out = torch.zeros_like(x).index_add_(0, token_of_slot, routed)
+        if self.shared_expert is not None:
+            out = out + self.shared_expert(x)
+
+        # Switch-style balance loss: num_experts * sum_e(fraction of slots to e * mean prob of e);
+        # equals 1 when routing is uniform.
+        slot_fraction = counts.float() / (num_tokens * self.top_k)
+        aux_loss = self.num_experts * torch.sum(slot_fraction * probs.mean(dim=0))
+        return out.reshape(shape), aux_loss
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MoEConfig):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out, aux_loss
+
+
+class MoEPreTrainedModel(PreTrainedModel):
+    config_class = MoEConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, MoEFeedForward):
+            for p in (module.gate_proj, module.up_proj, module.down_proj):
+                p.normal_(0.0, std)
+        elif isinstance(module, nn.RMSNorm):
+            module.weight.fill_(1.0)
+
+
+class MoEModel(MoEPreTrainedModel):
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
+                                  x.device, x.dtype)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        for layer in self.layers:
+            x, aux_loss = layer(x, cos, sin)
+            aux_total = aux_total + aux_loss
+        return self.norm(x), aux_total / len(self.layers)
+
+
+class MoEForCausalLM(MoEPreTrainedModel):
+    """Causal LM head on :class:`MoEModel`. ``labels`` are the input ids; the shift happens inside."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoEConfig):
+        super().__init__(config)
+        self.model = MoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> MoECausalLMOutput:
+        hidden, aux_loss = self.model(input_ids)
+        logits = self.lm_head(hidden)
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                      labels[:, 1:].reshape(-1), ignore_index=-100)
+            loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
+        return MoECausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss)
+
+
+def count_parameters(model: nn.Module, config: MoEConfig) -> dict[str, int]:
+    """Total and active (used per token) parameter counts; works on a meta-device model.
+
+    Returns:
+        ``{"total": ..., "active": ..., "experts": ...}`` where ``experts`` counts routed-expert weights.
+    """
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for m in model.modules() if isinstance(m, MoEFeedForward)
+                  for p in (m.gate_proj, m.up_proj, m.down_proj))
+    inactive = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
+    return {"total": total, "active": total - inactive, "experts": experts}

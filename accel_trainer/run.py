@@ -1,0 +1,48 @@
+"""Compose a run from parsed arguments: accelerator, data, model, optimizers, trainer."""
+
+from __future__ import annotations
+
+from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
+from .data import build_datasets
+from .models import MoEConfig, MoEForCausalLM, count_parameters
+from .optim import OptimizerSettings, build_optimizers
+from .trainer import Trainer, build_accelerator
+
+
+def model_config_for(presets: dict[str, dict], preset: str, tokenizer) -> MoEConfig:
+    """The preset's config, checked against the tokenizer's vocabulary.
+
+    Raises:
+        ConfigError: unknown ``--preset`` or a tokenizer with more ids than the model's vocabulary.
+    """
+    if preset not in presets:
+        raise ConfigError(f"--preset={preset!r}: unknown; choose one of {', '.join(presets)}")
+    config = MoEConfig(**presets[preset])
+    vocab = len(tokenizer)
+    if vocab > config.vocab_size:
+        raise ConfigError(f"--preset={preset!r} has vocab_size={config.vocab_size} but --tokenizer_name has "
+                          f"{vocab} ids; pick a preset with a larger vocabulary")
+    return config
+
+
+def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
+        train_args: TrainingArguments) -> Trainer:
+    """Build everything and train; returns the trainer (for tests and notebooks)."""
+    if model_args.preset not in presets:
+        raise ConfigError(f"--preset={model_args.preset!r}: unknown; choose one of {', '.join(presets)}")
+    accelerator = build_accelerator(train_args)
+    with accelerator.main_process_first():
+        data = build_datasets(data_args, seed=train_args.seed)
+    config = model_config_for(presets, model_args.preset, data.tokenizer)
+    model = MoEForCausalLM(config)
+    counts = count_parameters(model, config)
+    accelerator.print(f"model: preset {model_args.preset}, {counts['total'] / 1e6:.2f}M parameters "
+                      f"({counts['active'] / 1e6:.2f}M active per token)")
+    optimizers = build_optimizers(model, OptimizerSettings(
+        muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
+        weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
+        adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
+    trainer = Trainer(accelerator, model, optimizers, data, train_args,
+                      run_config=to_dict(model_args, data_args, train_args))
+    trainer.train()
+    return trainer

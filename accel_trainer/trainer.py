@@ -1,0 +1,212 @@
+"""The training loop on Hugging Face Accelerate.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-batches; every counter lives in
+:class:`TrainState`. The LR schedules are stepped here once per optimizer step rather than prepared by
+Accelerate, whose scheduler wrapper steps ``num_processes`` times per step and would tie the schedule
+to the world size.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from .config import ConfigError, TrainingArguments
+from .data import TextData, build_eval_dataloader, build_train_dataloader
+from .metrics import MetricsLogger
+from .optim import OptimizersContainer, SchedulersContainer, lr_multiplier
+from .train_state import TrainState
+
+
+def build_accelerator(args: TrainingArguments) -> Accelerator:
+    """An Accelerator for these arguments, seeded; call before building the model so init matches on all ranks.
+
+    Raises:
+        ConfigError: ``--mixed_precision=fp16`` without a CUDA device.
+    """
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("--mixed_precision=fp16 needs a CUDA GPU (the grad scaler is GPU-only here); "
+                          "use --mixed_precision bf16 or no on CPU")
+    trackers = {"none": None, "all": "all"}.get(args.report_to, [args.report_to])
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers,
+                              project_dir=args.output_dir, step_scheduler_with_optimizer=False)
+    set_seed(args.seed)
+    return accelerator
+
+
+def tracker_config(config: dict) -> dict:
+    """TensorBoard's hparams accept only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.items()}
+
+
+class Trainer:
+    """Trains ``model`` with the named ``optimizers`` on ``data``.
+
+    Args:
+        accelerator: from :func:`build_accelerator`.
+        model: the (unprepared) model; its forward takes ``input_ids``/``labels`` and returns ``loss``.
+        optimizers: an :class:`OptimizersContainer` over the model's parameters.
+        data: train/validation datasets and tokenizer.
+        args: training arguments.
+        run_config: the full flat run configuration (saved with checkpoints, sent to trackers).
+    """
+
+    def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
+                 args: TrainingArguments, run_config: dict):
+        self.accelerator = accelerator
+        self.args = args
+        self.run_config = run_config
+        self.state = TrainState()
+        world = accelerator.num_processes
+        train_loader = build_train_dataloader(data.train, args.per_device_train_batch_size, args.seed)
+        self.sampler = train_loader.sampler
+        # Evaluate a fixed subset so every evaluation sees the same blocks and iterates to the end.
+        n_eval = min(len(data.validation), args.max_eval_batches * args.per_device_eval_batch_size * world)
+        eval_loader = build_eval_dataloader(data.validation.select(range(n_eval)), args.per_device_eval_batch_size)
+        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+            model, optimizers, train_loader, eval_loader)
+        self.optimizers = optimizers
+
+        self.steps_per_epoch = len(self.train_loader) // args.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"--per_device_train_batch_size={args.per_device_train_batch_size} x "
+                f"--gradient_accumulation_steps={args.gradient_accumulation_steps} x {world} processes needs more "
+                f"than the {len(data.train)} training blocks available; lower them or give more data")
+        self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        self.total_steps = (args.max_steps if args.max_steps > 0
+                            else math.ceil(args.num_train_epochs * self.steps_per_epoch))
+        self.schedulers = SchedulersContainer(optimizers, partial(
+            lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
+            total_steps=self.total_steps, min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio))
+        self.metrics = MetricsLogger(accelerator, args.output_dir)
+        self._ema = None            # device tensor; TrainState.ema_loss is its host copy
+        self._unsynced_tokens = 0   # local tokens since the last all-process sum
+
+    # ----------------------------------------------------------------------------------------- loop
+    def train(self) -> TrainState:
+        """Run until ``total_steps``; returns the final counters."""
+        args, state = self.args, self.state
+        self.accelerator.init_trackers(args.run_name or "accel_trainer", config=tracker_config(self.run_config))
+        self.print_run_summary()
+        progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
+                        disable=args.disable_tqdm or not self.accelerator.is_local_main_process)
+        self.model.train()
+        batches = self.micro_batches()
+        try:
+            while state.global_step < self.total_steps:
+                loss, grad_norm = self.train_step(next(batches))
+                self.after_step(loss, grad_norm, progress)
+        finally:
+            progress.close()
+            self.metrics.close()
+            self.accelerator.end_training()
+        return state
+
+    def micro_batches(self):
+        """Yield lists of ``gradient_accumulation_steps`` micro-batches, continuing from ``self.state``."""
+        state, args = self.state, self.args
+        local_batch = args.per_device_train_batch_size * self.accelerator.num_processes
+        while True:
+            skip, remainder = divmod(state.samples_in_epoch, local_batch)
+            if remainder:
+                raise ValueError(f"data position {state.samples_in_epoch} samples into epoch {state.epoch} is not a "
+                                 f"multiple of the global micro-batch ({local_batch}); resume with a batch size "
+                                 "that divides it")
+            loader = self.train_loader if skip == 0 else self.accelerator.skip_first_batches(self.train_loader, skip)
+            loader.set_epoch(state.epoch)
+            self.sampler.set_epoch(state.epoch)
+            iterator = iter(loader)
+            for _ in range((len(self.train_loader) - skip) // args.gradient_accumulation_steps):
+                yield [next(iterator) for _ in range(args.gradient_accumulation_steps)]
+            state.epoch += 1
+            state.samples_in_epoch = 0
+
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward/backward over the micro-batches, clip, step every optimizer and schedule once."""
+        accelerator, model = self.accelerator, self.model
+        total = None
+        for i, batch in enumerate(micro_batches):
+            ids = batch["input_ids"]
+            # Only the last micro-batch all-reduces gradients under DDP.
+            sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else nullcontext()
+            with sync:
+                loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
+                accelerator.backward(loss)
+            total = loss.detach() if total is None else total + loss.detach()
+            self._unsynced_tokens += ids.numel()
+        grad_norm = None
+        if self.args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        self.optimizer.step()
+        if not self.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the step
+            self.schedulers.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, grad_norm
+
+    def after_step(self, loss: torch.Tensor, grad_norm, progress) -> None:
+        """Advance counters; log, evaluate (and later save) when their interval comes."""
+        args, state = self.args, self.state
+        state.global_step += 1
+        state.samples_in_epoch += self.samples_per_step
+        # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
+        mean_loss = self.accelerator.reduce(loss, reduction="mean")
+        self._ema = mean_loss if self._ema is None else self._ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
+        step, last = state.global_step, state.global_step >= self.total_steps
+        progress.update(1)
+        metrics = {}
+        if step % args.logging_steps == 0 or last:
+            metrics.update(self.train_metrics(mean_loss, grad_norm))
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr/adamw', 0):.2e}")
+        if args.eval_steps and (step % args.eval_steps == 0 or last):
+            metrics["val_loss"] = self.evaluate()
+            if state.improves_best(metrics["val_loss"]):
+                state.best_val_loss, state.best_val_step = metrics["val_loss"], step
+        if metrics:
+            metrics.setdefault("tokens_seen", self.sync_tokens())
+            state.last_metrics = {"step": step, **metrics}
+            self.metrics.log(metrics, step=step)
+
+    # ------------------------------------------------------------------------------------ helpers
+    def train_metrics(self, mean_loss: torch.Tensor, grad_norm) -> dict:
+        metrics = {"loss": mean_loss.item(), "ema_loss": self._ema.item(), "epoch": self.epoch_progress(),
+                   "tokens_seen": self.sync_tokens()}
+        self.state.ema_loss = metrics["ema_loss"]
+        if grad_norm is not None:
+            metrics["grad_norm"] = float(grad_norm)
+        for name, lr in self.schedulers.get_last_lr().items():
+            metrics[f"lr/{name}"] = lr
+        return metrics
+
+    def sync_tokens(self) -> int:
+        """Add every process's tokens since the last call to ``state.tokens_seen`` (a collective call)."""
+        local = torch.tensor(self._unsynced_tokens, device=self.accelerator.device, dtype=torch.long)
+        self.state.tokens_seen += int(self.accelerator.reduce(local, reduction="sum").item())
+        self._unsynced_tokens = 0
+        return self.state.tokens_seen
+
+    def epoch_progress(self) -> float:
+        return self.state.epoch + self.state.samples_in_epoch / (self.steps_per_epoch * self.samples_per_step)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss (without the router's aux loss) over the fixed validation subset, all processes."""
+        self.model.eval()
+        losses = [self.model(input_ids=b["input_ids"], labels=b["input_ids"]).lm_loss for b in self.eval_loader]
+        self.model.train()
+        local = torch.stack(losses).mean() if losses else torch.zeros((), device=self.accelerator.device)
+        return self.accelerator.reduce(local, reduction="mean").item()
+
+    def print_run_summary(self) -> None:
+        a = self.args
+        self.accelerator.print(
+            f"accel_trainer: {self.accelerator.num_processes} process(es) [{self.accelerator.distributed_type}], "
+            f"mixed_precision={a.mixed_precision}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+            f"{self.samples_per_step} sequences/step, starting at step {self.state.global_step}, "
+            f"output_dir={a.output_dir}")
