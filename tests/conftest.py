@@ -1,0 +1,56 @@
+"""Shared helpers: real launches of the recipe through `accelerate launch`, on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "moe18b.py"
+# Small enough that data prep and a step take well under a second on 2 cores.
+TINY = ["--preset", "tiny", "--max_corpus_bytes", "300000", "--report_to", "none", "--disable_tqdm",
+        "--per_device_train_batch_size", "4", "--block_size", "64"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check: bool = True,
+           env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the recipe under `accelerate launch` (2 processes = gloo MULTI_CPU, as documented)."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if num_processes > 1:
+        cmd = accelerate + ["--multi_gpu", "--num_processes", str(num_processes),
+                            "--main_process_port", str(free_port()), "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no"]
+        full_env["ACCELERATE_USE_CPU"] = "1"
+    else:
+        cmd = accelerate + ["--cpu", "--num_processes", "1", "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = subprocess.run(cmd + [str(RECIPE), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def recipe_module():
+    sys.path.insert(0, str(REPO))
+    import recipes.moe18b as recipe
+
+    return recipe
