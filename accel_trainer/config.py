@@ -76,6 +76,13 @@ class TrainingArguments:
     eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
     max_eval_batches: int = field(default=20, metadata={"help": "Cap on eval batches per process per evaluation."})
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps; 0 disables periodic saves."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep the newest K checkpoints (plus latest and best); default keeps all."})
+    keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a multiple of N."})
+    save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
+    save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises (single process)."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
+    init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})
+    reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore weights/counters but start the optimizer fresh."})
     ema_decay: float = field(default=0.98, metadata={"help": "Decay of the exponential moving average of train loss."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data split and order."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
@@ -110,6 +117,15 @@ class TrainingArguments:
             problems.append(f"--decay_ratio={self.decay_ratio}: must be in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.save_total_limit is not None and self.save_total_limit < 1:
+            problems.append(f"--save_total_limit={self.save_total_limit}: must be >= 1 (omit it to keep every checkpoint)")
+        if self.keep_every_n_steps is not None and self.keep_every_n_steps < 1:
+            problems.append(f"--keep_every_n_steps={self.keep_every_n_steps}: must be >= 1")
+        if self.resume_from_checkpoint and self.init_from:
+            problems.append("--resume_from_checkpoint and --init_from: give one (resume restores everything, "
+                            "init_from only weights)")
+        if self.reset_optimizer and not self.resume_from_checkpoint:
+            problems.append("--reset_optimizer: only meaningful with --resume_from_checkpoint")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb, all or none")
         _raise_if(problems)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import build_datasets
 from .models import MoEConfig, MoEForCausalLM, count_parameters
@@ -38,11 +39,37 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
     counts = count_parameters(model, config)
     accelerator.print(f"model: preset {model_args.preset}, {counts['total'] / 1e6:.2f}M parameters "
                       f"({counts['active'] / 1e6:.2f}M active per token)")
+    if train_args.init_from:
+        report = load_weights(model, train_args.init_from, strict=False)
+        accelerator.print(f"--init_from {train_args.init_from}: {report}")
     optimizers = build_optimizers(model, OptimizerSettings(
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
         weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
     trainer = Trainer(accelerator, model, optimizers, data, train_args,
                       run_config=to_dict(model_args, data_args, train_args))
+    if train_args.resume_from_checkpoint:
+        trainer.checkpointer.resume(train_args.resume_from_checkpoint, reset_optimizer=train_args.reset_optimizer)
     trainer.train()
     return trainer
+
+
+def exit_code_of(job) -> int:
+    """Run ``job``; turn bad input (flags, checkpoints) into one line on stderr and exit status 2,
+    and a stop signal into 128 + signal number after its emergency checkpoint."""
+    import signal
+    import sys
+
+    from accelerate import PartialState
+
+    from .checkpoint.io import CheckpointError
+
+    try:
+        trainer = job()
+    except (ConfigError, CheckpointError) as err:
+        if PartialState().is_main_process:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if trainer.interrupted_by and trainer.stop.signum:
+        return 128 + trainer.stop.signum
+    return 0

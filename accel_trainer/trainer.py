@@ -17,6 +17,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from .checkpoint.emergency import StopRequest
+from .checkpoint.manager import Checkpointer
 from .config import ConfigError, TrainingArguments
 from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
@@ -86,12 +88,18 @@ class Trainer:
             lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
             total_steps=self.total_steps, min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio))
         self.metrics = MetricsLogger(accelerator, args.output_dir)
+        self.checkpointer = Checkpointer(self, args.output_dir, save_total_limit=args.save_total_limit,
+                                         keep_every_n_steps=args.keep_every_n_steps)
+        self.stop = StopRequest(world)
+        self.interrupted_by: str | None = None
         self._ema = None            # device tensor; TrainState.ema_loss is its host copy
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
+        self._consistent = True     # False while an optimizer step is half-applied
+        self._epoch_finished = False
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> TrainState:
-        """Run until ``total_steps``; returns the final counters."""
+        """Run until ``total_steps`` or a stop signal; returns the final counters."""
         args, state = self.args, self.state
         self.accelerator.init_trackers(args.run_name or "accel_trainer", config=tracker_config(self.run_config))
         self.print_run_summary()
@@ -99,15 +107,51 @@ class Trainer:
                         disable=args.disable_tqdm or not self.accelerator.is_local_main_process)
         self.model.train()
         batches = self.micro_batches()
+        self.stop.install()
         try:
             while state.global_step < self.total_steps:
                 loss, grad_norm = self.train_step(next(batches))
                 self.after_step(loss, grad_norm, progress)
+                if self.stop.agreed():
+                    self.emergency_save(self.stop.name)
+                    break
+        except Exception as err:
+            self.save_after_exception(err)
+            raise
         finally:
+            self.stop.uninstall()
             progress.close()
             self.metrics.close()
             self.accelerator.end_training()
         return state
+
+    def emergency_save(self, why: str) -> None:
+        """Checkpoint the current (consistent) step unless it is already saved, and say how to resume."""
+        self.interrupted_by = why
+        if self.checkpointer.last_saved_step != self.state.global_step:
+            self.checkpointer.save(["emergency"])
+        self.accelerator.print(
+            f"training stopped by {why} at step {self.state.global_step}; state saved under "
+            f"{self.checkpointer.root}. Resume with: --resume_from_checkpoint latest")
+
+    def save_after_exception(self, err: Exception) -> None:
+        """--save_on_exception: save if the state is consistent and a save cannot deadlock."""
+        reason = None
+        if not self.args.save_on_exception:
+            reason = "--save_on_exception is off"
+        elif self.accelerator.num_processes > 1:
+            # Other ranks may be blocked in a collective; a save would hang. Resume from the last save.
+            reason = "the run has several processes (other ranks may be blocked in a collective)"
+        elif not self._consistent:
+            reason = "the error came in the middle of an optimizer step"
+        if reason:
+            self.accelerator.print(f"error at step {self.state.global_step}: no emergency checkpoint because {reason}; "
+                                   f"the last checkpoint under {self.checkpointer.root} stays the latest")
+            return
+        try:
+            self.emergency_save(f"{type(err).__name__}: {err}")
+        except Exception as save_err:  # never hide the original error behind the save's
+            self.accelerator.print(f"emergency checkpoint failed too ({type(save_err).__name__}: {save_err})")
 
     def micro_batches(self):
         """Yield lists of ``gradient_accumulation_steps`` micro-batches, continuing from ``self.state``."""
@@ -116,14 +160,18 @@ class Trainer:
         while True:
             skip, remainder = divmod(state.samples_in_epoch, local_batch)
             if remainder:
-                raise ValueError(f"data position {state.samples_in_epoch} samples into epoch {state.epoch} is not a "
-                                 f"multiple of the global micro-batch ({local_batch}); resume with a batch size "
-                                 "that divides it")
+                # The batch size or world size changed on resume: a partial batch cannot be skipped.
+                self.accelerator.print(
+                    f"data position: {state.samples_in_epoch} samples into epoch {state.epoch} is not a multiple of "
+                    f"the new global micro-batch ({local_batch}); the last {remainder} sample(s) are seen again")
+                state.samples_in_epoch -= remainder
             loader = self.train_loader if skip == 0 else self.accelerator.skip_first_batches(self.train_loader, skip)
             loader.set_epoch(state.epoch)
             self.sampler.set_epoch(state.epoch)
             iterator = iter(loader)
-            for _ in range((len(self.train_loader) - skip) // args.gradient_accumulation_steps):
+            remaining = (len(self.train_loader) - skip) // args.gradient_accumulation_steps
+            for i in range(remaining):
+                self._epoch_finished = i == remaining - 1
                 yield [next(iterator) for _ in range(args.gradient_accumulation_steps)]
             state.epoch += 1
             state.samples_in_epoch = 0
@@ -131,7 +179,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Forward/backward over the micro-batches, clip, step every optimizer and schedule once."""
         accelerator, model = self.accelerator, self.model
-        total = None
+        total, tokens = None, 0
         for i, batch in enumerate(micro_batches):
             ids = batch["input_ids"]
             # Only the last micro-batch all-reduces gradients under DDP.
@@ -140,10 +188,12 @@ class Trainer:
                 loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
                 accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
-            self._unsynced_tokens += ids.numel()
+            tokens += ids.numel()
         grad_norm = None
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        self._consistent = False
+        self._step_tokens = tokens
         self.optimizer.step()
         if not self.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the step
             self.schedulers.step()
@@ -151,16 +201,18 @@ class Trainer:
         return total, grad_norm
 
     def after_step(self, loss: torch.Tensor, grad_norm, progress) -> None:
-        """Advance counters; log, evaluate (and later save) when their interval comes."""
+        """Advance counters; log, evaluate and save when their interval comes."""
         args, state = self.args, self.state
         state.global_step += 1
         state.samples_in_epoch += self.samples_per_step
+        self._unsynced_tokens += self._step_tokens
+        self._consistent = True
         # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
         mean_loss = self.accelerator.reduce(loss, reduction="mean")
         self._ema = mean_loss if self._ema is None else self._ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
         step, last = state.global_step, state.global_step >= self.total_steps
         progress.update(1)
-        metrics = {}
+        metrics, reasons = {}, []
         if step % args.logging_steps == 0 or last:
             metrics.update(self.train_metrics(mean_loss, grad_norm))
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr/adamw', 0):.2e}")
@@ -168,10 +220,23 @@ class Trainer:
             metrics["val_loss"] = self.evaluate()
             if state.improves_best(metrics["val_loss"]):
                 state.best_val_loss, state.best_val_step = metrics["val_loss"], step
+                reasons.append("best")
         if metrics:
             metrics.setdefault("tokens_seen", self.sync_tokens())
             state.last_metrics = {"step": step, **metrics}
             self.metrics.log(metrics, step=step)
+        if args.save_steps and step % args.save_steps == 0:
+            reasons.append("periodic")
+        if args.save_on_each_epoch and self._epoch_finished:
+            reasons.append("epoch")
+        if last:
+            reasons.append("final")
+        if reasons:
+            self.checkpointer.save(reasons)
+
+    def restore_ema(self) -> None:
+        ema = self.state.ema_loss
+        self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float32, device=self.accelerator.device)
 
     # ------------------------------------------------------------------------------------ helpers
     def train_metrics(self, mean_loss: torch.Tensor, grad_norm) -> dict:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from accel_trainer.config import ConfigError, DataArguments, ModelArguments, TrainingArguments, parse_args
-from accel_trainer.run import run
+from accel_trainer.config import DataArguments, ModelArguments, TrainingArguments, parse_args
+from accel_trainer.run import exit_code_of, run
 
 PRESETS = {
     # ~18.0e9 total / ~2.6e9 active parameters: 28 layers, 64 experts (6 routed + 1 shared per token).
@@ -35,12 +35,7 @@ PRESETS = {
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, train_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
-    try:
-        run(PRESETS, model_args, data_args, train_args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_code_of(lambda: run(PRESETS, model_args, data_args, train_args))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,12 @@ from __future__ import annotations
 from transformers import PretrainedConfig
 
 
+# Keys that change tensor shapes or which tensors exist: a checkpoint only resumes into the same values.
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok",
+                     "shared_expert_intermediate_size", "tie_word_embeddings")
+
+
 class MoEConfig(PretrainedConfig):
     """Hyperparameters of :class:`MoEForCausalLM`; saved as ``config.json`` next to the weights.
 

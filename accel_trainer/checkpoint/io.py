@@ -1,0 +1,122 @@
+"""Durable, atomic file operations and safe loading: the rules every checkpoint write and read follows.
+
+* A file counts as written only after ``fsync``; a folder's new entries only after the folder is fsynced.
+* Small files that are replaced (pointers, markers) are written to a temporary name, fsynced, and
+  renamed over the old one, so a reader sees the old or the new content, never a torn one.
+* Nothing is unpickled unless ``torch.load(weights_only=True)`` allows it, and pickle-based files are
+  scanned for disallowed globals before any loading, so a malicious file is refused and runs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+CHUNK = 8 << 20
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the path or file and what to do."""
+
+
+def fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a folder's entries (new files, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file, then every folder bottom-up, under ``root``."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably (tmp file + fsync + rename + fsync dir)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Write JSON and fsync it (used inside a temporary checkpoint folder, so no rename is needed)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json(path: str | Path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# numpy globals that Accelerate itself allows when it loads its RNG files; they rebuild arrays, run no code.
+_ALLOWED_GLOBALS_PREFIXES = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+                             "numpy.ndarray", "numpy.dtype", "numpy.dtypes.", "numpy.core.multiarray.scalar",
+                             "numpy._core.multiarray.scalar")
+
+
+def check_pickle_is_data(path: str | Path) -> None:
+    """Refuse a torch-saved file whose pickle names globals that weights-only loading does not allow.
+
+    Reads only the pickle opcodes, never executes them.
+
+    Raises:
+        CheckpointError: naming the file and the offending globals.
+    """
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as err:  # not a torch zip file at all
+        raise CheckpointError(f"{path}: not a readable torch file ({type(err).__name__}: {err})") from None
+    unsafe = [g for g in unsafe if not g.startswith(_ALLOWED_GLOBALS_PREFIXES)]
+    if unsafe:
+        raise CheckpointError(
+            f"{path}: refused: its pickle references {unsafe[:5]}, which could run code when loaded. "
+            "A checkpoint must be data only; this file is corrupt, malicious, or written by another tool")
+
+
+def safe_torch_load(path: str | Path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with the file scanned first and a clear error on refusal."""
+    check_pickle_is_data(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: could not be loaded as data ({type(err).__name__}: {err})") from None

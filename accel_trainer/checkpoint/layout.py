@@ -1,0 +1,203 @@
+"""Where checkpoints live and which one a name means.
+
+    <output_dir>/checkpoints/step-<N>/     one checkpoint (counts only once it holds COMPLETE)
+    <output_dir>/checkpoints/.tmp-step-<N>  a save in progress (or left by a crash; removed later)
+    <output_dir>/checkpoints/latest        pointer file: "step-<N>", replaced atomically
+    <output_dir>/checkpoints/best          pointer file to the best-validation checkpoint
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from .io import CheckpointError, atomic_write_text
+from .manifest import COMPLETE, verify
+
+CHECKPOINTS = "checkpoints"
+TMP_PREFIX = ".tmp-"
+POINTERS = ("latest", "best")
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / CHECKPOINTS
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with a COMPLETE marker) under a ``checkpoints/`` folder, oldest first."""
+    root = Path(root)
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            match = STEP_RE.match(child.name)
+            if match and child.is_dir() and (child / COMPLETE).exists():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def read_pointer(root: Path, name: str) -> Path | None:
+    path = root / name
+    if not path.is_file():
+        return None
+    target = path.read_text().strip()
+    return root / target if STEP_RE.match(target) else None
+
+
+def write_pointer(root: Path, name: str, folder: Path) -> None:
+    atomic_write_text(root / name, folder.name + "\n")
+
+
+def describe_available(root: Path) -> str:
+    steps = [p.name for _, p in list_checkpoints(root)]
+    pointers = [f"{n} -> {read_pointer(root, n).name}" for n in POINTERS if read_pointer(root, n)]
+    if not steps:
+        return f"no complete checkpoints under {root}"
+    return f"available under {root}: {', '.join(steps)}" + (f" ({'; '.join(pointers)})" if pointers else "")
+
+
+@dataclass
+class Resolved:
+    path: Path | None
+    note: str = ""
+
+
+def resolve_latest_valid(root: Path, checksums: bool = True) -> Resolved:
+    """The checkpoint ``latest`` names if it verifies, else the newest older one that does (with a warning)."""
+    candidates = [p for _, p in reversed(list_checkpoints(root))]
+    pointed = read_pointer(root, "latest")
+    if pointed is not None and pointed in candidates:
+        candidates.remove(pointed)
+        candidates.insert(0, pointed)
+    rejected = []
+    for folder in candidates:
+        problems = verify(folder, checksums=checksums)
+        if not problems:
+            note = ""
+            if rejected:
+                note = (f"'latest' falls back to {folder.name}: newer checkpoint(s) failed verification: "
+                        + "; ".join(rejected))
+                warnings.warn(note, stacklevel=2)
+            return Resolved(folder, note)
+        rejected.append(f"{folder.name}: {problems[0]}")
+    return Resolved(None, "; ".join(rejected))
+
+
+def resolve(spec: str, output_dir: str | Path, checksums: bool = True) -> Resolved:
+    """Turn ``--resume_from_checkpoint`` into a verified checkpoint folder.
+
+    Args:
+        spec: ``latest``, ``best``, ``step-<N>``, or a path (a ``step-N`` folder, a run's output dir
+            meaning its latest, or ``<output_dir>/best``).
+        output_dir: the run's output dir, where ``latest``/``best``/``step-N`` are looked up.
+
+    Returns:
+        ``Resolved(path=None)`` only for ``latest`` when no checkpoint exists yet (a fresh start).
+
+    Raises:
+        CheckpointError: naming what was asked and what exists.
+    """
+    root = checkpoints_dir(output_dir)
+    flag = f"--resume_from_checkpoint={spec!r}"
+    if spec == "latest":
+        found = resolve_latest_valid(root, checksums)
+        if found.path is None and found.note:
+            raise CheckpointError(f"{flag}: no valid checkpoint under {root}: {found.note}")
+        return found
+    if spec == "best" or STEP_RE.match(spec):
+        folder = read_pointer(root, "best") if spec == "best" else root / spec
+        if folder is None or not folder.is_dir():
+            raise CheckpointError(f"{flag}: no such checkpoint; {describe_available(root)}")
+        return _verified(folder, flag, checksums)
+    return resolve_path(spec, flag, checksums)
+
+
+def resolve_path(spec: str | Path, flag: str = "path", checksums: bool = True) -> Resolved:
+    """Resolve a filesystem path: a step folder, an output dir (its latest), or ``.../latest|best``."""
+    path = Path(spec)
+    if path.name in POINTERS and not path.is_dir():
+        root = path.parent if path.parent.name == CHECKPOINTS else checkpoints_dir(path.parent)
+        target = read_pointer(root, path.name)
+        if path.name == "latest":
+            found = resolve_latest_valid(root, checksums)
+            if found.path is None:
+                raise CheckpointError(f"{flag}: no valid checkpoint under {root}")
+            return found
+        if target is None:
+            raise CheckpointError(f"{flag}: no '{path.name}' checkpoint; {describe_available(root)}")
+        return _verified(target, flag, checksums)
+    if not path.exists():
+        raise CheckpointError(f"{flag}: {path} does not exist")
+    if path.is_dir() and not (path / COMPLETE).exists():
+        for root in (checkpoints_dir(path), path):
+            if list_checkpoints(root):
+                found = resolve_latest_valid(root, checksums)
+                if found.path is None:
+                    raise CheckpointError(f"{flag}: no valid checkpoint under {root}: {found.note}")
+                return found
+        if (path / "checkpoints").is_dir() or STEP_RE.match(path.name):
+            raise CheckpointError(f"{flag}: {path} holds no complete checkpoint "
+                                  f"(a step-N folder counts only once its {COMPLETE} marker exists)")
+    if path.is_dir() and (path / COMPLETE).exists():
+        return _verified(path, flag, checksums)
+    return Resolved(path)  # a single file (legacy .pt, .safetensors) or a plain model folder
+
+
+def _verified(folder: Path, flag: str, checksums: bool) -> Resolved:
+    problems = verify(folder, checksums=checksums)
+    if problems:
+        raise CheckpointError(f"{flag}: {folder} is not a valid checkpoint: " + "; ".join(problems))
+    return Resolved(folder)
+
+
+def select_for_deletion(steps: list[int], *, keep_last: int | None, protected: set[int],
+                        keep_every_n_steps: int | None = None) -> list[int]:
+    """Retention rule: keep the newest ``keep_last``, every protected step (latest, best) and every
+    multiple of ``keep_every_n_steps``; return the steps to delete, oldest first."""
+    if not keep_last:
+        return []
+    newest = set(sorted(steps)[-keep_last:])
+    keep = newest | protected
+    if keep_every_n_steps:
+        keep |= {s for s in steps if s % keep_every_n_steps == 0}
+    return sorted(s for s in steps if s not in keep)
+
+
+def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]:
+    """Delete ``.tmp-*`` folders and files left by crashed saves (except ``keep``, a save in progress)."""
+    removed = []
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(TMP_PREFIX) and child != keep:
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+                removed.append(child)
+    return removed
+
+
+def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
+    """Delete what :func:`select_for_deletion` picks; never the ``latest`` or ``best`` target."""
+    found = dict(list_checkpoints(root))
+    protected = {int(STEP_RE.match(p.name).group(1)) for p in (read_pointer(root, n) for n in POINTERS) if p}
+    doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
+                                 keep_every_n_steps=keep_every_n_steps)
+    for step in doomed:
+        # Rename first so a half-deleted folder never looks like a checkpoint, then delete.
+        trash = root / f"{TMP_PREFIX}delete-{found[step].name}"
+        found[step].rename(trash)
+        shutil.rmtree(trash)
+    return [found[s] for s in doomed]
+
+
+def ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot create the checkpoint folder ({err.strerror})") from None
+    return path

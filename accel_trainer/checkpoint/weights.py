@@ -1,0 +1,158 @@
+"""Weights-only loading by name, strict or not, with a report of every difference.
+
+Names are normalised first: ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile)
+prefixes are dropped wherever they appear, so weights saved by any wrapper load into a bare model.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from .io import CheckpointError, safe_torch_load
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_PREFIXES = re.compile(r"(^|\.)(module|_orig_mod)\.")
+# Keys that old single-file checkpoints use for the model's weights, most specific first.
+LEGACY_MODEL_KEYS = ("model_state_dict", "model", "state_dict", "module")
+
+
+def normalize_key(key: str) -> str:
+    """``module._orig_mod.layers.0.w`` -> ``layers.0.w``."""
+    while True:
+        new = WRAPPER_PREFIXES.sub(r"\1", key)
+        if new == key:
+            return key
+        key = new
+
+
+def normalize_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        new = normalize_key(key)
+        if new in out:
+            raise CheckpointError(f"two weights map to {new!r} after removing wrapper prefixes (one is {key!r})")
+        out[new] = value
+    return out
+
+
+def _group(key: str) -> str:
+    """Module a key belongs to, at layer granularity: ``model.layers.3.mlp.up_proj`` -> ``model.layers.3``."""
+    match = re.match(r"^(.*?\.\d+)\.", key)
+    return match.group(1) if match else key.rsplit(".", 1)[0] if "." in key else key
+
+
+@dataclass
+class LoadReport:
+    """What a weights load did. ``mismatched`` holds ``(key, checkpoint_shape, model_shape)``."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors by name"]
+        for title, keys, note in (("missing in checkpoint", self.missing, "left as initialised"),
+                                  ("unexpected in checkpoint", self.unexpected, "ignored")):
+            if keys:
+                lines.append(f"{len(keys)} {title} ({note}):")
+                grouped = defaultdict(list)
+                for k in keys:
+                    grouped[_group(k)].append(k[len(_group(k)) + 1:] or k)
+                lines += [f"  {g}: {', '.join(v)}" for g, v in grouped.items()]
+        if self.mismatched:
+            lines.append(f"{len(self.mismatched)} shape-mismatched (skipped, left as initialised):")
+            lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+        return "\n".join(lines)
+
+
+def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors (names normalised) and any extra fields from a checkpoint folder, safetensors file,
+    Hugging Face model folder, or old single-file PyTorch checkpoint.
+
+    Returns:
+        ``(state_dict, extras)`` where ``extras`` is the rest of a legacy dict (step, epoch, config, ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob("model*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no model*.safetensors weights in this folder")
+        state = {}
+        for f in files:
+            state.update(load_file(f, device=str(device)))
+        return normalize_state_dict(state), {}
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.suffix == ".safetensors":
+        return normalize_state_dict(load_file(path, device=str(device))), {}
+    obj = safe_torch_load(path, map_location=device)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint dict, got {type(obj).__name__}")
+    for key in LEGACY_MODEL_KEYS:
+        if isinstance(obj.get(key), dict):
+            extras = {k: v for k, v in obj.items() if k != key}
+            return normalize_state_dict(obj[key]), extras
+    if obj and all(torch.is_tensor(v) for v in obj.values()):
+        return normalize_state_dict(obj), {}
+    raise CheckpointError(f"{path}: found no weights (looked for a tensor dict or keys {list(LEGACY_MODEL_KEYS)}; "
+                          f"the file has {sorted(obj)[:10]})")
+
+
+def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = False) -> LoadReport:
+    """Copy matching tensors into ``model`` by name; never crashes on a mismatch unless ``strict``.
+
+    Raises:
+        CheckpointError: with ``strict=True``, listing every missing, unexpected and mis-shaped key.
+    """
+    own = model.state_dict()
+    report = LoadReport()
+    usable = {}
+    for key, value in state.items():
+        if key not in own:
+            report.unexpected.append(key)
+        elif tuple(value.shape) != tuple(own[key].shape):
+            report.mismatched.append((key, tuple(value.shape), tuple(own[key].shape)))
+        else:
+            usable[key] = value
+    report.missing = [k for k in own if k not in state]
+    if strict and not report.exact:
+        raise CheckpointError("strict weight loading failed:\n" + str(report))
+    model.load_state_dict(usable, strict=False)
+    report.loaded = sorted(usable)
+    return report
+
+
+def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> LoadReport:
+    """Load weights by name from ``path`` into ``model`` and log a report of the differences.
+
+    Args:
+        model: the model to fill (wrapped or not; parameters are matched after prefix normalisation).
+        path: checkpoint folder, ``output_dir`` (its latest), ``.safetensors`` file, HF folder, or legacy ``.pt``.
+        strict: raise instead of skipping when anything differs.
+
+    Returns:
+        The :class:`LoadReport`.
+    """
+    from .layout import resolve_path
+
+    target = resolve_path(path, flag=f"load_weights({str(path)!r})").path
+    state, _ = read_weights(target)
+    inner = getattr(model, "module", model)
+    inner = getattr(inner, "_orig_mod", inner)
+    report = load_state_into(inner, state, strict=strict)
+    logger.info("weights from %s: %s", target, report)
+    return report
