@@ -158,11 +158,17 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
 
+def _own_generator(seed: int) -> torch.Generator:
+    # Each DataLoader iterator draws a base seed; from the global RNG that draw would make the global
+    # stream depend on how often loaders were (re)started, e.g. once more after a resume.
+    return torch.Generator().manual_seed(seed)
+
+
 def build_train_dataloader(dataset, batch_size: int, seed: int) -> DataLoader:
     # drop_last keeps every batch full, so each step sees the same number of tokens on every rank.
     return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), seed),
-                      drop_last=True)
+                      drop_last=True, generator=_own_generator(seed))
 
 
-def build_eval_dataloader(dataset, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+def build_eval_dataloader(dataset, batch_size: int, seed: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator(seed))

@@ -25,18 +25,25 @@ def free_port() -> int:
 
 
 def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check: bool = True,
-           env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the recipe under `accelerate launch` (2 processes = gloo MULTI_CPU, as documented)."""
+           env: dict | None = None, config_file: str | None = None) -> subprocess.CompletedProcess:
+    """Run the recipe in fresh processes.
+
+    Two or more processes go through `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (gloo),
+    as documented; with ``config_file`` through `accelerate launch --config_file`; one process runs
+    the recipe directly, which is what `accelerate launch` does for one process, and keeps the
+    recipe's own exit status (the launcher turns every failure into 1).
+    """
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    if num_processes > 1:
+    if config_file:
+        cmd = accelerate + ["--config_file", str(REPO / config_file)]
+    elif num_processes == 1:
+        cmd = [sys.executable]
+    else:
         cmd = accelerate + ["--multi_gpu", "--num_processes", str(num_processes),
                             "--main_process_port", str(free_port()), "--num_machines", "1",
                             "--mixed_precision", "no", "--dynamo_backend", "no"]
         full_env["ACCELERATE_USE_CPU"] = "1"
-    else:
-        cmd = accelerate + ["--cpu", "--num_processes", "1", "--num_machines", "1",
-                            "--mixed_precision", "no", "--dynamo_backend", "no"]
     proc = subprocess.run(cmd + [str(RECIPE), *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=REPO)
     if check and proc.returncode != 0:

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 def single_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("single")
     proc = launch([*TINY, "--max_steps", "60", "--logging_steps", "1", "--eval_steps", "20",
-                   "--output_dir", str(out), "--report_to", "tensorboard"])
+                   "--output_dir", str(out), "--report_to", "tensorboard"], config_file="accelerate_configs/cpu.yaml")
     return out, proc
 
 

@@ -130,7 +130,7 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], strict: bo
             usable[key] = value
     report.missing = [k for k in own if k not in state]
     if strict and not report.exact:
-        raise CheckpointError("strict weight loading failed:\n" + str(report))
+        raise CheckpointError("strict weight loading failed, nothing was loaded; differences:\n" + str(report))
     model.load_state_dict(usable, strict=False)
     report.loaded = sorted(usable)
     return report

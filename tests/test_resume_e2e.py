@@ -1,0 +1,269 @@
+"""Level 3: bit-exact resume in fresh processes, real kill -9, real SIGTERM, and the resume options."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from accel_trainer.checkpoint.layout import read_pointer
+from accel_trainer.checkpoint.manifest import MANIFEST
+from accel_trainer.checkpoint.io import sha256_file, write_json
+from conftest import REPO, RECIPE, TINY, free_port, launch, read_jsonl
+
+pytestmark = pytest.mark.slow
+STEPS = 24
+RUN = [*TINY, "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
+       "--save_steps", "3", "--max_steps", str(STEPS)]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
+
+
+def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1) -> None:
+    """Bitwise: per-step losses/LRs, weights, every optimizer state tensor, every rank's RNG."""
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "lr/muon", "lr/adamw", "ema_loss", "tokens_seen", "val_loss"):
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+    ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
+    wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = torch.load(ca / "optimizer.bin", weights_only=True)
+    ob = torch.load(cb / "optimizer.bin", weights_only=True)
+    for name in oa:
+        for pid, state in oa[name]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, ob[name]["state"][pid][key]), (name, pid, key)
+    for rank in range(ranks):
+        sa = torch.load(ca / f"rng_state_{rank}.pt", weights_only=True)
+        sb = torch.load(cb / f"rng_state_{rank}.pt", weights_only=True)
+        assert torch.equal(sa["torch_cpu"], sb["torch_cpu"]) and torch.equal(sa["python_state"], sb["python_state"])
+    sta = json.loads((ca / "trainer_state.json").read_text())
+    stb = json.loads((cb / "trainer_state.json").read_text())
+    assert sta == stb
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    launch([*RUN, "--output_dir", str(out), "--save_total_limit", "2", "--keep_every_n_steps", "12"])
+    return out
+
+
+def test_straight_run_layout_retention_and_pointers(straight):
+    root = straight / "checkpoints"
+    steps = sorted(int(p.name[5:]) for p in root.glob("step-*"))
+    best = read_pointer(root, "best")
+    assert read_pointer(root, "latest").name == f"step-{STEPS}"
+    assert steps == sorted({21, 24, 12, int(best.name[5:])})  # newest 2, multiples of 12, best
+    files = set(json.loads((root / f"step-{STEPS}" / MANIFEST).read_text())["files"])
+    assert {"model.safetensors", "optimizer.bin", "trainer_state.json", "schedulers.json", "config.json",
+            "run_config.json", "rng_state_0.pt"} <= files
+    assert not list(root.glob(".tmp-*"))
+
+
+def popen_recipe(args, out: Path) -> subprocess.Popen:
+    """The recipe as a plain process (no launcher in between), in its own process group."""
+    return subprocess.Popen([sys.executable, str(RECIPE), *args, "--output_dir", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def test_kill_9_during_training_then_resume_is_bit_exact(straight, tmp_path):
+    proc = popen_recipe(RUN, tmp_path)
+    wait_for(tmp_path / "checkpoints" / "step-6" / "COMPLETE", proc)
+    time.sleep(0.15)  # land somewhere in the next steps or the next save
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = read_pointer(tmp_path / "checkpoints", "latest")
+    assert latest is not None and (latest / "COMPLETE").exists()
+    resumed = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert f"resumed from {latest}" in resumed.stdout
+    assert_same_final_state(straight, tmp_path)
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_saves_emergency_checkpoint_and_exits_cleanly(straight, tmp_path):
+    proc = popen_recipe(RUN, tmp_path)
+    wait_for(tmp_path / "checkpoints" / "step-3" / "COMPLETE", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    assert "Traceback" not in output
+    assert "training stopped by SIGTERM" in output and "--resume_from_checkpoint latest" in output
+    stopped_at = int(re.search(r"training stopped by SIGTERM at step (\d+)", output).group(1))
+    assert 3 <= stopped_at < STEPS
+    # The step it stopped at is saved: as an emergency checkpoint, or already by a periodic/best save.
+    assert read_pointer(tmp_path / "checkpoints", "latest").name == f"step-{stopped_at}"
+    launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert_same_final_state(straight, tmp_path)
+
+
+def test_corrupt_newest_checkpoint_is_skipped_for_latest(straight, tmp_path):
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    weights = tmp_path / "checkpoints" / f"step-{STEPS}" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert "falls back to step-21" in proc.stderr and "model.safetensors: sha256 mismatch" in proc.stderr
+    assert_same_final_state(straight, tmp_path)
+
+
+def _copy_checkpoint(straight: Path, dest: Path, step: int) -> Path:
+    folder = dest / "checkpoints" / f"step-{step}"
+    shutil.copytree(straight / "checkpoints" / f"step-{step}", folder)
+    (dest / "checkpoints" / "latest").write_text(f"step-{step}\n")
+    return folder
+
+
+def _reseal(folder: Path, name: str) -> None:
+    """Rewrite a file's manifest entry, as an attacker who edits the manifest too would."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][name].update(size=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
+    write_json(folder / MANIFEST, manifest)
+
+
+def test_malicious_optimizer_file_is_refused_and_runs_nothing(straight, tmp_path):
+    folder = _copy_checkpoint(straight, tmp_path, 12)
+    marker = tmp_path / "pwned"
+    payload = f"import os, torch\nclass E:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n" \
+              f"torch.save({{'muon': E()}}, '{folder / 'optimizer.bin'}')\n"
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    _reseal(folder, "optimizer.bin")
+    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], check=False)
+    assert proc.returncode == 2
+    assert "optimizer.bin: refused: its pickle references ['posix.system']" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_architecture_change_is_an_error_and_init_from_loads_weights_only(straight, tmp_path):
+    folder = _copy_checkpoint(straight, tmp_path / "other", 12)
+    config = json.loads((folder / "config.json").read_text())
+    config["num_experts"] = 8
+    (folder / "config.json").write_text(json.dumps(config))
+    _reseal(folder, "config.json")
+    proc = launch([*RUN, "--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint", "latest"], check=False)
+    assert proc.returncode == 2
+    assert "num_experts: checkpoint 8 vs this run 4" in proc.stderr and f"--init_from {folder}" in proc.stderr
+    fresh = launch([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "new"),
+                    "--init_from", str(straight / "checkpoints" / "step-12")])
+    assert "loaded" in fresh.stdout and "starting at step 0" in fresh.stdout
+
+
+def test_lower_learning_rate_on_resume_is_reported_and_applied(straight, tmp_path):
+    _copy_checkpoint(straight, tmp_path, 12)
+    shutil.copy(straight / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-12",
+                   "--learning_rate", "0.001", "--muon_learning_rate", "0.01"])
+    assert "learning_rate: 0.003 -> 0.001" in proc.stdout and "muon_learning_rate: 0.02 -> 0.01" in proc.stdout
+    old = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl")}
+    new = {r["step"]: r for r in read_jsonl(tmp_path / "metrics.jsonl")}
+    assert new[12] == old[12]  # history before the resume point is kept as it was
+    for step in (13, 20, 24):
+        assert new[step]["lr/adamw"] == pytest.approx(old[step]["lr/adamw"] / 3)
+        assert new[step]["lr/muon"] == pytest.approx(old[step]["lr/muon"] / 2)
+
+
+def test_more_epochs_and_missing_names(straight, tmp_path):
+    _copy_checkpoint(straight, tmp_path, 12)
+    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-7"], check=False)
+    assert proc.returncode == 2
+    assert "--resume_from_checkpoint='step-7': no such checkpoint; available under" in proc.stderr
+    assert "step-12" in proc.stderr
+    empty = launch([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "empty"),
+                    "--resume_from_checkpoint", "latest"])
+    assert "no checkpoint under" in empty.stdout and "starting fresh" in empty.stdout
+
+
+def test_exception_in_loop_saves_emergency_checkpoint(tmp_path):
+    script = (
+        "import sys; sys.argv[0] = 'moe18b.py'\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "from accel_trainer.trainer import Trainer\n"
+        "original = Trainer.train_step\n"
+        "def failing(self, batches):\n"
+        "    if self.state.global_step == 4:\n"
+        "        raise RuntimeError('simulated data error')\n"
+        "    return original(self, batches)\n"
+        "Trainer.train_step = failing\n"
+        "from recipes.moe18b import main\n"
+        f"main({[*TINY, '--max_steps', '10', '--eval_steps', '0', '--output_dir', str(tmp_path)]!r})\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0 and "simulated data error" in proc.stderr
+    assert "training stopped by RuntimeError: simulated data error at step 4" in proc.stdout
+    latest = read_pointer(tmp_path / "checkpoints", "latest")
+    assert latest.name == "step-4"
+    assert json.loads((latest / MANIFEST).read_text())["reasons"] == ["emergency"]
+
+
+# ------------------------------------------------------------------------------------ two processes
+@pytest.fixture(scope="module")
+def straight_2proc(tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight2")
+    launch([*RUN, "--output_dir", str(out)], num_processes=2)
+    return out
+
+
+def _rank_pids(output_dir: Path) -> dict[int, int]:
+    pids = {}
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in (proc_dir / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        if str(output_dir).encode() in cmdline and b"LOCAL_RANK" in environ and str(RECIPE).encode() in cmdline:
+            pids[int(environ[b"LOCAL_RANK"])] = int(proc_dir.name)
+    return pids
+
+
+def test_two_process_sigterm_to_one_rank_then_resume_is_bit_exact(straight_2proc, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(RECIPE), *RUN, "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
+                            start_new_session=True)
+    wait_for(tmp_path / "checkpoints" / "step-3" / "COMPLETE", proc)
+    pids = _rank_pids(tmp_path)
+    assert set(pids) == {0, 1}, pids
+    os.kill(pids[1], signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop at the same step
+    output, _ = proc.communicate(timeout=180)
+    assert "training stopped by SIGTERM" in output, output[-3000:]
+    latest = read_pointer(tmp_path / "checkpoints", "latest")
+    assert int(latest.name[5:]) < STEPS
+    assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(json.loads((latest / MANIFEST).read_text())["files"])
+    launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], num_processes=2)
+    assert_same_final_state(straight_2proc, tmp_path, ranks=2)
+
+
+def test_two_process_checkpoint_loads_for_inference_on_cpu(straight_2proc):
+    from accel_trainer import load_model_for_inference
+
+    model, config, step = load_model_for_inference(straight_2proc, device="cpu")
+    assert step == STEPS and model.load_report.exact and not model.training
+    keys = load_file(straight_2proc / "checkpoints" / f"step-{STEPS}" / "model.safetensors").keys()
+    assert not any(k.startswith("module.") for k in keys)
