@@ -82,11 +82,11 @@ class Trainer:
                 f"--gradient_accumulation_steps={args.gradient_accumulation_steps} x {world} processes needs more "
                 f"than the {len(data.train)} training blocks available; lower them or give more data")
         self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
-        self.total_steps = (args.max_steps if args.max_steps > 0
-                            else math.ceil(args.num_train_epochs * self.steps_per_epoch))
-        self.schedulers = SchedulersContainer(optimizers, partial(
-            lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
-            total_steps=self.total_steps, min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio))
+        self.total_steps = self.plan_total_steps()
+        # The schedule reads total_steps when called, so a resume that re-plans it is followed.
+        schedule = partial(lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
+                           min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio)
+        self.schedulers = SchedulersContainer(optimizers, lambda step: schedule(step, total_steps=self.total_steps))
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.checkpointer = Checkpointer(self, args.output_dir, save_total_limit=args.save_total_limit,
                                          keep_every_n_steps=args.keep_every_n_steps)
@@ -97,10 +97,21 @@ class Trainer:
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
 
+    def plan_total_steps(self) -> int:
+        """The step to stop at: ``--max_steps``, or the end of epoch ``--num_train_epochs`` counted from
+        the data position, so a resume with another batch size still trains exactly the epochs asked."""
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        state = self.state
+        target = math.ceil(self.args.num_train_epochs * self.steps_per_epoch)
+        done = state.epoch * self.steps_per_epoch + state.samples_in_epoch // self.samples_per_step
+        return state.global_step + max(0, target - done)
+
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> TrainState:
         """Run until ``total_steps`` or a stop signal; returns the final counters."""
         args, state = self.args, self.state
+        self.total_steps = self.plan_total_steps()
         self.accelerator.init_trackers(args.run_name or "accel_trainer", config=tracker_config(self.run_config))
         self.print_run_summary()
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,

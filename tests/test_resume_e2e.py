@@ -267,3 +267,41 @@ def test_two_process_checkpoint_loads_for_inference_on_cpu(straight_2proc):
     assert step == STEPS and model.load_report.exact and not model.training
     keys = load_file(straight_2proc / "checkpoints" / f"step-{STEPS}" / "model.safetensors").keys()
     assert not any(k.startswith("module.") for k in keys)
+
+
+def test_add_more_epochs_with_a_larger_batch_and_fresh_optimizer(tmp_path):
+    # A small corpus: 1 epoch is a handful of steps. num_train_epochs is a total, not "more".
+    small = [*TINY, "--max_corpus_bytes", "8000", "--eval_steps", "0", "--logging_steps", "1"]
+    first = launch([*small, "--num_train_epochs", "1", "--output_dir", str(tmp_path)])
+    steps_per_epoch = int(re.search(r"\((\d+) per epoch\)", first.stdout).group(1))
+    state = json.loads((read_pointer(tmp_path / "checkpoints", "latest") / "trainer_state.json").read_text())
+    assert state["global_step"] == steps_per_epoch
+    more = launch([*small, "--num_train_epochs", "3", "--output_dir", str(tmp_path), "--resume_from_checkpoint",
+                   "latest", "--per_device_train_batch_size", "8", "--reset_optimizer"])
+    assert "per_device_train_batch_size: 4 -> 8" in more.stdout
+    assert "optimizer state starts fresh" in more.stdout
+    final = json.loads((read_pointer(tmp_path / "checkpoints", "latest") / "trainer_state.json").read_text())
+    # Epoch 1 was done with batch 4; epochs 2 and 3 with batch 8 take half the steps each.
+    assert final["global_step"] == steps_per_epoch + 2 * (steps_per_epoch // 2)
+    assert final["epoch"] == 2
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, final["global_step"] + 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 grad scaling needs a CUDA GPU")
+def test_fp16_scaler_state_round_trips_on_gpu(tmp_path):
+    args = [*TINY, "--mixed_precision", "fp16", "--max_steps", "6", "--save_steps", "3", "--eval_steps", "0",
+            "--logging_steps", "1"]
+    launch([*args, "--output_dir", str(tmp_path / "a")])
+    folder = tmp_path / "a" / "checkpoints" / "step-3"
+    assert "scaler.pt" in json.loads((folder / MANIFEST).read_text())["files"]
+    saved = torch.load(folder / "scaler.pt", weights_only=True)
+    shutil.copytree(folder, tmp_path / "b" / "checkpoints" / "step-3")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-3\n")
+    shutil.copy(tmp_path / "a" / "metrics.jsonl", tmp_path / "b" / "metrics.jsonl")
+    launch([*args, "--output_dir", str(tmp_path / "b"), "--resume_from_checkpoint", "latest"])
+    final_a = torch.load(tmp_path / "a" / "checkpoints" / "step-6" / "scaler.pt", weights_only=True)
+    final_b = torch.load(tmp_path / "b" / "checkpoints" / "step-6" / "scaler.pt", weights_only=True)
+    assert final_a == final_b and saved["scale"] > 0
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

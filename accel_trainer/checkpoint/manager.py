@@ -169,6 +169,7 @@ class Checkpointer:
                 raise CheckpointError(f"{folder}/optimizer.bin: {err}. Pass --reset_optimizer to keep the "
                                       "weights and start the optimizer fresh") from None
         trainer.state.load_state_dict(read_json(folder / TRAINER_STATE))
+        trainer.total_steps = trainer.plan_total_steps()  # before the LR is recomputed from the schedule
         trainer.schedulers.load_state_dict(read_json(folder / SCHEDULERS))
         self._apply_flag_hyperparameters(flags)
         self._restore_rng(folder)
