@@ -103,11 +103,34 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = zeropower_via_newtonschulz(update, steps=group["ns_steps"], dtype=self.ns_dtype)
+                update = self._orthogonalize(update, group["ns_steps"])
                 out_dim, in_dim = p.shape[-2:]
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, out_dim / in_dim)))
         return loss
+
+    def _orthogonalize(self, update: torch.Tensor, steps: int) -> torch.Tensor:
+        if type(update).__name__ == "DTensor":
+            return _orthogonalize_sharded(update, steps, self.ns_dtype)
+        return zeropower_via_newtonschulz(update, steps=steps, dtype=self.ns_dtype)
+
+
+def _orthogonalize_sharded(update, steps: int, dtype):
+    """Newton-Schulz on an FSDP2-sharded (DTensor) update.
+
+    Stacked expert weights are sharded on dim 0, the expert dimension, so each rank holds whole
+    experts and orthogonalises them locally. A matrix sharded by rows or columns is gathered,
+    orthogonalised (identically on every rank) and sliced back to this rank's shard.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    matrix_dims = {update.ndim - 2, update.ndim - 1}
+    if not any(pl.is_shard() and pl.dim in matrix_dims for pl in update.placements):
+        local = zeropower_via_newtonschulz(update.to_local(), steps=steps, dtype=dtype)
+        return DTensor.from_local(local, update.device_mesh, update.placements, shape=update.shape,
+                                  stride=update.stride())
+    full = zeropower_via_newtonschulz(update.full_tensor(), steps=steps, dtype=dtype)
+    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
@@ -132,8 +155,10 @@ class OptimizersContainer(Optimizer):
     """Several named optimizers behaving as one ``Optimizer`` (torchtitan's OptimizersContainer idea).
 
     ``param_groups`` is the concatenation of the children's group dicts (the same objects, so LR
-    changes reach the children) and ``state_dict()`` is ``{name: child.state_dict()}``; the children's
-    groups carry ``param_names`` so membership is saved by parameter name, not position.
+    changes reach the children). ``state_dict()`` has the standard optimizer layout, so
+    ``torch.distributed.checkpoint`` (FSDP2 sharded saving) handles it like any optimizer, and every
+    group is tagged with its optimizer's name (``"optimizer": "muon"``) and its ``param_names``: the
+    checkpoint says which optimizer owns which parameter by name, not by position.
     """
 
     def __init__(self, optimizers: dict[str, Optimizer]):
@@ -169,23 +194,40 @@ class OptimizersContainer(Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict:
-        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+        groups, state, offset = [], {}, 0
+        for name, opt in self.optimizers.items():
+            child = opt.state_dict()
+            for group in child["param_groups"]:
+                groups.append({**group, "optimizer": name, "params": [i + offset for i in group["params"]]})
+            state.update({i + offset: v for i, v in child["state"].items()})
+            offset += sum(len(g["params"]) for g in child["param_groups"])
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load per-name states after checking that every group holds the same parameter names/shapes.
+        """Load after checking that every optimizer's groups hold the same parameter names and shapes.
 
         Raises:
             ValueError: naming the optimizer, group and parameters that differ.
         """
-        missing = sorted(set(self.optimizers) - set(state_dict))
-        extra = sorted(set(state_dict) - set(self.optimizers))
+        by_name: dict[str, list[dict]] = {}
+        for group in state_dict["param_groups"]:
+            by_name.setdefault(group.get("optimizer", "?"), []).append(group)
+        missing = sorted(set(self.optimizers) - set(by_name))
+        extra = sorted(set(by_name) - set(self.optimizers))
         if missing or extra:
-            raise ValueError(f"optimizer state has optimizers {sorted(state_dict)} but this run has "
+            raise ValueError(f"optimizer state has optimizers {sorted(by_name)} but this run has "
                              f"{sorted(self.optimizers)} (missing {missing}, unexpected {extra})")
+        children = {}
+        for name, saved_groups in by_name.items():
+            ids = [i for g in saved_groups for i in g["params"]]
+            local = {old: new for new, old in enumerate(ids)}
+            children[name] = {
+                "state": {local[i]: state_dict["state"][i] for i in ids if i in state_dict["state"]},
+                "param_groups": [{**{k: v for k, v in g.items() if k != "optimizer"},
+                                  "params": [local[i] for i in g["params"]]} for g in saved_groups]}
+            check_optimizer_state_matches(name, self.optimizers[name], children[name])
         for name, opt in self.optimizers.items():
-            check_optimizer_state_matches(name, opt, state_dict[name])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state_dict[name])
+            opt.load_state_dict(children[name])
 
     def __repr__(self) -> str:
         return f"OptimizersContainer({', '.join(f'{k}={type(v).__name__}' for k, v in self.optimizers.items())})"

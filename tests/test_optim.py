@@ -83,9 +83,13 @@ def test_container_acts_as_one_optimizer_and_saves_by_name():
     opt.zero_grad()
     assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
     sd = opt.state_dict()
-    assert set(sd) == {"muon", "adamw"}
-    assert "model.layers.0.mlp.gate_proj" in sd["muon"]["param_groups"][0]["param_names"]
-    assert "lm_head.weight" in sd["adamw"]["param_groups"][0]["param_names"]
+    groups = {g["optimizer"]: g for g in sd["param_groups"]}
+    assert set(groups) == {"muon", "adamw"}
+    assert "model.layers.0.mlp.gate_proj" in groups["muon"]["param_names"]
+    assert "lm_head.weight" in groups["adamw"]["param_names"]
+    # Standard layout: one state entry per parameter, indices unique across optimizers.
+    ids = [i for g in sd["param_groups"] for i in g["params"]]
+    assert sorted(ids) == list(range(len(list(model.parameters())))) == sorted(sd["state"])
 
 
 def test_container_load_refuses_other_parameters_naming_them():
@@ -106,6 +110,7 @@ def test_container_state_round_trips_through_weights_only_torch_load(tmp_path):
     fresh = build_optimizers(model, OptimizerSettings(0.02, 1e-3))
     fresh.load_state_dict(loaded)
     for name in ("muon", "adamw"):
+        assert fresh.optimizers[name].state  # every optimizer got its state back
         for p in fresh.optimizers[name].state:
             for key, value in fresh.optimizers[name].state[p].items():
                 assert torch.equal(value, opt.optimizers[name].state[p][key])

@@ -43,10 +43,11 @@ def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     oa = torch.load(ca / "optimizer.bin", weights_only=True)
     ob = torch.load(cb / "optimizer.bin", weights_only=True)
-    for name in oa:
-        for pid, state in oa[name]["state"].items():
-            for key, value in state.items():
-                assert torch.equal(value, ob[name]["state"][pid][key]), (name, pid, key)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert sorted(oa["state"]) == sorted(ob["state"]) == sorted(i for g in oa["param_groups"] for i in g["params"])
+    for pid, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ob["state"][pid][key]), (pid, key)
     for rank in range(ranks):
         sa = torch.load(ca / f"rng_state_{rank}.pt", weights_only=True)
         sb = torch.load(cb / f"rng_state_{rank}.pt", weights_only=True)

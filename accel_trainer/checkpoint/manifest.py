@@ -19,7 +19,7 @@ COMPLETE = "COMPLETE"
 
 ROLES = {
     "model.safetensors": "model weights (safetensors, names as in model.state_dict())",
-    "optimizer.bin": "optimizers by name {'muon': ..., 'adamw': ...} with param_names per group",
+    "optimizer.bin": "every optimizer's state; each param group tagged with its optimizer (muon/adamw) and param_names",
     "scaler.pt": "fp16 grad scaler state",
     "trainer_state.json": "trainer counters: step, epoch, data position, tokens, best val loss, EMA loss, last metrics",
     "schedulers.json": "LR schedulers by optimizer name",

@@ -89,8 +89,12 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("model*.safetensors"))
+        sharded = _dcp_dir(path)
+        if not files and sharded is not None:
+            return normalize_state_dict(consolidate_sharded(sharded)), {}
         if not files:
-            raise CheckpointError(f"{path}: no model*.safetensors weights in this folder")
+            raise CheckpointError(f"{path}: no model*.safetensors weights (nor an FSDP sharded "
+                                  f"{ACCELERATE_FSDP_MODEL_DIR}/) in this folder")
         state = {}
         for f in files:
             state.update(load_file(f, device=str(device)))
@@ -110,6 +114,39 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         return normalize_state_dict(obj), {}
     raise CheckpointError(f"{path}: found no weights (looked for a tensor dict or keys {list(LEGACY_MODEL_KEYS)}; "
                           f"the file has {sorted(obj)[:10]})")
+
+
+ACCELERATE_FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+
+
+def _dcp_dir(folder: Path) -> Path | None:
+    """The torch.distributed.checkpoint folder of a checkpoint, if it has one."""
+    for candidate in (folder / ACCELERATE_FSDP_MODEL_DIR, folder):
+        if (candidate / ".metadata").is_file():
+            return candidate
+    return None
+
+
+def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
+    """Full tensors from a sharded checkpoint written by N ranks (FSDP SHARDED_STATE_DICT), read in
+    one process without a process group; shards are stitched by torch.distributed.checkpoint.
+
+    Accelerate saves ``{"model": state_dict}``, so keys carry one extra ``model.`` that is removed.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    metadata = {k: m for k, m in reader.read_metadata().state_dict_metadata.items()
+                if isinstance(m, TensorStorageMetadata)}
+    # {"model": ..., "optimizer": ...} saved together: keep the model's tensors only.
+    wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
+    keys = [k for k in metadata if k.startswith("model.")] if wrapped else list(metadata)
+    if not keys:
+        raise CheckpointError(f"{folder}: the sharded checkpoint holds no model tensors")
+    state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in keys}
+    dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k[len("model."):]: v for k, v in state.items()} if wrapped else state
 
 
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = False) -> LoadReport:

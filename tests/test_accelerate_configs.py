@@ -1,0 +1,67 @@
+"""Every accelerate_configs/*.yaml parses with Accelerate's own loader and says what it should."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.utils import DistributedType
+
+from conftest import REPO, TINY, free_port
+
+CONFIGS = REPO / "accelerate_configs"
+EXPECTED = {
+    # file: (distributed_type, num_processes, num_machines, mixed_precision, fsdp state dict type)
+    "cpu.yaml": (DistributedType.NO, 1, 1, "no", None),
+    "cpu_2proc.yaml": (DistributedType.MULTI_GPU, 2, 1, "no", None),
+    "local_2gpu_ddp.yaml": (DistributedType.MULTI_GPU, 2, 1, "bf16", None),
+    "container_multigpu.yaml": (DistributedType.FSDP, 8, 1, "bf16", "SHARDED_STATE_DICT"),
+    "cluster_fsdp_multinode.yaml": (DistributedType.FSDP, 32, 4, "bf16", "SHARDED_STATE_DICT"),
+}
+
+
+def test_every_config_is_covered():
+    assert sorted(p.name for p in CONFIGS.glob("*.yaml")) == sorted(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_fields(name):
+    config = load_config_from_file(str(CONFIGS / name))
+    dtype, procs, machines, precision, state_dict_type = EXPECTED[name]
+    assert config.distributed_type == dtype
+    assert (config.num_processes, config.num_machines, str(config.mixed_precision)) == (procs, machines, precision)
+    if state_dict_type:
+        assert config.fsdp_config["fsdp_version"] == 2
+        assert config.fsdp_config["fsdp_state_dict_type"] == state_dict_type
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "DecoderLayer"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_header_says_when_and_how(name):
+    text = (CONFIGS / name).read_text()
+    assert text.startswith("#") and re.search(r"(?m)^# Launch.*accelerate launch --config_file accelerate_configs/" + name, text)
+
+
+@pytest.mark.slow
+def test_documented_two_process_cpu_command_runs_two_processes(tmp_path):
+    """ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml ..."""
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port",
+         str(free_port()), "recipes/moe18b.py", *TINY, "--max_steps", "2", "--eval_steps", "0",
+         "--output_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) [DistributedType.MULTI_CPU]" in proc.stdout
+    manifest = (tmp_path / "checkpoints" / "step-2" / "manifest.json").read_text()
+    assert '"world_size": 2' in manifest
+
+
+def test_slurm_script_is_valid_bash_and_requeues_with_latest():
+    script = REPO / "scripts" / "slurm_train.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@" in text and "scontrol requeue" in text
+    assert "--resume_from_checkpoint latest" in text and "cluster_fsdp_multinode.yaml" in text
