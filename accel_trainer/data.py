@@ -139,6 +139,16 @@ def build_datasets(args: DataArguments, seed: int) -> TextData:
     return TextData(split["train"].with_format("torch"), split["test"].with_format("torch"), tokenizer)
 
 
+def position_to_skip(samples_in_epoch: int, per_device_batch: int, world_size: int) -> tuple[int, int]:
+    """Per-process batches to skip to reach a global sample position, and the samples left over.
+
+    Accelerate gives process ``r`` batches ``r, r + W, r + 2W, ...`` of the epoch order, so after ``s``
+    batches per process exactly ``s * W * B`` samples of the order are consumed, on any world size.
+    A leftover (position not a multiple of the new ``W * B``) is re-read: a partial batch cannot be skipped.
+    """
+    return divmod(samples_in_epoch, per_device_batch * world_size)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``: resumable on any world size."""
 

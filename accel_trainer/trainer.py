@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .checkpoint.emergency import StopRequest
 from .checkpoint.manager import Checkpointer
 from .config import ConfigError, TrainingArguments
-from .data import TextData, build_eval_dataloader, build_train_dataloader
+from .data import TextData, build_eval_dataloader, build_train_dataloader, position_to_skip
 from .metrics import MetricsLogger
 from .optim import OptimizersContainer, SchedulersContainer, lr_multiplier
 from .train_state import TrainState
@@ -167,14 +167,14 @@ class Trainer:
     def micro_batches(self):
         """Yield lists of ``gradient_accumulation_steps`` micro-batches, continuing from ``self.state``."""
         state, args = self.state, self.args
-        local_batch = args.per_device_train_batch_size * self.accelerator.num_processes
         while True:
-            skip, remainder = divmod(state.samples_in_epoch, local_batch)
+            skip, remainder = position_to_skip(state.samples_in_epoch, args.per_device_train_batch_size,
+                                               self.accelerator.num_processes)
             if remainder:
                 # The batch size or world size changed on resume: a partial batch cannot be skipped.
                 self.accelerator.print(
                     f"data position: {state.samples_in_epoch} samples into epoch {state.epoch} is not a multiple of "
-                    f"the new global micro-batch ({local_batch}); the last {remainder} sample(s) are seen again")
+                    f"the new global micro-batch; the last {remainder} sample(s) are seen again")
                 state.samples_in_epoch -= remainder
             loader = self.train_loader if skip == 0 else self.accelerator.skip_first_batches(self.train_loader, skip)
             loader.set_epoch(state.epoch)

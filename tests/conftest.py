@@ -17,6 +17,11 @@ RECIPE = REPO / "recipes" / "moe18b.py"
 TINY = ["--preset", "tiny", "--max_corpus_bytes", "300000", "--report_to", "none", "--disable_tqdm",
         "--per_device_train_batch_size", "4", "--block_size", "64"]
 
+# The resume tests' run: gradient accumulation, eval and periodic saves all in play.
+STEPS = 24
+RUN = [*TINY, "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
+       "--save_steps", "3", "--max_steps", str(STEPS)]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -61,3 +66,11 @@ def recipe_module():
     import recipes.moe18b as recipe
 
     return recipe
+
+
+@pytest.fixture(scope="session")
+def straight_2proc(tmp_path_factory):
+    """A 2-process reference run of RUN, shared by the resume and world-size tests."""
+    out = tmp_path_factory.mktemp("straight2")
+    launch([*RUN, "--output_dir", str(out)], num_processes=2)
+    return out

@@ -78,3 +78,33 @@ def test_restored_position_gives_the_same_next_batches(data):
     raw.sampler.set_epoch(2)  # the trainer keeps this reference too: prepare() hides the sampler
     for expected, got in zip(reference[n_drawn:], (b["input_ids"] for b in resumed)):
         assert torch.equal(expected, got)
+
+
+def _consumed(order_sampler, batch, world, steps, skip=0):
+    """Sample indices the processes of a world consume in ``steps`` per-process batches, in global order,
+    using Accelerate's own sharding (BatchSamplerShard) and skipping (SkipBatchSampler)."""
+    from accelerate.data_loader import BatchSamplerShard, SkipBatchSampler
+    from torch.utils.data import BatchSampler
+
+    per_rank = []
+    for rank in range(world):
+        shard = BatchSamplerShard(BatchSampler(order_sampler, batch, drop_last=True), num_processes=world,
+                                  process_index=rank)
+        per_rank.append([b for _, b in zip(range(steps), SkipBatchSampler(shard, skip_batches=skip))])
+    return [i for step in zip(*per_rank) for b in step for i in b]
+
+
+@pytest.mark.parametrize("before,after", [((2, 4), (1, 8)), ((1, 8), (2, 4)), ((2, 4), (3, 2)), ((1, 4), (2, 4))])
+def test_global_sample_position_survives_a_world_size_change(before, after):
+    """No sample of the epoch is seen twice or skipped when (world, batch) changes at a resume."""
+    from accel_trainer.data import position_to_skip
+
+    sampler = EpochShuffleSampler(200, seed=5)
+    sampler.set_epoch(3)
+    (w1, b1), (w2, b2) = before, after
+    first = _consumed(sampler, b1, w1, steps=6)
+    skip, remainder = position_to_skip(len(first), b2, w2)
+    assert remainder == 0
+    second = _consumed(sampler, b2, w2, steps=4, skip=skip)
+    order = list(sampler)
+    assert first + second == order[: len(first) + len(second)]

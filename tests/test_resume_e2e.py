@@ -19,12 +19,9 @@ from safetensors.torch import load_file
 from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST
 from accel_trainer.checkpoint.io import sha256_file, write_json
-from conftest import REPO, RECIPE, TINY, free_port, launch, read_jsonl
+from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl
 
 pytestmark = pytest.mark.slow
-STEPS = 24
-RUN = [*TINY, "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
-       "--save_steps", "3", "--max_steps", str(STEPS)]
 
 
 def losses(out: Path) -> dict[int, float]:
@@ -221,13 +218,6 @@ def test_exception_in_loop_saves_emergency_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ two processes
-@pytest.fixture(scope="module")
-def straight_2proc(tmp_path_factory):
-    out = tmp_path_factory.mktemp("straight2")
-    launch([*RUN, "--output_dir", str(out)], num_processes=2)
-    return out
-
-
 def _rank_pids(output_dir: Path) -> dict[int, int]:
     pids = {}
     for proc_dir in Path("/proc").iterdir():
