@@ -79,3 +79,26 @@ def test_trainer_under_accelerate_fsdp2_resumes_on_another_world_size(tmp_path):
         assert proc.returncode == 0, proc.stderr[-4000:]
     model, _, step = load_model_for_inference(tmp_path, device="cpu")
     assert step == 9 and model.load_report.exact
+
+
+def test_malicious_sharded_metadata_is_refused_and_runs_nothing(sharded_checkpoint, tmp_path):
+    """torch.distributed.checkpoint reads .metadata with plain pickle.load; we check it first."""
+    import os
+    import pickle
+    import shutil
+
+    from accel_trainer import CheckpointError
+
+    folder, _ = sharded_checkpoint
+    evil = tmp_path / "dcp"
+    shutil.copytree(folder, evil)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (evil / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused: global posix.system is not allowed"):
+        read_weights(evil)
+    assert not marker.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -111,6 +112,42 @@ def check_pickle_is_data(path: str | Path) -> None:
         raise CheckpointError(
             f"{path}: refused: its pickle references {unsafe[:5]}, which could run code when loaded. "
             "A checkpoint must be data only; this file is corrupt, malicious, or written by another tool")
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickler for torch.distributed.checkpoint's ``.metadata`` that can only build DCP's metadata
+    records (torch reads that file with plain ``pickle.load``, which would run anything)."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+    def find_class(self, module: str, name: str):
+        import torch
+
+        allowed = ((module, name) in self.ALLOWED or module == "torch.distributed.checkpoint.metadata"
+                   or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
+                                                                                       torch.memory_format))))
+        if not allowed:
+            raise pickle.UnpicklingError(f"global {module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def check_dcp_metadata_is_data(path: str | Path) -> None:
+    """Refuse a sharded checkpoint's ``.metadata`` that references anything but DCP's own records.
+
+    Raises:
+        CheckpointError: naming the file and the offending global.
+    """
+    try:
+        with open(path, "rb") as f:
+            _DcpMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(f"{path}: refused: {err}; a sharded checkpoint's metadata must be data only, "
+                              "this file is corrupt, malicious, or written by another tool") from None
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata ({type(err).__name__}: {err})") from None
 
 
 def safe_torch_load(path: str | Path, map_location="cpu"):

@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 
 from . import rng
-from .io import CheckpointError, check_pickle_is_data, fsync_dir, fsync_file, fsync_tree, read_json, write_json
+from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file, fsync_tree, read_json, write_json
 from .layout import (TMP_PREFIX, apply_retention, checkpoints_dir, ensure_dir, remove_stale_temporaries,
                      resolve, step_dir_name, write_pointer)
 from .manifest import write_complete_marker, write_manifest
@@ -185,6 +185,8 @@ class Checkpointer:
         for path in Path(input_dir).rglob("*"):
             if path.suffix in PICKLED_SUFFIXES and path.is_file():
                 check_pickle_is_data(path)
+            elif path.name == ".metadata" and path.is_file():  # FSDP sharded (DCP) checkpoints
+                check_dcp_metadata_is_data(path)
         for i, model in enumerate(models):
             # Weights are saved without wrapper prefixes; the unwrapped module shares the parameters.
             models[i] = self.accelerator.unwrap_model(model)

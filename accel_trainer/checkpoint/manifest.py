@@ -35,8 +35,10 @@ def role_of(name: str) -> str:
         return "RNG of one rank (python, numpy, torch, cuda), read by accel_trainer"
     if name.startswith("random_states_"):
         return "RNG of one rank as Accelerate writes it (superseded by rng_state_<rank>.pt)"
-    if "fsdp" in name or name.startswith("pytorch_model"):
-        return "model/optimizer shard written by Accelerate (FSDP/DeepSpeed)"
+    if name.startswith("pytorch_model_fsdp"):
+        return "model shard (FSDP sharded state dict, torch.distributed.checkpoint)"
+    if name.startswith("optimizer_"):
+        return "optimizer shard (FSDP sharded state dict, torch.distributed.checkpoint)"
     return "written by Accelerate's save_state"
 
 

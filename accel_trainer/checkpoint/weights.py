@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .io import CheckpointError, safe_torch_load
+from .io import CheckpointError, check_dcp_metadata_is_data, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    check_dcp_metadata_is_data(folder / ".metadata")
     reader = dcp.FileSystemReader(str(folder))
     metadata = {k: m for k, m in reader.read_metadata().state_dict_metadata.items()
                 if isinstance(m, TensorStorageMetadata)}
