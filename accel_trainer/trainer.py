@@ -89,7 +89,7 @@ class Trainer:
         self.schedulers = SchedulersContainer(optimizers, lambda step: schedule(step, total_steps=self.total_steps))
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.checkpointer = Checkpointer(self, args.output_dir, save_total_limit=args.save_total_limit,
-                                         keep_every_n_steps=args.keep_every_n_steps)
+                                         keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save)
         self.stop = StopRequest(world)
         self.interrupted_by: str | None = None
         self._ema = None            # device tensor; TrainState.ema_loss is its host copy
@@ -134,13 +134,15 @@ class Trainer:
             progress.close()
             self.metrics.close()
             self.accelerator.end_training()
+        self.checkpointer.close()  # training ends only once the last checkpoint is on disk
         return state
 
     def emergency_save(self, why: str) -> None:
         """Checkpoint the current (consistent) step unless it is already saved, and say how to resume."""
         self.interrupted_by = why
         if self.checkpointer.last_saved_step != self.state.global_step:
-            self.checkpointer.save(["emergency"])
+            self.checkpointer.save(["emergency"], wait=True)
+        self.checkpointer.wait()
         self.accelerator.print(
             f"training stopped by {why} at step {self.state.global_step}; state saved under "
             f"{self.checkpointer.root}. Resume with: --resume_from_checkpoint latest")

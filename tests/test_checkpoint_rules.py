@@ -43,7 +43,7 @@ def test_latest_follows_pointer_and_falls_back_past_a_corrupt_one_with_a_warning
     assert resolve("latest", tmp_path).path.name == "step-3"
     weights = root / "step-3" / "model.safetensors"
     weights.write_bytes(b"X" + weights.read_bytes()[1:])  # same size, different bytes
-    with pytest.warns(UserWarning, match="falls back to step-2.*step-3.*model.safetensors: sha256 mismatch"):
+    with pytest.warns(UserWarning, match="falls back to step-2.*step-3.*model.safetensors: checksum mismatch"):
         assert resolve("latest", tmp_path).path.name == "step-2"
 
 
@@ -99,4 +99,4 @@ def test_save_hook_on_rank_other_than_0_writes_only_its_rng(tmp_path):
     weights = [{"module.w": torch.ones(1)}]
     ckpt._save_hook([], weights, tmp_path)
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["rng_state_1.pt"]
-    assert list(weights[0]) == ["w"]  # wrapper prefixes stripped before Accelerate writes the file
+    assert weights == [] and ckpt._model_tensors is None  # Accelerate writes no weights; nor does rank 1

@@ -16,9 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from accel_trainer.checkpoint import optimizer_files
 from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST
-from accel_trainer.checkpoint.io import sha256_file, write_json
+from accel_trainer.checkpoint.io import write_json
+from accel_trainer.checkpoint.tensor_files import HASH, hash_file
 from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -38,8 +40,7 @@ def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1)
     ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
     wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    oa = torch.load(ca / "optimizer.bin", weights_only=True)
-    ob = torch.load(cb / "optimizer.bin", weights_only=True)
+    oa, ob = optimizer_files.read_state(ca), optimizer_files.read_state(cb)
     assert oa["param_groups"] == ob["param_groups"]
     assert sorted(oa["state"]) == sorted(ob["state"]) == sorted(i for g in oa["param_groups"] for i in g["params"])
     for pid, state in oa["state"].items():
@@ -68,7 +69,7 @@ def test_straight_run_layout_retention_and_pointers(straight):
     assert read_pointer(root, "latest").name == f"step-{STEPS}"
     assert steps == sorted({21, 24, 12, int(best.name[5:])})  # newest 2, multiples of 12, best
     files = set(json.loads((root / f"step-{STEPS}" / MANIFEST).read_text())["files"])
-    assert {"model.safetensors", "optimizer.bin", "trainer_state.json", "schedulers.json", "config.json",
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json", "schedulers.json", "config.json",
             "run_config.json", "rng_state_0.pt"} <= files
     assert not list(root.glob(".tmp-*"))
 
@@ -102,6 +103,19 @@ def test_kill_9_during_training_then_resume_is_bit_exact(straight, tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_async_save_kill_9_then_resume_is_bit_exact(straight, tmp_path):
+    """Background writes: killed at any moment, 'latest' is complete; the result equals sync saves."""
+    run = [*RUN, "--async_save"]
+    proc = popen_recipe(run, tmp_path)
+    wait_for(tmp_path / "checkpoints" / "step-9" / "COMPLETE", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    latest = read_pointer(tmp_path / "checkpoints", "latest")
+    assert latest is not None and (latest / "COMPLETE").exists()
+    launch([*run, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert_same_final_state(straight, tmp_path)
+
+
 def test_sigterm_saves_emergency_checkpoint_and_exits_cleanly(straight, tmp_path):
     proc = popen_recipe(RUN, tmp_path)
     wait_for(tmp_path / "checkpoints" / "step-3" / "COMPLETE", proc)
@@ -125,7 +139,7 @@ def test_corrupt_newest_checkpoint_is_skipped_for_latest(straight, tmp_path):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
-    assert "falls back to step-21" in proc.stderr and "model.safetensors: sha256 mismatch" in proc.stderr
+    assert "falls back to step-21" in proc.stderr and "model.safetensors: checksum mismatch" in proc.stderr
     assert_same_final_state(straight, tmp_path)
 
 
@@ -139,20 +153,20 @@ def _copy_checkpoint(straight: Path, dest: Path, step: int) -> Path:
 def _reseal(folder: Path, name: str) -> None:
     """Rewrite a file's manifest entry, as an attacker who edits the manifest too would."""
     manifest = json.loads((folder / MANIFEST).read_text())
-    manifest["files"][name].update(size=(folder / name).stat().st_size, sha256=sha256_file(folder / name))
+    manifest["files"][name].update({"size": (folder / name).stat().st_size, HASH: hash_file(folder / name)})
     write_json(folder / MANIFEST, manifest)
 
 
-def test_malicious_optimizer_file_is_refused_and_runs_nothing(straight, tmp_path):
+def test_malicious_state_file_is_refused_and_runs_nothing(straight, tmp_path):
     folder = _copy_checkpoint(straight, tmp_path, 12)
     marker = tmp_path / "pwned"
     payload = f"import os, torch\nclass E:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n" \
-              f"torch.save({{'muon': E()}}, '{folder / 'optimizer.bin'}')\n"
+              f"torch.save({{'torch_cpu': E()}}, '{folder / 'rng_state_0.pt'}')\n"
     subprocess.run([sys.executable, "-c", payload], check=True)
-    _reseal(folder, "optimizer.bin")
+    _reseal(folder, "rng_state_0.pt")
     proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], check=False)
     assert proc.returncode == 2
-    assert "optimizer.bin: refused: its pickle references ['posix.system']" in proc.stderr
+    assert "rng_state_0.pt: refused: its pickle references ['posix.system']" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
 

@@ -9,15 +9,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 from pathlib import Path
 
 import torch
-
-CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -79,14 +76,6 @@ def read_json(path: str | Path):
         raise CheckpointError(f"{path}: missing") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # numpy globals that Accelerate itself allows when it loads its RNG files; they rebuild arrays, run no code.

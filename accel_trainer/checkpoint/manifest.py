@@ -1,4 +1,4 @@
-"""``manifest.json``: what a checkpoint is, what produced it, and every file with size, sha256 and role.
+"""``manifest.json``: what a checkpoint is, what produced it, and every file with size, xxh3-128 and role.
 
 Accelerate names its files by position (``optimizer.bin``, ``random_states_0.pkl``); the manifest
 names what each one holds, so a checkpoint describes itself and a damaged file is found by name.
@@ -11,7 +11,8 @@ import platform
 import time
 from pathlib import Path
 
-from .io import CheckpointError, read_json, sha256_file, write_json
+from .io import CheckpointError, read_json, write_json
+from .tensor_files import HASH, hash_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -19,7 +20,8 @@ COMPLETE = "COMPLETE"
 
 ROLES = {
     "model.safetensors": "model weights (safetensors, names as in model.state_dict())",
-    "optimizer.bin": "every optimizer's state; each param group tagged with its optimizer (muon/adamw) and param_names",
+    "optimizer.safetensors": "every optimizer state tensor, keyed '<parameter name>::<state key>'",
+    "optimizer.json": "optimizer param groups: each tagged with its optimizer (muon/adamw), param_names, hyperparameters",
     "scaler.pt": "fp16 grad scaler state",
     "trainer_state.json": "trainer counters: step, epoch, data position, tokens, best val loss, EMA loss, last metrics",
     "schedulers.json": "LR schedulers by optimizer name",
@@ -58,14 +60,18 @@ def environment(accelerator) -> dict:
     }
 
 
-def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator) -> dict:
-    """Describe every file under ``folder`` (fsynced already) and write ``manifest.json``."""
+def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator, known: dict | None = None) -> dict:
+    """Describe every file under ``folder`` (fsynced already) and write ``manifest.json``.
+
+    ``known`` maps file names to digests computed while writing them (no second read).
+    """
+    known = known or {}
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
         if name in (MANIFEST, COMPLETE):
             continue
-        files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path), "role": role_of(name)}
+        files[name] = {"size": path.stat().st_size, HASH: known.get(name) or hash_file(path), "role": role_of(name)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "reasons": reasons,
                 "created_unix": time.time(), "environment": environment(accelerator), "files": files}
     write_json(folder / MANIFEST, manifest)
@@ -86,7 +92,7 @@ def verify(folder: str | Path, checksums: bool = True) -> list[str]:
 
     Args:
         folder: a ``step-N`` checkpoint folder.
-        checksums: also compare every file's sha256 (reads every byte), not only its size.
+        checksums: also compare every file's xxh3-128 (reads every byte), not only its size.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -104,8 +110,8 @@ def verify(folder: str | Path, checksums: bool = True) -> list[str]:
             problems.append(f"{path}: missing ({info.get('role', '')})")
         elif path.stat().st_size != info["size"]:
             problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {info['size']}")
-        elif checksums and sha256_file(path) != info["sha256"]:
-            problems.append(f"{path}: sha256 mismatch (the file changed after it was saved)")
+        elif checksums and hash_file(path) != info.get(HASH):
+            problems.append(f"{path}: checksum mismatch (the file changed after it was saved)")
     return problems
 
 
