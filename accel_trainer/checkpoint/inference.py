@@ -11,6 +11,7 @@ from .layout import resolve_path
 from .weights import LoadReport, load_state_into, read_weights
 
 LEGACY_STEP_KEYS = ("global_step", "step")
+READ_FOR_INFERENCE = {"model.safetensors", "config.json", "trainer_state.json"}
 
 
 def _config_from(folder_or_extras, source: Path):
@@ -55,7 +56,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     """
     from ..models import MoEForCausalLM
 
-    target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})").path
+    # Every file must be present with its size; checksums are read only for what this loads.
+    target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})", checksums=READ_FOR_INFERENCE).path
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()

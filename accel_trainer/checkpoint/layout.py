@@ -69,7 +69,7 @@ class Resolved:
     note: str = ""
 
 
-def resolve_latest_valid(root: Path, checksums: bool = True) -> Resolved:
+def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resolved:
     """The checkpoint ``latest`` names if it verifies, else the newest older one that does (with a warning)."""
     candidates = [p for _, p in reversed(list_checkpoints(root))]
     pointed = read_pointer(root, "latest")
@@ -119,7 +119,7 @@ def resolve(spec: str, output_dir: str | Path, checksums: bool = True) -> Resolv
     return resolve_path(spec, flag, checksums)
 
 
-def resolve_path(spec: str | Path, flag: str = "path", checksums: bool = True) -> Resolved:
+def resolve_path(spec: str | Path, flag: str = "path", checksums: bool | set[str] = True) -> Resolved:
     """Resolve a filesystem path: a step folder, an output dir (its latest), or ``.../latest|best``."""
     path = Path(spec)
     if path.name in POINTERS and not path.is_dir():
@@ -150,7 +150,7 @@ def resolve_path(spec: str | Path, flag: str = "path", checksums: bool = True) -
     return Resolved(path)  # a single file (legacy .pt, .safetensors) or a plain model folder
 
 
-def _verified(folder: Path, flag: str, checksums: bool) -> Resolved:
+def _verified(folder: Path, flag: str, checksums: bool | set[str]) -> Resolved:
     problems = verify(folder, checksums=checksums)
     if problems:
         raise CheckpointError(f"{flag}: {folder} is not a valid checkpoint: " + "; ".join(problems))

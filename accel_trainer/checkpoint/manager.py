@@ -29,7 +29,7 @@ from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_da
 from .layout import (TMP_PREFIX, apply_retention, checkpoints_dir, ensure_dir, remove_stale_temporaries,
                      resolve, step_dir_name, write_pointer)
 from .manifest import write_complete_marker, write_manifest
-from .tensor_files import write_safetensors
+from .tensor_files import SafetensorsFile
 from .weights import load_state_into, normalize_state_dict, read_weights
 
 TRAINER_STATE = "trainer_state.json"
@@ -45,6 +45,11 @@ ACCELERATE_OWNS_TENSORS = {DistributedType.FSDP, DistributedType.DEEPSPEED, Dist
 FLAG_HYPERPARAMETERS = ("weight_decay", "momentum", "nesterov", "ns_steps", "betas", "eps")
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save"}
+
+
+def write_file(file: SafetensorsFile, path: Path) -> None:
+    """Write without fsync (the caller flushes the whole folder at once)."""
+    file.write(path, fsync=False)
 
 
 def rng_file(rank: int) -> str:
@@ -164,8 +169,15 @@ class Checkpointer:
 
     def _finish(self, tmp: Path, final: Path, step: int, reasons: list[str], big: dict) -> None:
         """Write the big files, then manifest, marker, rename and pointers (main process; maybe a thread)."""
-        digests = {name: write_safetensors(tmp / name, tensors) for name, tensors in big.items()}
-        fsync_tree(tmp)
+        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
+        for name, file in files.items():
+            write_file(file, tmp / name)
+        # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
+        # same bytes from memory: the checksums cost no time of their own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as hasher:
+            digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
+            fsync_tree(tmp)
+            digests = digests.result()
         manifest = write_manifest(tmp, step=step, reasons=reasons, accelerator=self.accelerator, known=digests)
         write_complete_marker(tmp, manifest)
         fsync_dir(tmp)
@@ -189,6 +201,7 @@ class Checkpointer:
             try:
                 pending.result()
             except Exception as err:
+                self.last_saved_step = None  # that step is not on disk; an emergency save must redo it
                 raise CheckpointError(f"background checkpoint write failed ({type(err).__name__}: {err}); "
                                       f"'latest' still points to the previous complete checkpoint") from err
 

@@ -30,7 +30,9 @@ def new_hasher():
 def hash_file(path: str | Path) -> str:
     hasher = new_hasher()
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(CHUNK)
+        # Sized to the file: most checkpoint files are small JSON, and zeroing a 64 MiB buffer for
+        # each cost more than hashing them.
+        buf = bytearray(min(CHUNK, max(1, os.fstat(f.fileno()).st_size)))
         view = memoryview(buf)
         while n := f.readinto(buf):
             hasher.update(view[:n])
@@ -44,33 +46,58 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write ``tensors`` as a safetensors file, fsync it, and return its xxh3-128 hex digest.
+class SafetensorsFile:
+    """A safetensors file to be: its header and the byte views of its tensors (no copies).
+
+    ``write`` streams the bytes to disk; ``digest`` hashes the same bytes from memory, so it can run
+    in a thread while the disk flush (fsync, which releases the GIL) is in progress.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
+        header, offset = {}, 0
+        for name, t in tensors.items():
+            if t.dtype not in DTYPES:
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+            size = t.numel() * t.element_size()
+            header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+        self.prefix = struct.pack("<Q", len(blob)) + blob
+        self.views = [_as_bytes(t) for t in tensors.values()]
+
+    def chunks(self):
+        yield memoryview(self.prefix)
+        for data in self.views:
+            for start in range(0, len(data), CHUNK):
+                yield data[start: start + CHUNK]
+
+    def write(self, path: str | Path, fsync: bool = True) -> None:
+        with open(path, "wb", buffering=0) as f:
+            for chunk in self.chunks():
+                f.write(chunk)
+            if fsync:
+                os.fsync(f.fileno())
+
+    def digest(self) -> str:
+        hasher = new_hasher()
+        for chunk in self.chunks():
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      fsync: bool = True) -> str:
+    """Write ``tensors`` as a safetensors file (fsynced unless ``fsync=False``); return its xxh3-128.
 
     Raises:
         ValueError: naming the tensor whose dtype safetensors cannot hold.
     """
-    header, offset = {}, 0
-    for name, t in tensors.items():
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-    hasher = new_hasher()
-    with open(path, "wb", buffering=0) as f:
-        for part in (struct.pack("<Q", len(blob)), blob):
-            f.write(part)
-            hasher.update(part)
-        for t in tensors.values():
-            data = _as_bytes(t)
-            for start in range(0, len(data), CHUNK):
-                chunk = data[start: start + CHUNK]
-                f.write(chunk)
-                hasher.update(chunk)
-        os.fsync(f.fileno())
-    return hasher.hexdigest()
+    try:
+        file = SafetensorsFile(tensors, metadata)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    file.write(path, fsync=fsync)
+    return file.digest()

@@ -1,0 +1,274 @@
+"""Checkpoint speed and memory, every method side by side in one run on the same state.
+
+    python benchmarks/checkpoint.py                 # ~1 GiB of model + Muon/AdamW state
+    python benchmarks/checkpoint.py --size_gb 3 --repeats 3 --dir /fast/disk/tmp
+
+Prints a table and the ratios the project targets:
+  durable sync save  >= 0.9 x raw write+fsync, and faster than save_state + os.sync()
+  async save         training blocked <= 0.1 s per GiB of state
+  cold resume/load   >= 1.5 GB/s; peak extra RSS <= state size + largest tensor
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+
+def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
+    """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
+    import datasets
+
+    from accel_trainer.config import TrainingArguments
+    from accel_trainer.data import ByteTokenizer, TextData
+    from accel_trainer.models import MoEConfig, MoEForCausalLM
+    from accel_trainer.optim import OptimizerSettings, build_optimizers
+    from accel_trainer.trainer import Trainer, build_accelerator
+
+    hidden, vocab, experts, inter = 1024, 16384, 8, 1024
+    embed_bytes = 2 * vocab * hidden * 12           # weights + AdamW's two moments
+    layer_bytes = (3 * experts * inter * hidden + 3 * hidden * hidden) * 8  # weights + Muon momentum
+    layers = max(1, round((size_gb * 2**30 - embed_bytes) / layer_bytes))
+    config = MoEConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                       num_key_value_heads=4, moe_intermediate_size=inter, num_experts=experts,
+                       num_experts_per_tok=2, shared_expert_intermediate_size=0)
+    args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
+                             report_to="none", disable_tqdm=True, eval_steps=0, async_save=async_save,
+                             warmup_steps=0)
+    accelerator = build_accelerator(args)
+    model = MoEForCausalLM(config)
+    optimizers = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
+    blocks = datasets.Dataset.from_dict({"input_ids": [[i % 256] * 16 for i in range(8)]}).with_format("torch")
+    trainer = Trainer(accelerator, model, optimizers, TextData(blocks, blocks, ByteTokenizer()), args,
+                      run_config={"benchmark": True})
+    return trainer
+
+
+def state_tensors(trainer) -> list[torch.Tensor]:
+    tensors = list(trainer.model.state_dict().values())
+    return tensors + [v for s in trainer.optimizers.state_dict()["state"].values() for v in s.values()
+                      if torch.is_tensor(v)]
+
+
+def state_bytes(trainer) -> tuple[int, int]:
+    sizes = [t.numel() * t.element_size() for t in state_tensors(trainer)]
+    return sum(sizes), max(sizes)
+
+
+def timed(fn) -> float:
+    os.sync()  # start every measurement with no dirty pages from the previous one
+    time.sleep(0.2)
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark (VmHWM) to the current RSS and return that baseline."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_bytes("VmRSS")
+
+
+def fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+
+
+def drop_cache(root: Path) -> None:
+    """Evict the files from the page cache so the next read comes from the disk (no root needed)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def raw_write(path: Path, tensors: list[torch.Tensor]) -> None:
+    """The limit: the very same bytes, one file, sequential writes, one fsync (no format, no hash).
+    Same bytes matter: optimizer state has all-zero regions, which some virtual disks store faster."""
+    with open(path, "wb", buffering=0) as f:
+        for t in tensors:
+            f.write(memoryview(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()))
+        os.fsync(f.fileno())
+
+
+def measure_saves(trainer, work: Path, repeats: int) -> dict:
+    acc = trainer.accelerator
+    total, _ = state_bytes(trainer)
+    results: dict[str, list[float]] = {k: [] for k in ("raw write+fsync", "accelerate save_state",
+                                                       "accelerate save_state + os.sync", "torch.save + fsync",
+                                                       "ours sync (durable)")}
+    hooks = dict(acc._save_model_state_pre_hook)
+    def raw(r):
+        target = work / f"raw-{r}.bin"
+        results["raw write+fsync"].append(timed(lambda: raw_write(target, state_tensors(trainer))))
+        target.unlink()
+
+    def plain(r):
+        acc._save_model_state_pre_hook.clear()  # plain Accelerate, without our hooks
+        folder = work / f"plain-{r}"
+        results["accelerate save_state"].append(timed(lambda: acc.save_state(str(folder))))
+        shutil.rmtree(folder)
+        results["accelerate save_state + os.sync"].append(timed(lambda: (acc.save_state(str(folder)), os.sync())))
+        acc._save_model_state_pre_hook.update(hooks)
+        shutil.rmtree(folder)
+
+    def torch_save(r):
+        pt = work / f"torch-{r}.pt"
+
+        def save():
+            torch.save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizers.state_dict()}, pt)
+            fd = os.open(pt, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        results["torch.save + fsync"].append(timed(save))
+        pt.unlink()
+
+    def ours(r):
+        trainer.state.global_step = 100 + r
+        results["ours sync (durable)"].append(timed(lambda: trainer.checkpointer.save(["periodic"])))
+
+    methods = [raw, plain, torch_save, ours]
+    for r in range(repeats):
+        # Rotate the order so no method always follows the same one (a virtual disk may still be
+        # flushing the previous writer's data when os.sync returns).
+        for method in methods[r % len(methods):] + methods[: r % len(methods)]:
+            method(r)
+    return results
+
+
+def measure_async(size_gb: float, work: Path, repeats: int) -> dict:
+    trainer = build_trainer(size_gb, work / "async_run", async_save=True)
+    trainer.train_step(next(trainer.micro_batches()))
+    blocked, complete = [], []
+    for r in range(repeats + 1):  # the first save touches fresh staging buffers; report the reused ones
+        trainer.state.global_step = 200 + r
+        start = time.perf_counter()
+        trainer.checkpointer.save(["periodic"])
+        t_blocked = time.perf_counter() - start
+        trainer.checkpointer.wait()
+        t_complete = time.perf_counter() - start
+        if r > 0:
+            blocked.append(t_blocked)
+            complete.append(t_complete)
+        os.sync()
+    trainer.checkpointer.close()
+    return {"ours async: training blocked": blocked, "ours async: until complete on disk": complete}
+
+
+def child_load(kind: str, path: str, size_gb: float, work: str) -> None:
+    """In a fresh process: time one load and report the peak RSS growth it caused."""
+    if kind == "inference":
+        from accel_trainer import load_model_for_inference
+
+        before = reset_peak_rss()
+        start = time.perf_counter()
+        load_model_for_inference(path, device="cpu")
+    elif kind == "read":
+        before = reset_peak_rss()
+        start = time.perf_counter()
+        for p in sorted(Path(path).rglob("*")):
+            if p.is_file():
+                with open(p, "rb", buffering=0) as f:
+                    buf = bytearray(64 << 20)
+                    while f.readinto(buf):
+                        pass
+    else:
+        trainer = build_trainer(size_gb, Path(work) / "resume_run")
+        before = reset_peak_rss()  # the fresh model (part of the state) is allocated already
+        start = time.perf_counter()
+        trainer.checkpointer.resume(path)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "rss_growth_bytes": rss_bytes("VmHWM") - before}))
+
+
+def measure_load(kind: str, checkpoint: Path, size_gb: float, work: Path) -> dict:
+    drop_cache(checkpoint)
+    proc = subprocess.run([sys.executable, __file__, "--_child", kind, str(checkpoint), "--size_gb", str(size_gb),
+                           "--dir", str(work)], capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size_gb", type=float, default=1.0, help="approximate GiB of weights + optimizer state")
+    parser.add_argument("--repeats", type=int, default=3, help="repetitions per method (the median is reported)")
+    parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        child_load(args._child[0], args._child[1], args.size_gb, args.dir)
+        return
+    work = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
+    try:
+        trainer = build_trainer(args.size_gb, work / "run")
+        trainer.train_step(next(trainer.micro_batches()))  # real Muon/AdamW state
+        total, largest = state_bytes(trainer)
+        print(f"state: {total / 2**30:.2f} GiB ({total:,} bytes), largest tensor {largest / 2**20:.0f} MiB, "
+              f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.0f}M parameters")
+        results = measure_saves(trainer, work, args.repeats)
+        results.update(measure_async(args.size_gb, work, args.repeats))
+        latest = trainer.checkpointer.root / (trainer.checkpointer.root / "latest").read_text().strip()
+        ckpt_bytes = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
+        cold_read = measure_load("read", latest, args.size_gb, work)
+        resume = measure_load("resume", latest, args.size_gb, work)
+        inference = measure_load("inference", latest, args.size_gb, work)
+        model_bytes = (latest / "model.safetensors").stat().st_size
+
+        med = {k: statistics.median(v) for k, v in results.items()}
+        print(f"\n{'method':<40}{'seconds':>10}{'GB/s':>8}")
+        for name, seconds in med.items():
+            print(f"{name:<40}{seconds:>10.3f}{total / seconds / 1e9:>8.2f}")
+        print(f"{'raw cold read of the checkpoint':<40}{cold_read['seconds']:>10.3f}"
+              f"{ckpt_bytes / cold_read['seconds'] / 1e9:>8.2f}")
+        print(f"{'resume (cold, everything)':<40}{resume['seconds']:>10.3f}{ckpt_bytes / resume['seconds'] / 1e9:>8.2f}")
+        print(f"{'load_model_for_inference (cold)':<40}{inference['seconds']:>10.3f}"
+              f"{model_bytes / inference['seconds'] / 1e9:>8.2f}")
+
+        raw = med["raw write+fsync"]
+        blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
+        rows = [
+            ("ours sync vs raw write+fsync (bandwidth)", raw / med["ours sync (durable)"], ">= 0.90"),
+            ("ours sync vs save_state + os.sync (speed-up)", med["accelerate save_state + os.sync"]
+             / med["ours sync (durable)"], "> 1.00"),
+            ("ours sync vs torch.save + fsync (speed-up)", med["torch.save + fsync"] / med["ours sync (durable)"], ""),
+            ("async: training blocked, s per GiB", blocked_per_gib, "<= 0.10"),
+            ("resume cold, GB/s", ckpt_bytes / resume["seconds"] / 1e9, ">= 1.5"),
+            ("resume cold vs raw cold read (bandwidth)", cold_read["seconds"] / resume["seconds"], ""),
+            ("resume peak RSS growth / (state + largest)", resume["rss_growth_bytes"] / (total + largest), "<= 1.00"),
+            ("inference load peak RSS growth / (weights + largest)", inference["rss_growth_bytes"]
+             / (model_bytes + largest), "<= 1.00"),
+        ]
+        print(f"\n{'ratio':<55}{'value':>8}  target")
+        for name, value, target in rows:
+            print(f"{name:<55}{value:>8.3f}  {target}")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The benchmark scripts still run and print their tables (tiny sizes; no timing is asserted)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1"], "ours sync vs raw write+fsync"),
+    ("step_overhead.py", ["--steps", "3", "--rounds", "1"], "ratio trainer/bare steps/s"),
+    ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
+])
+def test_benchmark_prints_its_table(script, args, expect):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert expect in proc.stdout
