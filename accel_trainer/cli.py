@@ -1,8 +1,15 @@
-"""``accel-trainer``: the command-line side of the package.
+"""``accel-trainer``: see into checkpoints and act on them from the shell.
 
-Subcommands:
-    env                 versions and devices, for bug reports
-    params CONFIG       total/active parameter counts of a model config.json (built on the meta device)
+    accel-trainer list    <output_dir>                 every checkpoint, which is latest/best
+    accel-trainer inspect <ckpt> [--json]              what is inside one checkpoint
+    accel-trainer verify  <ckpt|output_dir>            completeness + checksums; exit 0 only if valid
+    accel-trainer diff    <ckptA> <ckptB> [--top N]    config, architecture and weight changes
+    accel-trainer export  <ckpt> <out_dir> [--dtype bf16]   Hugging Face model folder (weights only)
+    accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
+    accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
+    accel-trainer env                                  versions and devices
+
+<ckpt> is a step-N folder, a run's output dir (its latest), or <output_dir>/best|latest.
 """
 
 from __future__ import annotations
@@ -11,6 +18,176 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _checkpoint(path: str, checksums=False) -> Path:
+    from .checkpoint.layout import resolve_path
+    from .checkpoint.manifest import COMPLETE
+    from .checkpoint.io import CheckpointError
+
+    found = resolve_path(path, flag=path, checksums=checksums).path
+    if not (found / COMPLETE).exists():
+        raise CheckpointError(f"{path}: not an accel_trainer checkpoint (no {COMPLETE} marker)")
+    return found
+
+
+def cmd_list(args) -> int:
+    from .checkpoint.inspection import list_run
+
+    rows = list_run(args.output_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no checkpoints under {args.output_dir}/checkpoints")
+        return 0
+    print(f"{'checkpoint':<14}{'epoch':>6}{'tokens':>14}{'val_loss':>10}{'size':>11}  tags")
+    for r in rows:
+        val = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        tags = ", ".join(r["tags"]) + ("" if r["complete"] else " INCOMPLETE")
+        print(f"{r['name']:<14}{_cell(r['epoch']):>6}{_cell(r['tokens_seen'], ','):>14}{val:>10}"
+              f"{_fmt_bytes(r['size_bytes']):>11}  {tags.strip()}")
+    return 0
+
+
+def _cell(value, fmt: str = "") -> str:
+    return "" if value is None else format(value, fmt)
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint.inspection import inspect
+
+    info = inspect(_checkpoint(args.checkpoint))
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    env, params = info["environment"], info["parameters"]
+    print(f"checkpoint   {info['path']}  (format {info['format_version']}, saved because: "
+          f"{', '.join(info['saved_because'])})")
+    print(f"progress     step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
+          f"{info['tokens_seen']:,} tokens")
+    print(f"losses       ema {_cell(info['ema_loss'], '.4f')}, best val {_cell(info['best_val_loss'], '.4f')} "
+          f"at step {_cell(info['best_val_step'])}")
+    print(f"metrics      {json.dumps(info['metrics'])}")
+    print(f"model        {info['model_config'].get('model_type')}: {params['total']:,} parameters "
+          f"({params['active']:,} active per token)")
+    print(f"saved on     {env['world_size']} process(es), {env['distributed_type']}, mixed precision "
+          f"{env['mixed_precision']}, {env['device_type']}; torch {env['torch']}, accelerate {env['accelerate']}, "
+          f"accel_trainer {env['accel_trainer']}")
+    for opt in info["optimizers"]:
+        hyper = ", ".join(f"{k}={v}" for k, v in opt["hyperparameters"].items() if k in ("lr", "initial_lr",
+                                                                                        "weight_decay", "betas", "momentum"))
+        print(f"optimizer    {opt['optimizer']}: {opt['parameters']} tensors, state {_fmt_bytes(opt['state_bytes'])}"
+              f" ({hyper})")
+    for name, s in info["schedulers"].items():
+        print(f"scheduler    {name}: step {s['last_epoch']}, base lr {s['base_lrs']}, current lr {s['last_lr']}")
+    print(f"grad scaler  {'saved' if info['grad_scaler'] else 'none (not an fp16 run)'}")
+    print(f"files        {_fmt_bytes(info['total_bytes'])} in {len(info['files'])} files:")
+    for name, f in info["files"].items():
+        print(f"  {name:<28}{_fmt_bytes(f['size']):>11}  {f['role']}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .checkpoint.layout import checkpoints_dir
+    from .checkpoint.manifest import COMPLETE, verify
+
+    path = Path(args.path)
+    if not path.exists():
+        raise SystemExit(f"accel-trainer verify: {path} does not exist")
+    if (path / COMPLETE).exists() or path.name.startswith("step-"):
+        folders = [path]
+    else:
+        root = checkpoints_dir(path) if (path / "checkpoints").is_dir() else path
+        folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
+                         key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+        if not folders:
+            raise SystemExit(f"accel-trainer verify: no step-N checkpoints under {root}")
+    bad = 0
+    for folder in folders:
+        problems = verify(folder, checksums=True)
+        print(f"{'OK ' if not problems else 'BAD'} {folder}")
+        for problem in problems:
+            print(f"    {problem}")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+def cmd_diff(args) -> int:
+    from .checkpoint.inspection import diff
+
+    a, b = _checkpoint(args.a), _checkpoint(args.b)
+    result = diff(a, b)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"A = {a}\nB = {b}")
+    print("run config:" + ("".join(f"\n  {d}" for d in result["run_config"]) or " same"))
+    print("model config:" + ("".join(f"\n  {d}" for d in result["model_config"]) or " same"))
+    arch = result["only_in_a"] + result["only_in_b"] + result["shape_changes"]
+    print("architecture:" + (" same tensors and shapes" if not arch else ""))
+    for k in result["only_in_a"]:
+        print(f"  only in A: {k}")
+    for k in result["only_in_b"]:
+        print(f"  only in B: {k}")
+    for s in result["shape_changes"]:
+        print(f"  shape: {s}")
+    changes = result["tensor_changes"]
+    print(f"weight changes (||B-A||, relative to ||A||), largest {min(args.top, len(changes))} of {len(changes)}:")
+    for c in changes[: args.top]:
+        print(f"  {c['tensor']:<50}{c['change_norm']:>12.4e}{c['relative']:>12.4e}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .checkpoint.inference import load_model_for_inference
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    model, config, step = load_model_for_inference(_checkpoint(args.checkpoint), device="cpu",
+                                                   dtype=dtypes[args.dtype])
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"accel-trainer export: {out} exists and is not empty; choose a new folder")
+    model.save_pretrained(out)
+    print(f"exported step {step} ({args.dtype}) to {out}: "
+          f"{', '.join(sorted(p.name for p in out.iterdir()))}")
+    print(f"load with: import accel_trainer; AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from .checkpoint.layout import (POINTERS, STEP_RE, checkpoints_dir, list_checkpoints, read_pointer,
+                                    remove_stale_temporaries, select_for_deletion, apply_retention)
+
+    root = checkpoints_dir(args.output_dir)
+    if not root.is_dir():
+        raise SystemExit(f"accel-trainer prune: {args.output_dir}: no checkpoints/ folder")
+    found = dict(list_checkpoints(root))
+    protected = {int(STEP_RE.match(p.name).group(1)) for p in (read_pointer(root, n) for n in POINTERS) if p}
+    doomed = select_for_deletion(list(found), keep_last=args.keep, protected=protected,
+                                 keep_every_n_steps=args.keep_every_n_steps)
+    temporaries = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    verb = "would delete" if args.dry_run else "deleting"
+    for step in doomed:
+        print(f"{verb} {found[step]}")
+    for tmp in temporaries:
+        print(f"{verb} {tmp} (left by a crashed save)")
+    kept = sorted(set(found) - set(doomed))
+    print(f"{'would keep' if args.dry_run else 'kept'}: {', '.join(f'step-{s}' for s in kept) or 'nothing'}")
+    if not args.dry_run:
+        apply_retention(root, keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
+        remove_stale_temporaries(root)
+    return 0
 
 
 def cmd_env(args) -> int:
@@ -51,6 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel-trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="every checkpoint of a run")
+    p.add_argument("output_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("inspect", help="what is inside a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+    p = sub.add_parser("verify", help="completeness and checksums (exit 0 only when valid)")
+    p.add_argument("path", help="a step-N folder or a run's output dir (all its checkpoints)")
+    p.set_defaults(func=cmd_verify)
+    p = sub.add_parser("diff", help="config, architecture and weight differences of two checkpoints")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--top", type=int, default=10, help="show the N most changed tensors")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
+    p = sub.add_parser("export", help="a Hugging Face model folder with the weights")
+    p.add_argument("checkpoint")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("prune", help="apply the retention rules by hand")
+    p.add_argument("output_dir")
+    p.add_argument("--keep", type=int, required=True, help="keep the newest K (plus latest and best)")
+    p.add_argument("--keep_every_n_steps", type=int, default=None)
+    p.add_argument("--dry_run", action="store_true", help="only show what would be deleted")
+    p.set_defaults(func=cmd_prune)
     sub.add_parser("env", help="print versions and devices").set_defaults(func=cmd_env)
     p = sub.add_parser("params", help="count parameters of a model config.json")
     p.add_argument("config", help="config.json or a folder holding one")
@@ -60,8 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .checkpoint.io import CheckpointError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CheckpointError as err:
+        print(f"accel-trainer {args.command}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
     from accel_trainer.optim import OptimizerSettings, build_optimizers
     from accel_trainer.trainer import Trainer, build_accelerator
 
-    hidden, vocab, experts, inter = 1024, 16384, 8, 1024
+    # Small sizes (smoke runs) shrink the whole model, not only its depth.
+    hidden, vocab, experts, inter = (1024, 16384, 8, 1024) if size_gb >= 0.5 else (256, 2048, 4, 256)
     embed_bytes = 2 * vocab * hidden * 12           # weights + AdamW's two moments
     layer_bytes = (3 * experts * inter * hidden + 3 * hidden * hidden) * 8  # weights + Muon momentum
     layers = max(1, round((size_gb * 2**30 - embed_bytes) / layer_bytes))

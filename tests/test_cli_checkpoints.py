@@ -1,0 +1,110 @@
+"""`accel-trainer` commands on real checkpoints made by a tiny run."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY, launch
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "accel_trainer.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    launch([*TINY, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "4", "--output_dir", str(out)])
+    return out
+
+
+def test_list_shows_every_checkpoint_and_tags(run):
+    out = cli("list", run).stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["checkpoint", "epoch", "tokens", "val_loss", "size", "tags"]
+    assert [line.split()[0] for line in lines[1:]] == ["step-2", "step-4", "step-6", "step-8"]
+    assert "latest" in lines[-1]
+    rows = json.loads(cli("list", run, "--json").stdout)
+    assert rows[-1]["tokens_seen"] == 8 * 4 * 64 and "latest" in rows[-1]["tags"]
+    assert any("best" in r["tags"] for r in rows)
+
+
+def test_inspect_human_and_json(run):
+    text = cli("inspect", run).stdout
+    for needle in ("step 8", "657,792 parameters (461,184 active per token)", "optimizer    muon:",
+                   "optimizer    adamw:", "scheduler    muon:", "1 process(es)", "model.safetensors",
+                   "optimizer.safetensors"):
+        assert needle in text, needle
+    info = json.loads(cli("inspect", run / "checkpoints" / "step-4", "--json").stdout)
+    assert info["step"] == 4 and info["format_version"] == 1
+    assert {o["optimizer"] for o in info["optimizers"]} == {"muon", "adamw"}
+    assert all(o["state_bytes"] > 0 for o in info["optimizers"])
+    assert info["environment"]["world_size"] == 1
+
+
+def test_verify_passes_then_names_the_bad_file(run, tmp_path):
+    assert cli("verify", run).stdout.count("OK ") == 4
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    target = copy / "checkpoints" / "step-6" / "optimizer.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    proc = cli("verify", copy, check=False)
+    assert proc.returncode == 1
+    assert "BAD" in proc.stdout and "step-6/optimizer.safetensors: checksum mismatch" in proc.stdout
+    assert cli("verify", copy / "checkpoints" / "step-8").returncode == 0
+
+
+def test_diff_reports_weight_changes(run):
+    out = cli("diff", run / "checkpoints" / "step-2", run / "checkpoints" / "step-8", "--top", "3").stdout
+    assert "run config: same" in out and "architecture: same tensors and shapes" in out
+    assert "largest 3 of" in out
+    result = json.loads(cli("diff", run / "checkpoints" / "step-2", run / "checkpoints" / "step-8", "--json").stdout)
+    assert all(c["change_norm"] > 0 for c in result["tensor_changes"])
+
+
+def test_export_loads_with_auto_model(run, tmp_path):
+    out = tmp_path / "hf"
+    cli("export", run, out, "--dtype", "bf16")
+    import accel_trainer  # noqa: F401  (registers the model type with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    from accel_trainer import load_model_for_inference
+
+    original, _, _ = load_model_for_inference(run, device="cpu", dtype=torch.bfloat16)
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert cli("export", run, out, check=False).returncode != 0  # never overwrites
+
+
+def test_prune_dry_run_then_for_real(run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / ".tmp-step-99").mkdir()
+    dry = cli("prune", copy, "--keep", "1", "--dry_run").stdout
+    assert "would delete" in dry and (copy / "checkpoints" / "step-2").exists()
+    cli("prune", copy, "--keep", "1")
+    left = sorted(p.name for p in (copy / "checkpoints").iterdir() if p.is_dir())
+    best = (copy / "checkpoints" / "best").read_text().strip()
+    assert left == sorted({"step-8", best})
+
+
+@pytest.mark.parametrize("args", [("inspect", "/nonexistent"), ("list", "/nonexistent"), ("verify", "/nonexistent"),
+                                  ("diff", "/nonexistent", "/nonexistent2"), ("export", "/nonexistent", "/tmp/x")])
+def test_bad_paths_are_one_line_and_non_zero(args):
+    proc = cli(*args, check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
