@@ -80,6 +80,7 @@ class TrainingArguments:
     keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a multiple of N."})
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
     save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises (single process)."})
+    save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails (default: warn, skip it, train on)."})
     async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a background thread."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
     init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})

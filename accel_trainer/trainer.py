@@ -89,7 +89,8 @@ class Trainer:
         self.schedulers = SchedulersContainer(optimizers, lambda step: schedule(step, total_steps=self.total_steps))
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.checkpointer = Checkpointer(self, args.output_dir, save_total_limit=args.save_total_limit,
-                                         keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save)
+                                         keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save,
+                                         save_strict=args.save_strict)
         self.stop = StopRequest(world)
         self.interrupted_by: str | None = None
         self._ema = None            # device tensor; TrainState.ema_loss is its host copy
@@ -143,9 +144,10 @@ class Trainer:
         if self.checkpointer.last_saved_step != self.state.global_step:
             self.checkpointer.save(["emergency"], wait=True)
         self.checkpointer.wait()
-        self.accelerator.print(
-            f"training stopped by {why} at step {self.state.global_step}; state saved under "
-            f"{self.checkpointer.root}. Resume with: --resume_from_checkpoint latest")
+        where = ("state saved under" if self.checkpointer.last_saved_step == self.state.global_step
+                 else "the emergency checkpoint could not be written (see above); the last good one is under")
+        self.accelerator.print(f"training stopped by {why} at step {self.state.global_step}; {where} "
+                               f"{self.checkpointer.root}. Resume with: --resume_from_checkpoint latest")
 
     def save_after_exception(self, err: Exception) -> None:
         """--save_on_exception: save if the state is consistent and a save cannot deadlock."""

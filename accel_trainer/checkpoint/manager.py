@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from . import optimizer_files, rng
 from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file,
@@ -98,10 +98,15 @@ class Checkpointer:
         save_total_limit: keep this many newest checkpoints (plus latest and best); None keeps all.
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
         async_save: write the big tensor files in a background thread (non-sharded runs).
+        save_strict: a save that does not fit or fails stops the run; otherwise it is skipped with a
+            loud warning and training goes on (the previous checkpoints stay as they are).
     """
 
+    # Headroom on top of the tensor bytes: JSON, RNG files, safetensors headers, filesystem blocks.
+    SIZE_SLACK_BYTES = 16 << 20
+
     def __init__(self, trainer, output_dir: str | Path, save_total_limit: int | None = None,
-                 keep_every_n_steps: int | None = None, async_save: bool = False):
+                 keep_every_n_steps: int | None = None, async_save: bool = False, save_strict: bool = False):
         self.trainer = trainer
         self.accelerator = trainer.accelerator
         self.root = checkpoints_dir(output_dir)
@@ -110,6 +115,7 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.owns_tensors = getattr(self.accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
         self.async_save = async_save and self.owns_tensors
+        self.save_strict = save_strict
         self._staging = StagingBuffers()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None
         self._pending: Future | None = None
@@ -118,11 +124,15 @@ class Checkpointer:
         self.accelerator.register_load_state_pre_hook(self._load_hook)
 
     # ------------------------------------------------------------------------------------- saving
-    def save(self, reasons: list[str], wait: bool = False) -> Path:
+    def save(self, reasons: list[str], wait: bool = False) -> Path | None:
         """Save the whole state at the current step (a collective call: every rank must call it).
 
         With ``async_save`` this returns once the state is staged in memory; the files are written in
         the background. At most one save is in flight: this first waits for the previous one.
+
+        Returns:
+            The checkpoint folder, or None when the save was skipped (no room, or it failed and
+            ``save_strict`` is off); existing checkpoints are never touched by a skipped save.
         """
         acc, trainer = self.accelerator, self.trainer
         self.wait()
@@ -131,37 +141,85 @@ class Checkpointer:
         trainer.state.ema_loss = None if trainer._ema is None else float(trainer._ema.item())
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
+        problem = None
         if acc.is_main_process:
-            ensure_dir(self.root)
-            remove_stale_temporaries(self.root)
-            tmp.mkdir()
-        acc.wait_for_everyone()
-        self._model_tensors = None
-        with self._accelerate_skips_optimizer():
-            acc.save_state(str(tmp), safe_serialization=True)
+            try:
+                ensure_dir(self.root)
+                remove_stale_temporaries(self.root)
+                problem = self._no_room(step)
+                if problem is None:
+                    tmp.mkdir()
+            except OSError as err:
+                problem = f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or self.root})"
+        problem = self._agree([problem])
+        if problem:
+            return self._skipped(problem, tmp)
+        problems = [None]
         big = {}
-        if self.owns_tensors and acc.is_main_process:
-            opt_tensors, description = optimizer_files.split_state(trainer.optimizers.state_dict())
-            optimizer_files.write_description(tmp, description)
-            big = {MODEL_WEIGHTS: self._model_tensors, optimizer_files.TENSORS: opt_tensors}
-            if self.async_save and not wait:
-                big = {name: self._stage(name, t) for name, t in big.items()}
-        self._model_tensors = None
-        # Each rank makes its own files durable (on node-local disks this is the only fsync they get).
-        for name in (rng_file(acc.process_index), f"random_states_{acc.process_index}.pkl"):
-            if (tmp / name).exists():
-                fsync_file(tmp / name)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
+        try:
+            self._model_tensors = None
+            with self._accelerate_skips_optimizer():
+                acc.save_state(str(tmp), safe_serialization=True)
+            if self.owns_tensors and acc.is_main_process:
+                opt_tensors, description = optimizer_files.split_state(trainer.optimizers.state_dict())
+                optimizer_files.write_description(tmp, description)
+                big = {MODEL_WEIGHTS: self._model_tensors, optimizer_files.TENSORS: opt_tensors}
+                if self.async_save and not wait:
+                    big = {name: self._stage(name, t) for name, t in big.items()}
+            # Each rank makes its own files durable (on node-local disks this is the only fsync they get).
+            for name in (rng_file(acc.process_index), f"random_states_{acc.process_index}.pkl"):
+                if (tmp / name).exists():
+                    fsync_file(tmp / name)
+        except OSError as err:
+            problems = [f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or tmp})"]
+        finally:
+            self._model_tensors = None
+        problem = self._agree(problems)
+        if problem is None and acc.is_main_process:
             if self.async_save and not wait:
                 self._pending = self._executor.submit(self._finish, tmp, final, step, reasons, big)
             else:
-                self._finish(tmp, final, step, reasons, big)
-        self.last_saved_step = step
+                try:
+                    self._finish(tmp, final, step, reasons, big)
+                except OSError as err:
+                    problem = f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or tmp})"
         if not self.async_save or wait:
-            acc.wait_for_everyone()
+            problem = self._agree([problem])
+        if problem:
+            return self._skipped(problem, tmp)
+        self.last_saved_step = step
         acc.print(f"checkpoint: {'staged' if self._pending else 'saved'} {final} ({', '.join(reasons)})")
         return final
+
+    def estimate_bytes(self) -> int:
+        """Bytes the next checkpoint will take: every model and optimizer tensor, plus headroom."""
+        model = self.accelerator.unwrap_model(self.trainer.model)
+        tensors = list(model.state_dict().values())
+        tensors += [v for state in self.trainer.optimizers.state.values() for v in state.values() if torch.is_tensor(v)]
+        return sum(t.numel() * t.element_size() for t in tensors) + self.SIZE_SLACK_BYTES
+
+    def _no_room(self, step: int) -> str | None:
+        needed, free = self.estimate_bytes(), shutil.disk_usage(self.root).free
+        if needed <= free:
+            return None
+        return (f"checkpoint at step {step} not saved: it needs about {needed / 2**30:.2f} GiB but "
+                f"{self.root} has {free / 2**30:.2f} GiB free (short by {(needed - free) / 2**30:.2f} GiB); "
+                "free space or lower --save_total_limit")
+
+    def _agree(self, problems: list[str | None]) -> str | None:
+        """Every rank learns the first problem any rank had (a collective call)."""
+        if self.accelerator.num_processes > 1:
+            problems = gather_object(problems)
+        return next((p for p in problems if p), None)
+
+    def _skipped(self, problem: str, tmp: Path) -> None:
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back the space; checkpoints are untouched
+        if self.save_strict:
+            raise CheckpointError(problem + " (--save_strict)")
+        warnings.warn(f"{problem}; training continues, the previous checkpoints are intact", stacklevel=3)
+        self.accelerator.print(f"WARNING: {problem}; training continues, the previous checkpoints are intact")
+        return None
 
     def _stage(self, file_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         staged = self._staging.stage({f"{file_name}/{k}": v for k, v in tensors.items()})
@@ -202,8 +260,11 @@ class Checkpointer:
                 pending.result()
             except Exception as err:
                 self.last_saved_step = None  # that step is not on disk; an emergency save must redo it
-                raise CheckpointError(f"background checkpoint write failed ({type(err).__name__}: {err}); "
-                                      f"'latest' still points to the previous complete checkpoint") from err
+                problem = (f"background checkpoint write failed ({type(err).__name__}: {err}); "
+                           "'latest' still points to the previous complete checkpoint")
+                if self.save_strict or not isinstance(err, OSError):
+                    raise CheckpointError(problem) from err
+                self._skipped(problem, self.root / f"{TMP_PREFIX}none")
 
     def close(self) -> None:
         try:
