@@ -6,6 +6,7 @@
     accel-trainer diff    <ckptA> <ckptB> [--top N]    config, architecture and weight changes
     accel-trainer export  <ckpt> <out_dir> [--dtype bf16]   Hugging Face model folder (weights only)
     accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
+    accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
     accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
     accel-trainer env                                  versions and devices
 
@@ -190,6 +191,20 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    try:
+        from .plotting import plot_metrics
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("accel-trainer plot: needs matplotlib; pip install 'accel_trainer[plot]'") from None
+    try:
+        out = plot_metrics(args.output_dir, args.out)
+    except ValueError as err:
+        raise SystemExit(f"accel-trainer plot: {err}") from None
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_env(args) -> int:
     import accelerate
     import torch
@@ -256,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_every_n_steps", type=int, default=None)
     p.add_argument("--dry_run", action="store_true", help="only show what would be deleted")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("plot", help="PNG of loss and LR curves from metrics.jsonl")
+    p.add_argument("output_dir")
+    p.add_argument("--out", default=None, help="PNG path (default: <output_dir>/metrics.png)")
+    p.set_defaults(func=cmd_plot)
     sub.add_parser("env", help="print versions and devices").set_defaults(func=cmd_env)
     p = sub.add_parser("params", help="count parameters of a model config.json")
     p.add_argument("config", help="config.json or a folder holding one")

@@ -20,6 +20,8 @@ class TrainState:
         best_val_step: the step at which ``best_val_loss`` was measured (None before it).
         ema_loss: exponential moving average of the (all-process mean) training loss.
         last_metrics: the most recent logged metrics.
+        trackers: what a resumed run needs to continue the same tracker runs: ``run_name`` (the
+            TensorBoard folder), ``wandb_run_id``.
     """
 
     global_step: int = 0
@@ -30,6 +32,7 @@ class TrainState:
     best_val_step: int | None = None
     ema_loss: float | None = None
     last_metrics: dict = field(default_factory=dict)
+    trackers: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -98,6 +98,27 @@ class Trainer:
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
 
+    def start_trackers(self) -> None:
+        """Start Accelerate's trackers; a resumed run continues the runs its checkpoint names.
+
+        TensorBoard reopens the same folder with ``purge_step`` so the steps after the checkpoint that
+        the interrupted run had logged are replaced, not duplicated; W&B resumes the same run id.
+        """
+        saved = self.state.trackers
+        run_name = saved.get("run_name") or self.args.run_name or "accel_trainer"
+        if saved.get("run_name") and self.args.run_name and self.args.run_name != saved["run_name"]:
+            self.accelerator.print(f"--run_name={self.args.run_name!r}: continuing the checkpoint's tracker run "
+                                   f"{saved['run_name']!r} instead")
+        init_kwargs = {}
+        if self.state.global_step > 0:
+            init_kwargs["tensorboard"] = {"purge_step": self.state.global_step + 1}
+        if saved.get("wandb_run_id"):
+            init_kwargs["wandb"] = {"id": saved["wandb_run_id"], "resume": "allow"}
+        self.accelerator.init_trackers(run_name, config=tracker_config(self.run_config), init_kwargs=init_kwargs)
+        saved["run_name"] = run_name
+        if self.accelerator.is_main_process and any(t.name == "wandb" for t in self.accelerator.trackers):
+            saved["wandb_run_id"] = self.accelerator.get_tracker("wandb", unwrap=True).id
+
     def plan_total_steps(self) -> int:
         """The step to stop at: ``--max_steps``, or the end of epoch ``--num_train_epochs`` counted from
         the data position, so a resume with another batch size still trains exactly the epochs asked."""
@@ -113,7 +134,7 @@ class Trainer:
         """Run until ``total_steps`` or a stop signal; returns the final counters."""
         args, state = self.args, self.state
         self.total_steps = self.plan_total_steps()
-        self.accelerator.init_trackers(args.run_name or "accel_trainer", config=tracker_config(self.run_config))
+        self.start_trackers()
         self.print_run_summary()
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
                         disable=args.disable_tqdm or not self.accelerator.is_local_main_process)

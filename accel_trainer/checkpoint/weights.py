@@ -93,8 +93,8 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         if not files and sharded is not None:
             return normalize_state_dict(consolidate_sharded(sharded)), {}
         if not files:
-            raise CheckpointError(f"{path}: no model*.safetensors weights (nor an FSDP sharded "
-                                  f"{ACCELERATE_FSDP_MODEL_DIR}/) in this folder")
+            raise CheckpointError(f"{path}: nothing to load here: no checkpoints/step-N with a COMPLETE marker, "
+                                  f"no model*.safetensors, no FSDP {ACCELERATE_FSDP_MODEL_DIR}/ shards")
         state = {}
         for f in files:
             state.update(load_file(f, device=str(device)))

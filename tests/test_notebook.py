@@ -1,0 +1,67 @@
+"""notebooks/load_and_generate.ipynb runs end to end against a checkpoint this test makes."""
+
+import os
+
+import pytest
+
+from conftest import REPO, TINY, launch
+
+pytestmark = pytest.mark.slow
+
+
+def test_notebook_loads_generates_and_plots(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    launch([*TINY, "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1",
+            "--output_dir", str(tmp_path)])
+    monkeypatch.setenv("ACCEL_TRAINER_RUN", str(tmp_path))
+    notebook = nbformat.read(REPO / "notebooks" / "load_and_generate.ipynb", as_version=4)
+    nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO)}}).execute()
+    text = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", []))
+    data = [o.get("data", {}) for c in notebook.cells for o in c.get("outputs", [])]
+    assert "step 6, device" in text and "eval mode: True" in text
+    assert "loaded 29 tensors by name" in text
+    assert "GENERATED: " in text and "def main(" in text.split("GENERATED: ")[1]
+    assert any("image/png" in d for d in data)
+    assert any("accel_moe" in d.get("text/plain", "") for d in data)  # the config is displayed
+    assert (tmp_path / "metrics.png").exists()
+
+
+def test_plot_command_writes_png(tmp_path):
+    import subprocess
+    import sys
+
+    pytest.importorskip("matplotlib")
+    launch([*TINY, "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path)])
+    proc = subprocess.run([sys.executable, "-m", "accel_trainer.cli", "plot", str(tmp_path), "--out",
+                           str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = subprocess.run([sys.executable, "-m", "accel_trainer.cli", "plot", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_run_continues_the_same_tensorboard_run(tmp_path):
+    """Crash after step 6 with the last checkpoint at 4: the resumed run logs into the same folder and
+    steps 5-6 are replaced, not duplicated."""
+    import json
+    import shutil
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = [*TINY, "--max_steps", "6", "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
+            "--report_to", "tensorboard", "--run_name", "exp1", "--output_dir", str(tmp_path)]
+    launch(args)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-6")
+    (tmp_path / "checkpoints" / "latest").write_text("step-4\n")
+    launch([*args[:-4], "--run_name", "other", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    state = json.loads((tmp_path / "checkpoints" / "step-6" / "trainer_state.json").read_text())
+    assert state["trackers"]["run_name"] == "exp1"
+    runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "checkpoints"]
+    assert [p.name for p in runs] == ["exp1"]
+    assert len(list((tmp_path / "exp1").glob("events.out.tfevents.*"))) == 2
+    events = EventAccumulator(str(tmp_path / "exp1"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
