@@ -95,6 +95,7 @@ class Trainer:
         self.interrupted_by: str | None = None
         self._ema = None            # device tensor; TrainState.ema_loss is its host copy
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
+        self._step_tokens = 0       # local tokens of the step in flight, counted once it completes
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
 
@@ -258,7 +259,8 @@ class Trainer:
                 state.best_val_loss, state.best_val_step = metrics["val_loss"], step
                 reasons.append("best")
         if metrics:
-            metrics.setdefault("tokens_seen", self.sync_tokens())
+            if "tokens_seen" not in metrics:  # not setdefault: its argument would all-reduce every time
+                metrics["tokens_seen"] = self.sync_tokens()
             state.last_metrics = {"step": step, **metrics}
             self.metrics.log(metrics, step=step)
         if args.save_steps and step % args.save_steps == 0:
