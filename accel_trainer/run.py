@@ -57,7 +57,6 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
 def exit_code_of(job) -> int:
     """Run ``job``; turn bad input (flags, checkpoints) into one line on stderr and exit status 2,
     and a stop signal into 128 + signal number after its emergency checkpoint."""
-    import signal
     import sys
 
     from accelerate import PartialState

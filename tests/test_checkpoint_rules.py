@@ -1,6 +1,5 @@
 """Level 1: the rules, on small hand-made folders (no training)."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest

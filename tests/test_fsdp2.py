@@ -15,7 +15,7 @@ import torch
 
 from accel_trainer import load_model_for_inference
 from accel_trainer.checkpoint.weights import read_weights
-from conftest import REPO, TINY, free_port, launch
+from conftest import REPO, TINY, free_port
 
 pytestmark = pytest.mark.slow
 WORKER = REPO / "tests" / "fsdp2_muon_worker.py"

@@ -1,6 +1,5 @@
 """notebooks/load_and_generate.ipynb runs end to end against a checkpoint this test makes."""
 
-import os
 
 import pytest
 

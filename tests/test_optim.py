@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from accel_trainer.models import MoEConfig, MoEForCausalLM
-from accel_trainer.optim import (Muon, OptimizersContainer, OptimizerSettings, SchedulersContainer,
+from accel_trainer.optim import (Muon, OptimizerSettings, SchedulersContainer,
                                  build_optimizers, lr_multiplier, split_parameters)
 
 

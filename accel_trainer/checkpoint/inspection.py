@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from .io import CheckpointError, read_json
-from .layout import STEP_RE, checkpoints_dir, list_checkpoints, read_pointer
-from .manifest import COMPLETE, MANIFEST, read_manifest
+from .layout import STEP_RE, checkpoints_dir, read_pointer
+from .manifest import COMPLETE, read_manifest
 
 
 def safetensors_header(path: Path) -> dict:

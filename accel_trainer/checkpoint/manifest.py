@@ -6,7 +6,6 @@ names what each one holds, so a checkpoint describes itself and a damaged file i
 
 from __future__ import annotations
 
-import os
 import platform
 import time
 from pathlib import Path
