@@ -98,7 +98,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint.layout import checkpoints_dir
+    from .checkpoint.layout import checkpoints_dir, step_folders
     from .checkpoint.manifest import COMPLETE, verify
 
     path = Path(args.path)
@@ -108,8 +108,7 @@ def cmd_verify(args) -> int:
         folders = [path]
     else:
         root = checkpoints_dir(path) if (path / "checkpoints").is_dir() else path
-        folders = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")),
-                         key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+        folders = [folder for _, folder in step_folders(root)]
         if not folders:
             raise SystemExit(f"accel-trainer verify: no step-N checkpoints under {root}")
     bad = 0
@@ -167,26 +166,23 @@ def cmd_export(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint.layout import (POINTERS, STEP_RE, checkpoints_dir, list_checkpoints, read_pointer,
-                                    remove_stale_temporaries, select_for_deletion, apply_retention)
+    from .checkpoint.layout import (TMP_PREFIX, apply_retention, checkpoints_dir, list_checkpoints, plan_retention,
+                                    remove_stale_temporaries)
 
     root = checkpoints_dir(args.output_dir)
     if not root.is_dir():
         raise SystemExit(f"accel-trainer prune: {args.output_dir}: no checkpoints/ folder")
-    found = dict(list_checkpoints(root))
-    protected = {int(STEP_RE.match(p.name).group(1)) for p in (read_pointer(root, n) for n in POINTERS) if p}
-    doomed = select_for_deletion(list(found), keep_last=args.keep, protected=protected,
-                                 keep_every_n_steps=args.keep_every_n_steps)
-    temporaries = [p for p in root.iterdir() if p.name.startswith(".tmp-")]
+    rule = dict(keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
+    doomed = plan_retention(root, **rule)
     verb = "would delete" if args.dry_run else "deleting"
-    for step in doomed:
-        print(f"{verb} {found[step]}")
-    for tmp in temporaries:
+    for folder in doomed:
+        print(f"{verb} {folder}")
+    for tmp in (p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)):
         print(f"{verb} {tmp} (left by a crashed save)")
-    kept = sorted(set(found) - set(doomed))
-    print(f"{'would keep' if args.dry_run else 'kept'}: {', '.join(f'step-{s}' for s in kept) or 'nothing'}")
+    kept = [folder.name for _, folder in list_checkpoints(root) if folder not in doomed]
+    print(f"{'would keep' if args.dry_run else 'kept'}: {', '.join(kept) or 'nothing'}")
     if not args.dry_run:
-        apply_retention(root, keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
+        apply_retention(root, **rule)
         remove_stale_temporaries(root)
     return 0
 
@@ -219,9 +215,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_params(args) -> int:
-    import torch
-
-    from .models import MoEConfig, MoEForCausalLM, count_parameters
+    from .models import MoEConfig, parameter_counts
 
     path = Path(args.config)
     if path.is_dir():
@@ -229,11 +223,10 @@ def cmd_params(args) -> int:
     if not path.is_file():
         raise SystemExit(f"accel-trainer params: no config.json at {args.config}")
     try:
-        config = MoEConfig(**{k: v for k, v in json.loads(path.read_text()).items() if k != "model_type"})
+        config = MoEConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as err:
         raise SystemExit(f"accel-trainer params: {path}: not a valid model config ({err})")
-    with torch.device("meta"):
-        counts = count_parameters(MoEForCausalLM(config), config)
+    counts = parameter_counts(config)
     print(json.dumps(counts) if args.json else
           f"total {counts['total']:,}  active {counts['active']:,}  routed experts {counts['experts']:,}")
     return 0

@@ -272,6 +272,13 @@ class Trainer:
         if reasons:
             self.checkpointer.save(reasons)
 
+    def sync_state(self) -> TrainState:
+        """Bring ``self.state`` up to date for a checkpoint: tokens summed over ranks (a collective
+        call) and the EMA copied from its device tensor."""
+        self.sync_tokens()
+        self.state.ema_loss = None if self._ema is None else float(self._ema.item())
+        return self.state
+
     def restore_ema(self) -> None:
         ema = self.state.ema_loss
         self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float32, device=self.accelerator.device)

@@ -11,10 +11,9 @@ import math
 import struct
 from pathlib import Path
 
-import torch
 
 from .io import CheckpointError, read_json
-from .layout import STEP_RE, checkpoints_dir, read_pointer
+from .layout import checkpoints_dir, read_pointer, step_folders
 from .manifest import COMPLETE, read_manifest
 
 
@@ -38,12 +37,12 @@ def list_run(output_dir: str | Path) -> list[dict]:
         raise CheckpointError(f"{output_dir}: no checkpoints/ folder (is this a run's output dir?)")
     pointers = {name: read_pointer(root, name) for name in ("latest", "best")}
     rows = []
-    for child in sorted((p for p in root.iterdir() if STEP_RE.match(p.name)), key=lambda p: int(p.name[5:])):
+    for step, child in step_folders(root):
         complete = (child / COMPLETE).exists()
         state = read_json(child / "trainer_state.json") if (child / "trainer_state.json").exists() else {}
         metrics = state.get("last_metrics") or {}
         rows.append({
-            "name": child.name, "step": int(child.name[5:]), "complete": complete,
+            "name": child.name, "step": step, "complete": complete,
             "epoch": state.get("epoch"), "tokens_seen": state.get("tokens_seen"),
             "val_loss": metrics.get("val_loss"), "best_val_loss": state.get("best_val_loss"),
             "size_bytes": folder_size(child),
@@ -72,15 +71,13 @@ def _optimizer_summary(folder: Path) -> list[dict]:
 
 def inspect(folder: str | Path) -> dict:
     """Everything a checkpoint says about itself, as one JSON-able dict."""
-    from ..models import MoEConfig, MoEForCausalLM, count_parameters
+    from ..models import MoEConfig, parameter_counts
 
     folder = Path(folder)
     manifest = read_manifest(folder)
     state = read_json(folder / "trainer_state.json")
     config = read_json(folder / "config.json")
-    with torch.device("meta"):
-        model_config = MoEConfig(**{k: v for k, v in config.items() if k != "model_type"})
-        counts = count_parameters(MoEForCausalLM(model_config), model_config)
+    counts = parameter_counts(MoEConfig.from_dict(config))
     schedulers = read_json(folder / "schedulers.json") if (folder / "schedulers.json").exists() else {}
     return {
         "path": str(folder), "format_version": manifest["format_version"], "step": state["global_step"],

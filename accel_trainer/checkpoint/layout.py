@@ -31,16 +31,18 @@ def step_dir_name(step: int) -> str:
     return f"step-{step}"
 
 
+def step_folders(root: str | Path) -> list[tuple[int, Path]]:
+    """Every ``step-N`` folder under a ``checkpoints/`` folder, complete or not, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), child) for child in root.iterdir()
+                  if (m := STEP_RE.match(child.name)) and child.is_dir())
+
+
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (those with a COMPLETE marker) under a ``checkpoints/`` folder, oldest first."""
-    root = Path(root)
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            match = STEP_RE.match(child.name)
-            if match and child.is_dir() and (child / COMPLETE).exists():
-                found.append((int(match.group(1)), child))
-    return sorted(found)
+    return [(step, folder) for step, folder in step_folders(root) if (folder / COMPLETE).exists()]
 
 
 def read_pointer(root: Path, name: str) -> Path | None:
@@ -181,18 +183,24 @@ def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]
     return removed
 
 
-def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
-    """Delete what :func:`select_for_deletion` picks; never the ``latest`` or ``best`` target."""
+def plan_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
+    """The checkpoints :func:`select_for_deletion` picks on disk; never the ``latest`` or ``best`` target."""
     found = dict(list_checkpoints(root))
     protected = {int(STEP_RE.match(p.name).group(1)) for p in (read_pointer(root, n) for n in POINTERS) if p}
     doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
                                  keep_every_n_steps=keep_every_n_steps)
-    for step in doomed:
-        # Rename first so a half-deleted folder never looks like a checkpoint, then delete.
-        trash = root / f"{TMP_PREFIX}delete-{found[step].name}"
-        found[step].rename(trash)
-        shutil.rmtree(trash)
     return [found[s] for s in doomed]
+
+
+def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
+    """Delete what :func:`plan_retention` picks."""
+    doomed = plan_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps)
+    for folder in doomed:
+        # Rename first so a half-deleted folder never looks like a checkpoint, then delete.
+        trash = root / f"{TMP_PREFIX}delete-{folder.name}"
+        folder.rename(trash)
+        shutil.rmtree(trash)
+    return doomed
 
 
 def ensure_dir(path: Path) -> Path:

@@ -52,6 +52,11 @@ def write_file(file: SafetensorsFile, path: Path) -> None:
     file.write(path, fsync=False)
 
 
+def not_saved(step: int, err: OSError, where: Path) -> str:
+    """One line for a save that an OS error stopped (ENOSPC, permissions, ...)."""
+    return f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or where})"
+
+
 def rng_file(rank: int) -> str:
     return f"rng_state_{rank}.pt"
 
@@ -71,16 +76,17 @@ class StagingBuffers:
     """
 
     def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple[str, str], torch.Tensor] = {}
 
-    def stage(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def stage(self, file_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Copies of ``tensors`` (one file's worth) in this file's buffers."""
         staged = {}
         for name, src in tensors.items():
             src = src.detach()
-            buf = self.buffers.get(name)
+            buf = self.buffers.get((file_name, name))
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                 buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-                self.buffers[name] = buf
+                self.buffers[(file_name, name)] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
             staged[name] = buf
         if torch.cuda.is_available():
@@ -137,8 +143,7 @@ class Checkpointer:
         acc, trainer = self.accelerator, self.trainer
         self.wait()
         step = trainer.state.global_step
-        trainer.sync_tokens()
-        trainer.state.ema_loss = None if trainer._ema is None else float(trainer._ema.item())
+        trainer.sync_state()
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         problem = None
@@ -150,7 +155,7 @@ class Checkpointer:
                 if problem is None:
                     tmp.mkdir()
             except OSError as err:
-                problem = f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or self.root})"
+                problem = not_saved(step, err, self.root)
         problem = self._agree([problem])
         if problem:
             return self._skipped(problem, tmp)
@@ -165,13 +170,13 @@ class Checkpointer:
                 optimizer_files.write_description(tmp, description)
                 big = {MODEL_WEIGHTS: self._model_tensors, optimizer_files.TENSORS: opt_tensors}
                 if self.async_save and not wait:
-                    big = {name: self._stage(name, t) for name, t in big.items()}
+                    big = {name: self._staging.stage(name, t) for name, t in big.items()}
             # Each rank makes its own files durable (on node-local disks this is the only fsync they get).
             for name in (rng_file(acc.process_index), f"random_states_{acc.process_index}.pkl"):
                 if (tmp / name).exists():
                     fsync_file(tmp / name)
         except OSError as err:
-            problems = [f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or tmp})"]
+            problems = [not_saved(step, err, tmp)]
         finally:
             self._model_tensors = None
         problem = self._agree(problems)
@@ -182,7 +187,7 @@ class Checkpointer:
                 try:
                     self._finish(tmp, final, step, reasons, big)
                 except OSError as err:
-                    problem = f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or tmp})"
+                    problem = not_saved(step, err, tmp)
         if not self.async_save or wait:
             problem = self._agree([problem])
         if problem:
@@ -220,10 +225,6 @@ class Checkpointer:
         warnings.warn(f"{problem}; training continues, the previous checkpoints are intact", stacklevel=3)
         self.accelerator.print(f"WARNING: {problem}; training continues, the previous checkpoints are intact")
         return None
-
-    def _stage(self, file_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        staged = self._staging.stage({f"{file_name}/{k}": v for k, v in tensors.items()})
-        return {k.split("/", 1)[1]: v for k, v in staged.items()}
 
     def _finish(self, tmp: Path, final: Path, step: int, reasons: list[str], big: dict) -> None:
         """Write the big files, then manifest, marker, rename and pointers (main process; maybe a thread)."""
@@ -382,8 +383,8 @@ class Checkpointer:
 
         own = model.state_dict()
         with safe_open(path, framework="pt", device="cpu") as f:
-            saved = {k: k for k in f.keys()}
-            if set(saved) != set(own):
+            saved = set(f.keys())
+            if saved != set(own):
                 missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
                 raise CheckpointError(f"{path}: weights differ from the model (missing {missing[:5]}, "
                                       f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")

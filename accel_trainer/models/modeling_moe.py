@@ -223,3 +223,9 @@ def count_parameters(model: nn.Module, config: MoEConfig) -> dict[str, int]:
                   for p in (m.gate_proj, m.up_proj, m.down_proj))
     inactive = experts * (config.num_experts - config.num_experts_per_tok) // config.num_experts
     return {"total": total, "active": total - inactive, "experts": experts}
+
+
+def parameter_counts(config: MoEConfig) -> dict[str, int]:
+    """:func:`count_parameters` of the model ``config`` describes, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return count_parameters(MoEForCausalLM(config), config)
