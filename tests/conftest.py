@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check: bool = True,
-           env: dict | None = None, config_file: str | None = None) -> subprocess.CompletedProcess:
-    """Run the recipe in fresh processes.
+           env: dict | None = None, config_file: str | None = None,
+           script: Path = RECIPE) -> subprocess.CompletedProcess:
+    """Run the recipe (or another ``script``) in fresh processes.
 
     Two or more processes go through `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (gloo),
     as documented; with ``config_file`` through `accelerate launch --config_file`; one process runs
@@ -49,7 +50,7 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check:
                             "--main_process_port", str(free_port()), "--num_machines", "1",
                             "--mixed_precision", "no", "--dynamo_backend", "no"]
         full_env["ACCELERATE_USE_CPU"] = "1"
-    proc = subprocess.run(cmd + [str(RECIPE), *args], capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(cmd + [str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
