@@ -70,14 +70,15 @@ def exit_code_of(job) -> int:
     except (ConfigError, CheckpointError) as err:
         if PartialState().is_main_process:
             print(f"error: {err}", file=sys.stderr)
-        return 2
-    code = 128 + trainer.stop.signum if trainer.interrupted_by and trainer.stop.signum else 0
-    del trainer
-    _free_process_groups()
+        code = 2
+    else:
+        code = 128 + trainer.stop.signum if trainer.interrupted_by and trainer.stop.signum else 0
+        del trainer
+    _free_process_groups(PartialState())
     return code
 
 
-def _free_process_groups() -> None:
+def _free_process_groups(state) -> None:
     """Let the process groups die now, while Python is fully alive, not during interpreter shutdown.
 
     ``destroy_process_group`` (Accelerate's ``end_training``) only unregisters a group: the DDP
@@ -85,7 +86,8 @@ def _free_process_groups() -> None:
     its gloo worker threads alive. Left to shutdown, a worker thread that frees the last collective's
     tensors needs the GIL after finalisation began, and the process aborts ("terminate called without
     an active exception", exit -6) after a run that finished: about 1 two-process launch in 15 here.
-    Collecting the cycles drops the last reference; the group's destructor joins its threads.
-    Only on a clean end: after an error a peer may still sit in a collective, and joining would hang.
+    Collecting the cycles drops the last reference; the group's destructor joins its (idle) threads.
+    An unexpected exception skips this: its traceback holds the trainer, and the run fails anyway.
     """
+    state.destroy_process_group()  # a no-op after end_training; needed when an error came before it
     gc.collect()
