@@ -4,7 +4,7 @@
     accel-trainer inspect <ckpt> [--json]              what is inside one checkpoint
     accel-trainer verify  <ckpt|output_dir>            completeness + checksums; exit 0 only if valid
     accel-trainer diff    <ckptA> <ckptB> [--top N]    config, architecture and weight changes
-    accel-trainer export  <ckpt> <out_dir> [--dtype bf16]   Hugging Face model folder (weights only)
+    accel-trainer export  <ckpt> <out_dir> [--dtype bf16] [--format qwen2_moe|accel_moe]   HF model folder
     accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
     accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
     accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
@@ -151,17 +151,18 @@ def cmd_export(args) -> int:
     import torch
 
     from .checkpoint.inference import load_model_for_inference
+    from .export import export_model
 
+    out = Path(args.out_dir)
+    if out.exists() and any(out.iterdir()):  # checked before the (possibly long) load
+        raise SystemExit(f"accel-trainer export: {out} exists and is not empty; choose a new folder")
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model, config, step = load_model_for_inference(_checkpoint(args.checkpoint), device="cpu",
                                                    dtype=dtypes[args.dtype])
-    out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"accel-trainer export: {out} exists and is not empty; choose a new folder")
-    model.save_pretrained(out)
-    print(f"exported step {step} ({args.dtype}) to {out}: "
-          f"{', '.join(sorted(p.name for p in out.iterdir()))}")
-    print(f"load with: import accel_trainer; AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    files = export_model(model, out, args.format)
+    print(f"exported step {step} ({args.format}, {args.dtype}) to {out}: {', '.join(files)}")
+    hint = "" if args.format == "qwen2_moe" else "import accel_trainer; "
+    print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--format", choices=["qwen2_moe", "accel_moe"], default="qwen2_moe",
+                   help="qwen2_moe: the stock transformers architecture, same outputs, loads without this "
+                        "package; accel_moe: our own class (needs `import accel_trainer`)")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("prune", help="apply the retention rules by hand")
     p.add_argument("output_dir")

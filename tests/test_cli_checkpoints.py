@@ -74,9 +74,39 @@ def test_diff_reports_weight_changes(run):
     assert all(c["change_norm"] > 0 for c in result["tensor_changes"])
 
 
-def test_export_loads_with_auto_model(run, tmp_path):
+HF_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)
+assert "accel_trainer" not in sys.modules
+ids = torch.arange(40).reshape(2, 20) % model.config.vocab_size
+print(type(model).__name__, {k: sorted(v) for k, v in info.items() if v})
+torch.save(model(ids).logits.detach(), sys.argv[2])
+"""
+
+
+def test_export_loads_in_plain_transformers_with_the_same_outputs(run, tmp_path):
+    """The default export is stock Qwen2-MoE: a fresh Python without this package loads it, same logits."""
     out = tmp_path / "hf"
-    cli("export", run, out, "--dtype", "bf16")
+    printed = cli("export", run, out).stdout
+    assert "qwen2_moe" in printed and "import accel_trainer" not in printed
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    proc = subprocess.run([sys.executable, "-c", HF_LOAD, str(out), str(tmp_path / "logits.pt")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "Qwen2MoeForCausalLM {}"  # nothing missing/unexpected
+    from accel_trainer import load_model_for_inference
+
+    ours, _, _ = load_model_for_inference(run, device="cpu")
+    ids = torch.arange(40).reshape(2, 20) % ours.config.vocab_size
+    theirs = torch.load(tmp_path / "logits.pt", weights_only=True)
+    torch.testing.assert_close(theirs, ours(ids).logits.detach(), rtol=1e-4, atol=1e-4)
+    assert cli("export", run, out, check=False).returncode != 0  # never overwrites
+
+
+def test_export_in_our_own_format_is_the_exact_weights(run, tmp_path):
+    out = tmp_path / "native"
+    cli("export", run, out, "--format", "accel_moe", "--dtype", "bf16")
     import accel_trainer  # noqa: F401  (registers the model type with the Auto classes)
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +117,6 @@ def test_export_loads_with_auto_model(run, tmp_path):
     original, _, _ = load_model_for_inference(run, device="cpu", dtype=torch.bfloat16)
     for k, v in original.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
-    assert cli("export", run, out, check=False).returncode != 0  # never overwrites
 
 
 def test_prune_dry_run_then_for_real(run, tmp_path):
