@@ -12,14 +12,16 @@ Two formats:
 
 Why the mapping is exact: Qwen2-MoE has the same pre-norm blocks (RMSNorm, RoPE with rotate-half,
 grouped-query SDPA attention, softmax top-k router with optional renormalisation, SwiGLU experts and
-a shared SwiGLU expert). It differs in two switches we turn off (``qkv_bias=False``, no sliding
-window) and in one gate: its shared expert's output is scaled by ``sigmoid(x @ w)``. With ``w = 0``
-that factor is exactly 0.5, so the shared expert's ``down_proj`` is exported doubled (a power of two:
-exact in every float format).
+a shared SwiGLU expert). It differs in three places, each exported as an exact
+identity: q/k/v projections with biases (exported as zeros; ``qkv_bias`` stays on because older
+``transformers`` and serving stacks hard-code those biases), a sliding-window switch (off), and a gate
+on the shared expert, ``sigmoid(x @ w)``: with ``w = 0`` that factor is exactly 0.5, so the shared
+expert's ``down_proj`` is exported doubled (a power of two: exact in every float format).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ def qwen2_moe_config(config: MoEConfig, dtype: torch.dtype):
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
         tie_word_embeddings=config.tie_word_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        use_sliding_window=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=False,
+        use_sliding_window=False, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True,
         moe_intermediate_size=config.moe_intermediate_size, num_experts=config.num_experts,
         num_experts_per_tok=config.num_experts_per_tok, norm_topk_prob=config.norm_topk_prob,
         shared_expert_intermediate_size=config.shared_expert_intermediate_size,
@@ -62,6 +64,8 @@ def qwen2_moe_tensors(state: dict[str, torch.Tensor], config: MoEConfig) -> dict
             continue  # tied: Qwen2-MoE reads it from the embedding, as we do
         if ".mlp." not in name:  # embeddings, attention, norms, head: the same names
             out[name] = tensor
+            if prefix.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")):
+                out[f"{prefix}.bias"] = tensor.new_zeros(tensor.shape[0])
         elif prefix.endswith(".mlp") and leaf in ("gate_proj", "up_proj", "down_proj"):  # stacked experts
             for e in range(tensor.shape[0]):
                 out[f"{prefix}.experts.{e}.{leaf}.weight"] = tensor[e]
@@ -129,6 +133,9 @@ def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int 
         model.save_pretrained(out, max_shard_size=max_shard_bytes)
     else:
         qwen2_moe_config(model.config, dtype).save_pretrained(out)
+        meta = json.loads((out / "config.json").read_text())
+        meta["rope_theta"] = model.config.rope_theta  # where transformers 4.x and most serving stacks read it
+        write_json(out / "config.json", meta)
         write_hf_weights(out, qwen2_moe_tensors(model.state_dict(), model.config), max_shard_bytes)
     fsync_tree(out)
     return sorted(p.name for p in out.iterdir())

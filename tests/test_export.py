@@ -21,6 +21,7 @@ def test_qwen2_moe_export_computes_the_same_function(tmp_path, shared, tied, nor
     index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {f for f in files if f.startswith("model-")} and len(files) > 3
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in index["weight_map"]  # the published layout
+    assert "model.layers.0.self_attn.q_proj.bias" in index["weight_map"]  # zeros, for readers that expect them
 
     theirs, info = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert type(theirs).__name__ == "Qwen2MoeForCausalLM"
