@@ -64,3 +64,24 @@ def test_resumed_run_continues_the_same_tensorboard_run(tmp_path):
     events = EventAccumulator(str(tmp_path / "exp1"))
     events.Reload()
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """W&B (offline, as CI has no network): the run id is saved in the checkpoint and a resumed run
+    re-opens that same run."""
+    import json
+
+    pytest.importorskip("wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wb"), "WANDB_SILENT": "true",
+           "WANDB_ERROR_REPORTING": "false"}
+    (tmp_path / "wb").mkdir()
+    args = [*TINY, "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1", "--report_to", "wandb",
+            "--output_dir", str(tmp_path / "run")]
+    launch([*args, "--max_steps", "4"], env=env)
+    launch([*args, "--max_steps", "6", "--resume_from_checkpoint", "latest"], env=env)
+    saved = [json.loads((tmp_path / "run" / "checkpoints" / f"step-{s}" / "trainer_state.json").read_text())
+             for s in (4, 6)]
+    run_id = saved[0]["trackers"]["wandb_run_id"]
+    assert run_id and saved[1]["trackers"]["wandb_run_id"] == run_id
+    runs = sorted(p.name for p in (tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs), runs
