@@ -39,8 +39,8 @@ def qwen2_moe_config(config: MoEConfig, dtype: torch.dtype):
     from transformers import Qwen2MoeConfig
 
     return Qwen2MoeConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-        intermediate_size=max(config.shared_expert_intermediate_size, config.moe_intermediate_size),  # unused: every layer is MoE
+        # intermediate_size sizes Qwen2-MoE's dense layers; with decoder_sparse_step=1 there are none.
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.moe_intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
