@@ -151,11 +151,13 @@ def cmd_export(args) -> int:
     import torch
 
     from .checkpoint.inference import load_model_for_inference
-    from .export import export_model
+    from .export import ensure_new_folder, export_model
 
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()):  # checked before the (possibly long) load
-        raise SystemExit(f"accel-trainer export: {out} exists and is not empty; choose a new folder")
+    try:
+        ensure_new_folder(out)  # before the (possibly long) load
+    except FileExistsError as err:
+        raise SystemExit(f"accel-trainer export: {err}") from None
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     model, config, step = load_model_for_inference(_checkpoint(args.checkpoint), device="cpu",
                                                    dtype=dtypes[args.dtype])

@@ -116,6 +116,12 @@ def write_hf_weights(out: Path, tensors: dict[str, torch.Tensor], max_bytes: int
     return names
 
 
+def ensure_new_folder(out: Path) -> None:
+    """An export never overwrites: ``out`` must not exist or be empty (raises FileExistsError)."""
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+
+
 def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int = SHARD_BYTES) -> list[str]:
     """Write ``model`` (an ``MoEForCausalLM``, already in the wanted dtype) to the new folder ``out``.
 
@@ -125,8 +131,7 @@ def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int 
     """
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r}: unknown; choose one of {', '.join(FORMATS)}")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
+    ensure_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     if fmt == "accel_moe":
