@@ -13,5 +13,8 @@ from recipes.moe18b import main  # noqa: E402
 
 code = main(sys.argv[1:])
 threads = sorted(Path(f"/proc/self/task/{t}/comm").read_text().strip() for t in os.listdir("/proc/self/task"))
-print(f"rank {os.environ.get('RANK', '?')} exit {code} threads {threads}", flush=True)
+# One write per line: two ranks share the pipe, and a print's separate newline can land after the
+# other rank's text.
+sys.stdout.write(f"rank {os.environ.get('RANK', '?')} exit {code} threads {threads}\n")
+sys.stdout.flush()
 sys.exit(code)
