@@ -30,9 +30,9 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _checkpoint(path: str, checksums=False) -> Path:
-    from .checkpoint.layout import resolve_path
-    from .checkpoint.manifest import COMPLETE
+    from .checkpoint.format import COMPLETE
     from .checkpoint.io import CheckpointError
+    from .checkpoint.layout import resolve_path
 
     found = resolve_path(path, flag=path, checksums=checksums).path
     if not (found / COMPLETE).exists():
@@ -52,15 +52,31 @@ def cmd_list(args) -> int:
         return 0
     print(f"{'checkpoint':<14}{'epoch':>6}{'tokens':>14}{'val_loss':>10}{'size':>11}  tags")
     for r in rows:
-        val = "" if r["val_loss"] is None else f"{r['val_loss']:.4f}"
+        m = r["metrics"]
+        val = "" if m.get("val_loss") is None else f"{m['val_loss']:.4f}"
         tags = ", ".join(r["tags"]) + ("" if r["complete"] else " INCOMPLETE")
-        print(f"{r['name']:<14}{_cell(r['epoch']):>6}{_cell(r['tokens_seen'], ','):>14}{val:>10}"
+        if r["problem"]:
+            tags += f" UNREADABLE ({r['problem']})"
+        print(f"{r['name']:<14}{_cell(r['epoch']):>6}{_cell(m.get('tokens_seen'), ','):>14}{val:>10}"
               f"{_fmt_bytes(r['size_bytes']):>11}  {tags.strip()}")
     return 0
 
 
 def _cell(value, fmt: str = "") -> str:
     return "" if value is None else format(value, fmt)
+
+
+def _parameter_line(info: dict) -> str:
+    """Total (and, for our MoE models, active per token) parameters."""
+    config = info["model_config"] or {}
+    if config.get("model_type") == "accel_moe":
+        from .models import MoEConfig, parameter_counts
+
+        counts = parameter_counts(MoEConfig.from_dict(config))
+        return f"accel_moe: {counts['total']:,} parameters ({counts['active']:,} active per token)"
+    if info["parameters"] is None:
+        return f"{config.get('model_type', 'unknown')}: sharded weights (count them with accel-trainer params)"
+    return f"{config.get('model_type', 'unknown')}: {info['parameters']['total']:,} parameters"
 
 
 def cmd_inspect(args) -> int:
@@ -70,19 +86,20 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    env, params = info["environment"], info["parameters"]
+    env, metrics, position = info["environment"], info["metrics"], info["data_position"] or {}
+    trainer = info["states"].get("trainer_state") or {}
     print(f"checkpoint   {info['path']}  (format {info['format_version']}, saved because: "
           f"{', '.join(info['saved_because'])})")
-    print(f"progress     step {info['step']}, epoch {info['epoch']} (+{info['samples_in_epoch']} samples), "
-          f"{info['tokens_seen']:,} tokens")
-    print(f"losses       ema {_cell(info['ema_loss'], '.4f')}, best val {_cell(info['best_val_loss'], '.4f')} "
-          f"at step {_cell(info['best_val_step'])}")
-    print(f"metrics      {json.dumps(info['metrics'])}")
-    print(f"model        {info['model_config'].get('model_type')}: {params['total']:,} parameters "
-          f"({params['active']:,} active per token)")
-    print(f"saved on     {env['world_size']} process(es), {env['distributed_type']}, mixed precision "
-          f"{env['mixed_precision']}, {env['device_type']}; torch {env['torch']}, accelerate {env['accelerate']}, "
-          f"accel_trainer {env['accel_trainer']}")
+    print(f"progress     step {info['step']}, epoch {_cell(position.get('epoch'))} "
+          f"(+{_cell(position.get('samples_in_epoch'))} samples), {_cell(metrics.get('tokens_seen'), ',')} tokens")
+    best = info["best"] or {}
+    print(f"losses       ema {_cell(trainer.get('ema_loss'), '.4f')}, best {best.get('metric', 'val_loss')} "
+          f"{_cell(best.get('value'), '.4f')} at step {_cell(best.get('step'))}")
+    print(f"metrics      {json.dumps(metrics)}")
+    print(f"model        {_parameter_line(info)}")
+    print(f"saved on     {env.get('world_size')} process(es), {env.get('distributed_type')}, mixed precision "
+          f"{env.get('mixed_precision')}, {env.get('device_type')}; torch {env.get('torch')}, "
+          f"accelerate {env.get('accelerate')}, accel_trainer {env.get('accel_trainer')}")
     for opt in info["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in opt["hyperparameters"].items() if k in ("lr", "initial_lr",
                                                                                         "weight_decay", "betas", "momentum"))
@@ -98,13 +115,14 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
+    from .checkpoint.format import COMPLETE, STEP_RE
     from .checkpoint.layout import checkpoints_dir, step_folders
-    from .checkpoint.manifest import COMPLETE, verify
+    from .checkpoint.manifest import verify
 
     path = Path(args.path)
     if not path.exists():
         raise SystemExit(f"accel-trainer verify: {path} does not exist")
-    if (path / COMPLETE).exists() or path.name.startswith("step-"):
+    if (path / COMPLETE).exists() or STEP_RE.match(path.name):
         folders = [path]
     else:
         root = checkpoints_dir(path) if (path / "checkpoints").is_dir() else path
@@ -169,7 +187,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint.layout import (TMP_PREFIX, apply_retention, checkpoints_dir, list_checkpoints, plan_retention,
+    from .checkpoint.format import TMP_PREFIX
+    from .checkpoint.layout import (apply_retention, checkpoints_dir, list_checkpoints, plan_retention,
                                     remove_stale_temporaries)
 
     root = checkpoints_dir(args.output_dir)
@@ -218,13 +237,14 @@ def cmd_env(args) -> int:
 
 
 def cmd_params(args) -> int:
+    from .checkpoint.format import MODEL_CONFIG
     from .models import MoEConfig, parameter_counts
 
     path = Path(args.config)
     if path.is_dir():
-        path = path / "config.json"
+        path = path / MODEL_CONFIG
     if not path.is_file():
-        raise SystemExit(f"accel-trainer params: no config.json at {args.config}")
+        raise SystemExit(f"accel-trainer params: no {MODEL_CONFIG} at {args.config}")
     try:
         config = MoEConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as err:

@@ -2,7 +2,7 @@
 
 The order of the training blocks in epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, so
 the global sample position ``(epoch, samples consumed in that epoch)`` identifies the next batch on
-any number of processes; the trainer resumes there with ``accelerator.skip_first_batches``.
+any number of processes; the checkpoint's :class:`~accel_trainer.checkpoint.ResumableLoader` resumes there.
 """
 
 from __future__ import annotations
@@ -137,16 +137,6 @@ def build_datasets(args: DataArguments, seed: int) -> TextData:
     n_val = max(1, round(len(packed) * args.validation_split_percentage / 100))
     split = packed.train_test_split(test_size=n_val, seed=seed, shuffle=True)
     return TextData(split["train"].with_format("torch"), split["test"].with_format("torch"), tokenizer)
-
-
-def position_to_skip(samples_in_epoch: int, per_device_batch: int, world_size: int) -> tuple[int, int]:
-    """Per-process batches to skip to reach a global sample position, and the samples left over.
-
-    Accelerate gives process ``r`` batches ``r, r + W, r + 2W, ...`` of the epoch order, so after ``s``
-    batches per process exactly ``s * W * B`` samples of the order are consumed, on any world size.
-    A leftover (position not a multiple of the new ``W * B``) is re-read: a partial batch cannot be skipped.
-    """
-    return divmod(samples_in_epoch, per_device_batch * world_size)
 
 
 class EpochShuffleSampler(Sampler[int]):

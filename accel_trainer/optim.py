@@ -6,20 +6,20 @@
 * :class:`OptimizersContainer` makes the named optimizers look like one ``torch.optim.Optimizer``:
   ``accelerator.prepare`` wraps it once, so the fp16 grad scaler unscales, checks and updates once
   per step however many optimizers there are, and its ``state_dict`` is keyed by name.
-* LR schedules are pure functions of the step (warmup + cosine, or warmup-stable-decay), wrapped in
-  one ``LambdaLR`` per optimizer and held by :class:`SchedulersContainer`.
+* LR schedules are pure functions of the step (warmup + cosine, or warmup-stable-decay): the LR of a
+  step is ``initial_lr * lr_multiplier(step)``, so there is no scheduler state to save, and a resume
+  with another peak LR or length simply follows the new values.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import ChainMap
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.lr_scheduler import LambdaLR
 
 # torch.optim.Muon's Newton-Schulz coefficients (Keller Jordan's quintic iteration).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -162,32 +162,34 @@ class OptimizersContainer(Optimizer):
     """
 
     def __init__(self, optimizers: dict[str, Optimizer]):
-        # Optimizer.__init__ is not called on purpose: the children own the parameters and state.
         self.optimizers = dict(optimizers)
-        self.defaults = {}
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers.values() for g in opt.param_groups]
-
-    @property
-    def state(self) -> dict:
-        merged = {}
+        # Optimizer.__init__ sets up what Accelerate and torch.distributed.checkpoint expect of an
+        # optimizer (hook registries, the profiled step); its one group is then replaced by the
+        # children's groups (the same dicts, so LR changes reach them) and its state by a live view.
+        super().__init__([p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]], {})
+        self._follow_children()
         for opt in self.optimizers.values():
-            merged.update(opt.state)
-        return merged
+            # A child's load_state_dict replaces its group dicts and state: follow them (public hook).
+            opt.register_load_state_dict_post_hook(lambda _opt: self._follow_children())
+
+    def _follow_children(self) -> None:
+        self.param_groups = [g for opt in self.optimizers.values() for g in opt.param_groups]
+        self.state = ChainMap(*(opt.state for opt in self.optimizers.values()))
 
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for opt in self.optimizers.values():
             opt.step()
         return loss
+
+    def set_lr(self, multiplier: float) -> None:
+        """Every group's LR = its ``initial_lr`` (the peak, from the flags) x ``multiplier``."""
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier
+
+    def lrs(self) -> dict[str, float]:
+        """The current LR of each optimizer (its first group), by name."""
+        return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for opt in self.optimizers.values():
@@ -281,6 +283,9 @@ def build_optimizers(model: nn.Module, settings: OptimizerSettings) -> Optimizer
         optimizers["adamw"] = torch.optim.AdamW(
             adamw_params, lr=settings.adamw_lr, betas=(settings.adam_beta1, settings.adam_beta2),
             eps=settings.adam_epsilon, weight_decay=0.0, foreach=False)
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]  # the peak LR, which the schedule multiplies
     return OptimizersContainer(optimizers)
 
 
@@ -306,29 +311,3 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int,
             return 1.0
         return 1.0 - (1 - min_lr_ratio) * (progress - decay_start) / max(decay_ratio, 1e-12)
     raise ValueError(f"lr_scheduler_type={kind!r}: expected 'cosine', 'wsd' or 'constant'")
-
-
-class SchedulersContainer:
-    """One ``LambdaLR`` per optimizer, stepped together; ``state_dict`` keyed by optimizer name."""
-
-    def __init__(self, optimizers: OptimizersContainer, multiplier):
-        self.schedulers = {name: LambdaLR(opt, multiplier) for name, opt in optimizers.optimizers.items()}
-
-    def step(self) -> None:
-        for scheduler in self.schedulers.values():
-            scheduler.step()
-
-    def get_last_lr(self) -> dict[str, float]:
-        return {name: s.get_last_lr()[0] for name, s in self.schedulers.items()}
-
-    def state_dict(self) -> dict:
-        return {name: s.state_dict() for name, s in self.schedulers.items()}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if set(state_dict) != set(self.schedulers):
-            raise ValueError(f"scheduler state has {sorted(state_dict)} but this run has {sorted(self.schedulers)}")
-        for name, s in self.schedulers.items():
-            s.load_state_dict(state_dict[name])
-
-    def __iter__(self) -> Iterable[LambdaLR]:
-        return iter(self.schedulers.values())

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
+from .checkpoint import CheckpointError
+from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
+from .checkpoint.io import read_json
 from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import build_datasets
@@ -28,6 +32,34 @@ def model_config_for(presets: dict[str, dict], preset: str, tokenizer) -> MoECon
     return config
 
 
+# Run-config keys that may differ on resume without comment (they say where/how, not what).
+QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save"}
+
+
+def resume_policy(model, run_config: dict, print_fn=print):
+    """What the trainer asks of a checkpoint before resuming it: the same architecture (the keys its
+    config class lists in ``architecture_keys``), and a printed list of changed settings (the new
+    values apply)."""
+
+    def check(folder: Path) -> None:
+        current = model.config.to_dict()
+        saved = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else current
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+                 for k in getattr(model.config, "architecture_keys", ()) if saved.get(k) != current.get(k)]
+        if diffs:
+            raise CheckpointError(
+                f"{folder}: the model architecture differs from this run ({'; '.join(diffs)}). "
+                f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
+                "instead of --resume_from_checkpoint")
+        saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
+        changes = [f"{k}: {saved_run.get(k)!r} -> {v!r}" for k, v in run_config.items()
+                   if k not in QUIET_KEYS and saved_run.get(k) != v]
+        if changes:
+            print_fn("resuming with changed settings (the new values apply):\n  " + "\n  ".join(changes))
+
+    return check
+
+
 def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
         train_args: TrainingArguments) -> Trainer:
     """Build everything and train; returns the trainer (for tests and notebooks)."""
@@ -48,10 +80,11 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
         weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
-    trainer = Trainer(accelerator, model, optimizers, data, train_args,
-                      run_config=to_dict(model_args, data_args, train_args))
+    run_config = to_dict(model_args, data_args, train_args)
+    trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
+                      before_resume=resume_policy(model, run_config, accelerator.print))
     if train_args.resume_from_checkpoint:
-        trainer.checkpointer.resume(train_args.resume_from_checkpoint, reset_optimizer=train_args.reset_optimizer)
+        trainer.resume(train_args.resume_from_checkpoint, reset_optimizer=train_args.reset_optimizer)
     trainer.train()
     return trainer
 
@@ -63,8 +96,6 @@ def exit_code_of(job) -> int:
 
     from accelerate import PartialState
 
-    from .checkpoint.io import CheckpointError
-
     try:
         trainer = job()
     except (ConfigError, CheckpointError) as err:
@@ -72,7 +103,8 @@ def exit_code_of(job) -> int:
             print(f"error: {err}", file=sys.stderr)
         code = 2
     else:
-        code = 128 + trainer.stop.signum if trainer.interrupted_by and trainer.stop.signum else 0
+        signum = trainer.checkpointer.stop_signal
+        code = 128 + int(signum) if trainer.interrupted_by and signum else 0
         del trainer
     _free_process_groups(PartialState())
     return code

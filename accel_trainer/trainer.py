@@ -1,9 +1,11 @@
 """The training loop on Hugging Face Accelerate.
 
-One optimizer step = ``gradient_accumulation_steps`` micro-batches; every counter lives in
-:class:`TrainState`. The LR schedules are stepped here once per optimizer step rather than prepared by
-Accelerate, whose scheduler wrapper steps ``num_processes`` times per step and would tie the schedule
-to the world size.
+One optimizer step = ``gradient_accumulation_steps`` micro-batches; the trainer's counters live in
+:class:`TrainState`, the data position in the loader, and both are saved by name through the
+:class:`~accel_trainer.checkpoint.Checkpointer`, whose public API this trainer uses like any loop.
+The LR of step ``s`` is ``initial_lr * lr_multiplier(s)``: a pure function of the step, so there is
+no scheduler state, and Accelerate's scheduler wrapper (which steps ``num_processes`` times per
+step) is not involved.
 """
 
 from __future__ import annotations
@@ -11,19 +13,22 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from .checkpoint.emergency import StopRequest
-from .checkpoint.manager import Checkpointer
+from .checkpoint import Checkpointer
 from .config import ConfigError, TrainingArguments
-from .data import TextData, build_eval_dataloader, build_train_dataloader, position_to_skip
+from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
-from .optim import OptimizersContainer, SchedulersContainer, lr_multiplier
+from .optim import OptimizersContainer, lr_multiplier
 from .train_state import TrainState
+
+# Optimizer hyperparameters that follow the current flags on resume (the checkpoint supplies state).
+FLAG_HYPERPARAMETERS = ("initial_lr", "weight_decay", "momentum", "nesterov", "ns_steps", "betas", "eps")
 
 
 def build_accelerator(args: TrainingArguments) -> Accelerator:
@@ -57,47 +62,67 @@ class Trainer:
         data: train/validation datasets and tokenizer.
         args: training arguments.
         run_config: the full flat run configuration (saved with checkpoints, sent to trackers).
+        before_resume: the Checkpointer's policy for a checkpoint about to be resumed (see
+            :func:`accel_trainer.run.resume_policy`).
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
-                 args: TrainingArguments, run_config: dict):
+                 args: TrainingArguments, run_config: dict, before_resume=None):
         self.accelerator = accelerator
         self.args = args
         self.run_config = run_config
         self.state = TrainState()
         world = accelerator.num_processes
         train_loader = build_train_dataloader(data.train, args.per_device_train_batch_size, args.seed)
-        self.sampler = train_loader.sampler
         # Evaluate a fixed subset so every evaluation sees the same blocks and iterates to the end.
         n_eval = min(len(data.validation), args.max_eval_batches * args.per_device_eval_batch_size * world)
         eval_loader = build_eval_dataloader(data.validation.select(range(n_eval)), args.per_device_eval_batch_size)
-        self.model, self.optimizer, self.train_loader, self.eval_loader = accelerator.prepare(
+        self.model, self.optimizer, train_loader, self.eval_loader = accelerator.prepare(
             model, optimizers, train_loader, eval_loader)
         self.optimizers = optimizers
 
-        self.steps_per_epoch = len(self.train_loader) // args.gradient_accumulation_steps
+        self.steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"--per_device_train_batch_size={args.per_device_train_batch_size} x "
                 f"--gradient_accumulation_steps={args.gradient_accumulation_steps} x {world} processes needs more "
                 f"than the {len(data.train)} training blocks available; lower them or give more data")
         self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+        self.checkpointer = Checkpointer(
+            accelerator, args.output_dir, model=self.model, optimizer=optimizers.optimizers, dataloader=train_loader,
+            extra={"trainer_state": self.state}, config=run_config, save_total_limit=args.save_total_limit,
+            keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save, save_strict=args.save_strict,
+            handle_signals=True, before_resume=before_resume)
+        self.train_loader = self.checkpointer.dataloader
         self.total_steps = self.plan_total_steps()
-        # The schedule reads total_steps when called, so a resume that re-plans it is followed.
-        schedule = partial(lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
-                           min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio)
-        self.schedulers = SchedulersContainer(optimizers, lambda step: schedule(step, total_steps=self.total_steps))
+        self.lr_schedule = partial(lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
+                                   min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio)
         self.metrics = MetricsLogger(accelerator, args.output_dir)
-        self.checkpointer = Checkpointer(self, args.output_dir, save_total_limit=args.save_total_limit,
-                                         keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save,
-                                         save_strict=args.save_strict)
-        self.stop = StopRequest(world)
         self.interrupted_by: str | None = None
-        self._ema = None            # device tensor; TrainState.ema_loss is its host copy
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
         self._step_tokens = 0       # local tokens of the step in flight, counted once it completes
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
+
+    def resume(self, spec: str, reset_optimizer: bool = False) -> None:
+        """Restore the run from ``spec`` (``latest``, ``best``, ``step-N`` or a path); current flags win
+        over the checkpoint's optimizer hyperparameters (a lower LR to fine-tune, say)."""
+        flags = [{k: g[k] for k in FLAG_HYPERPARAMETERS if k in g} for g in self.optimizers.param_groups]
+        if reset_optimizer:
+            self.accelerator.print("--reset_optimizer: loading weights, counters and RNG; optimizer state starts fresh")
+        step = self.checkpointer.resume(spec, exclude=("optimizer",) if reset_optimizer else ())
+        for group, values in zip(self.optimizers.param_groups, flags):
+            group.update(values)
+        if step == 0:
+            return
+        self.total_steps = self.plan_total_steps()
+        if self.state.ema_loss is not None:  # the float32 device tensor it was, so the EMA goes on bitwise
+            self.state.ema_loss = torch.tensor(self.state.ema_loss, dtype=torch.float32, device=self.accelerator.device)
+        self.metrics.truncate_after(step)
+        best = self.checkpointer.best
+        best = "none yet" if best is None else f"{best['value']:.4f} (step {best['step']})"
+        self.accelerator.print(f"continuing at step {step + 1}: epoch {self.train_loader.epoch}, "
+                               f"{self.state.tokens_seen:,} tokens seen, best val loss {best}")
 
     def start_trackers(self) -> None:
         """Start Accelerate's trackers; a resumed run continues the runs its checkpoint names.
@@ -125,46 +150,53 @@ class Trainer:
         the data position, so a resume with another batch size still trains exactly the epochs asked."""
         if self.args.max_steps > 0:
             return self.args.max_steps
-        state = self.state
+        loader = self.checkpointer.dataloader
         target = math.ceil(self.args.num_train_epochs * self.steps_per_epoch)
-        done = state.epoch * self.steps_per_epoch + state.samples_in_epoch // self.samples_per_step
-        return state.global_step + max(0, target - done)
+        done = loader.epoch * self.steps_per_epoch + loader.samples_in_epoch // self.samples_per_step
+        return self.state.global_step + max(0, target - done)
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> TrainState:
         """Run until ``total_steps`` or a stop signal; returns the final counters."""
         args, state = self.args, self.state
-        self.total_steps = self.plan_total_steps()
         self.start_trackers()
         self.print_run_summary()
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
                         disable=args.disable_tqdm or not self.accelerator.is_local_main_process)
         self.model.train()
         batches = self.micro_batches()
-        self.stop.install()
         try:
             while state.global_step < self.total_steps:
                 loss, grad_norm = self.train_step(next(batches))
                 self.after_step(loss, grad_norm, progress)
-                if self.stop.agreed():
-                    self.emergency_save(self.stop.name)
+                if self.checkpointer.stop_requested():
+                    self.emergency_save(self.checkpointer.stop_signal.name)
                     break
         except Exception as err:
             self.save_after_exception(err)
+            try:
+                self.checkpointer.close()
+            except Exception as close_err:  # never hide the original error behind this one
+                self.accelerator.print(f"closing the checkpointer failed too ({type(close_err).__name__}: {close_err})")
             raise
         finally:
-            self.stop.uninstall()
             progress.close()
             self.metrics.close()
             self.accelerator.end_training()
         self.checkpointer.close()  # training ends only once the last checkpoint is on disk
         return state
 
+    def save(self, reasons: list[str], metrics: dict | None = None, wait: bool = False) -> Path | None:
+        """Checkpoint the current step (a collective call); ``metrics`` decide ``best``."""
+        self.sync_tokens()
+        metrics = {**(metrics or {}), "tokens_seen": self.state.tokens_seen}
+        return self.checkpointer.save(self.state.global_step, metrics=metrics, reason=reasons, wait=wait)
+
     def emergency_save(self, why: str) -> None:
         """Checkpoint the current (consistent) step unless it is already saved, and say how to resume."""
         self.interrupted_by = why
         if self.checkpointer.last_saved_step != self.state.global_step:
-            self.checkpointer.save(["emergency"], wait=True)
+            self.save(["emergency"], wait=True)
         self.checkpointer.wait()
         where = ("state saved under" if self.checkpointer.last_saved_step == self.state.global_step
                  else "the emergency checkpoint could not be written (see above); the last good one is under")
@@ -191,30 +223,20 @@ class Trainer:
             self.accelerator.print(f"emergency checkpoint failed too ({type(save_err).__name__}: {save_err})")
 
     def micro_batches(self):
-        """Yield lists of ``gradient_accumulation_steps`` micro-batches, continuing from ``self.state``."""
-        state, args = self.state, self.args
+        """Yield lists of ``gradient_accumulation_steps`` micro-batches from the resumable loader; an
+        epoch ends after its last whole step (the few batches left over are not used)."""
+        accum, loader = self.args.gradient_accumulation_steps, self.train_loader
         while True:
-            skip, remainder = position_to_skip(state.samples_in_epoch, args.per_device_train_batch_size,
-                                               self.accelerator.num_processes)
-            if remainder:
-                # The batch size or world size changed on resume: a partial batch cannot be skipped.
-                self.accelerator.print(
-                    f"data position: {state.samples_in_epoch} samples into epoch {state.epoch} is not a multiple of "
-                    f"the new global micro-batch; the last {remainder} sample(s) are seen again")
-                state.samples_in_epoch -= remainder
-            loader = self.train_loader if skip == 0 else self.accelerator.skip_first_batches(self.train_loader, skip)
-            loader.set_epoch(state.epoch)
-            self.sampler.set_epoch(state.epoch)
+            steps = loader.batches_left() // accum
             iterator = iter(loader)
-            remaining = (len(self.train_loader) - skip) // args.gradient_accumulation_steps
-            for i in range(remaining):
-                self._epoch_finished = i == remaining - 1
-                yield [next(iterator) for _ in range(args.gradient_accumulation_steps)]
-            state.epoch += 1
-            state.samples_in_epoch = 0
+            for i in range(steps):
+                self._epoch_finished = i == steps - 1
+                yield [next(iterator) for _ in range(accum)]
+            iterator.close()
+            loader.end_epoch()
 
     def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward/backward over the micro-batches, clip, step every optimizer and schedule once."""
+        """Forward/backward over the micro-batches, clip, set the step's LR and step every optimizer."""
         accelerator, model = self.accelerator, self.model
         total, tokens = None, 0
         for i, batch in enumerate(micro_batches):
@@ -231,9 +253,8 @@ class Trainer:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         self._consistent = False
         self._step_tokens = tokens
-        self.optimizer.step()
-        if not self.optimizer.step_was_skipped:  # fp16 overflow: the scaler skipped the step
-            self.schedulers.step()
+        self.optimizers.set_lr(self.lr_schedule(self.state.global_step, total_steps=self.total_steps))
+        self.optimizer.step()  # with fp16, the scaler may skip it (overflow); the LR follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         return total, grad_norm
 
@@ -241,12 +262,12 @@ class Trainer:
         """Advance counters; log, evaluate and save when their interval comes."""
         args, state = self.args, self.state
         state.global_step += 1
-        state.samples_in_epoch += self.samples_per_step
         self._unsynced_tokens += self._step_tokens
         self._consistent = True
         # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
         mean_loss = self.accelerator.reduce(loss, reduction="mean")
-        self._ema = mean_loss if self._ema is None else self._ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
+        ema = state.ema_loss
+        state.ema_loss = mean_loss if ema is None else ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
         step, last = state.global_step, state.global_step >= self.total_steps
         progress.update(1)
         metrics, reasons = {}, []
@@ -255,13 +276,9 @@ class Trainer:
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr/adamw', 0):.2e}")
         if args.eval_steps and (step % args.eval_steps == 0 or last):
             metrics["val_loss"] = self.evaluate()
-            if state.improves_best(metrics["val_loss"]):
-                state.best_val_loss, state.best_val_step = metrics["val_loss"], step
-                reasons.append("best")
         if metrics:
             if "tokens_seen" not in metrics:  # not setdefault: its argument would all-reduce every time
                 metrics["tokens_seen"] = self.sync_tokens()
-            state.last_metrics = {"step": step, **metrics}
             self.metrics.log(metrics, step=step)
         if args.save_steps and step % args.save_steps == 0:
             reasons.append("periodic")
@@ -269,28 +286,16 @@ class Trainer:
             reasons.append("epoch")
         if last:
             reasons.append("final")
-        if reasons:
-            self.checkpointer.save(reasons)
-
-    def sync_state(self) -> TrainState:
-        """Bring ``self.state`` up to date for a checkpoint: tokens summed over ranks (a collective
-        call) and the EMA copied from its device tensor."""
-        self.sync_tokens()
-        self.state.ema_loss = None if self._ema is None else float(self._ema.item())
-        return self.state
-
-    def restore_ema(self) -> None:
-        ema = self.state.ema_loss
-        self._ema = None if ema is None else torch.tensor(ema, dtype=torch.float32, device=self.accelerator.device)
+        if reasons or self.checkpointer.improves_best(metrics):
+            self.save(reasons, metrics)
 
     # ------------------------------------------------------------------------------------ helpers
     def train_metrics(self, mean_loss: torch.Tensor, grad_norm) -> dict:
-        metrics = {"loss": mean_loss.item(), "ema_loss": self._ema.item(), "epoch": self.epoch_progress(),
+        metrics = {"loss": mean_loss.item(), "ema_loss": self.state.ema_loss.item(), "epoch": self.epoch_progress(),
                    "tokens_seen": self.sync_tokens()}
-        self.state.ema_loss = metrics["ema_loss"]
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
-        for name, lr in self.schedulers.get_last_lr().items():
+        for name, lr in self.optimizers.lrs().items():
             metrics[f"lr/{name}"] = lr
         return metrics
 
@@ -302,7 +307,8 @@ class Trainer:
         return self.state.tokens_seen
 
     def epoch_progress(self) -> float:
-        return self.state.epoch + self.state.samples_in_epoch / (self.steps_per_epoch * self.samples_per_step)
+        loader = self.train_loader
+        return loader.epoch + loader.samples_in_epoch / (self.steps_per_epoch * self.samples_per_step)
 
     @torch.no_grad()
     def evaluate(self) -> float:

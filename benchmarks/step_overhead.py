@@ -32,7 +32,7 @@ def main() -> None:
     from accel_trainer.config import DataArguments, TrainingArguments
     from accel_trainer.data import build_datasets, build_train_dataloader
     from accel_trainer.models import MoEConfig, MoEForCausalLM
-    from accel_trainer.optim import OptimizerSettings, SchedulersContainer, build_optimizers, lr_multiplier
+    from accel_trainer.optim import OptimizerSettings, build_optimizers, lr_multiplier
     from accel_trainer.trainer import Trainer, build_accelerator
 
     import tempfile
@@ -54,8 +54,6 @@ def main() -> None:
     torch.manual_seed(0)
     bare_model = MoEForCausalLM(MoEConfig(**PRESETS["tiny"]))
     bare_opt = build_optimizers(bare_model, settings)
-    bare_sched = SchedulersContainer(bare_opt, lambda s: lr_multiplier(s, kind="cosine", warmup_steps=10,
-                                                                       total_steps=10**6))
     loader = build_train_dataloader(data.train, 8, seed=0)
 
     def bare_batches():
@@ -68,15 +66,15 @@ def main() -> None:
         for _ in range(n):
             loss, grad_norm = trainer.train_step(next(batches))
             trainer.after_step(loss, grad_norm, progress)
-            trainer.stop.agreed()
+            trainer.checkpointer.stop_requested()
 
     def run_bare(n):
-        for _ in range(n):
+        for step in range(n):
             ids = next(bare_iter)["input_ids"]
             bare_model(input_ids=ids, labels=ids).loss.backward()
             torch.nn.utils.clip_grad_norm_(bare_model.parameters(), 1.0)
+            bare_opt.set_lr(lr_multiplier(step, kind="cosine", warmup_steps=10, total_steps=10**6))
             bare_opt.step()
-            bare_sched.step()
             bare_opt.zero_grad(set_to_none=True)
 
     run_trainer(5)

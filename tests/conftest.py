@@ -75,3 +75,28 @@ def straight_2proc(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight2")
     launch([*RUN, "--output_dir", str(out)], num_processes=2)
     return out
+
+
+def run_pids(output_dir: Path) -> dict[int, int]:
+    """Process id by pid of every process whose command line names ``output_dir`` (the launcher and
+    each rank); ``LOCAL_RANK`` of each rank as value, -1 for others. torch's launcher starts ranks
+    in sessions of their own, so killing the launcher's process group does not reach them."""
+    pids = {}
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in (proc_dir / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        if str(output_dir).encode() in cmdline:
+            pids[int(proc_dir.name)] = int(environ.get(b"LOCAL_RANK", b"-1"))
+    return pids
+
+
+def kill_run(output_dir: Path) -> None:
+    """``kill -9`` every process of a run at once: launcher and ranks."""
+    for pid in run_pids(output_dir):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass

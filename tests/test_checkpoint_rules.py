@@ -1,14 +1,9 @@
 """Level 1: the rules, on small hand-made folders (no training)."""
 
-from types import SimpleNamespace
-
 import pytest
-import torch
-
 from accel_trainer.checkpoint.io import CheckpointError, atomic_write_text
 from accel_trainer.checkpoint.layout import (apply_retention, list_checkpoints, remove_stale_temporaries, resolve,
                                              resolve_path, select_for_deletion)
-from accel_trainer.checkpoint.manager import Checkpointer
 from accel_trainer.checkpoint.manifest import verify
 from helpers_ckpt import make_checkpoint, make_run
 
@@ -84,18 +79,3 @@ def test_atomic_write_replaces_whole_file(tmp_path):
     atomic_write_text(target, "step-2\n")
     assert target.read_text() == "step-2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]
-
-
-def _fake_trainer(rank: int, main: bool):
-    accelerator = SimpleNamespace(process_index=rank, is_main_process=main,
-                                  register_save_state_pre_hook=lambda h: None,
-                                  register_load_state_pre_hook=lambda h: None)
-    return SimpleNamespace(accelerator=accelerator)
-
-
-def test_save_hook_on_rank_other_than_0_writes_only_its_rng(tmp_path):
-    ckpt = Checkpointer(_fake_trainer(rank=1, main=False), tmp_path)
-    weights = [{"module.w": torch.ones(1)}]
-    ckpt._save_hook([], weights, tmp_path)
-    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["rng_state_1.pt"]
-    assert weights == [] and ckpt._model_tensors is None  # Accelerate writes no weights; nor does rank 1

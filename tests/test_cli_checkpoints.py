@@ -1,21 +1,34 @@
-"""`accel-trainer` commands on real checkpoints made by a tiny run."""
+"""`accel-trainer` commands on real checkpoints made by a tiny run (called in-process; the console
+script itself is tested in test_cli_args.py)."""
 
+import contextlib
+import io
 import json
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from accel_trainer.cli import main
 from conftest import TINY, launch
 
 pytestmark = pytest.mark.slow
 
 
 def cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "accel_trainer.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+    """Run ``accel-trainer ARGS`` in this process; the result looks like a finished subprocess."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exit_:  # what the interpreter would do with it
+            code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+    proc = SimpleNamespace(returncode=code or 0, stdout=out.getvalue(), stderr=err.getvalue())
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -35,18 +48,19 @@ def test_list_shows_every_checkpoint_and_tags(run):
     assert [line.split()[0] for line in lines[1:]] == ["step-2", "step-4", "step-6", "step-8"]
     assert "latest" in lines[-1]
     rows = json.loads(cli("list", run, "--json").stdout)
-    assert rows[-1]["tokens_seen"] == 8 * 4 * 64 and "latest" in rows[-1]["tags"]
+    assert rows[-1]["metrics"]["tokens_seen"] == 8 * 4 * 64 and "latest" in rows[-1]["tags"]
     assert any("best" in r["tags"] for r in rows)
 
 
 def test_inspect_human_and_json(run):
     text = cli("inspect", run).stdout
     for needle in ("step 8", "657,792 parameters (461,184 active per token)", "optimizer    muon:",
-                   "optimizer    adamw:", "scheduler    muon:", "1 process(es)", "model.safetensors",
-                   "optimizer.safetensors"):
+                   "optimizer    adamw:", "1 process(es)", "model.safetensors", "optimizer.safetensors",
+                   "dataloader.json", "trainer_state.json"):
         assert needle in text, needle
     info = json.loads(cli("inspect", run / "checkpoints" / "step-4", "--json").stdout)
-    assert info["step"] == 4 and info["format_version"] == 1
+    assert info["step"] == 4 and info["format_version"] == 2
+    assert info["data_position"]["samples_in_epoch"] == 16 and info["states"]["trainer_state"]["global_step"] == 4
     assert {o["optimizer"] for o in info["optimizers"]} == {"muon", "adamw"}
     assert all(o["state_bytes"] > 0 for o in info["optimizers"])
     assert info["environment"]["world_size"] == 1

@@ -1,56 +1,44 @@
-"""A save that does not fit, or fails half-way, never damages existing checkpoints; by default the
-run warns and trains on, with --save_strict it stops with one clear line."""
+"""The trainer's side of a save that does not fit or fails half-way (the protocol itself is tested
+file by file in test_checkpointer.py): existing checkpoints are never damaged; by default the run
+warns and trains on, with --save_strict it stops with one clear line and exit status 2. The recipe's
+main() runs in-process so the fault can be injected."""
 
+import collections
 import json
-import subprocess
-import sys
+import shutil
 
 import pytest
 
 from accel_trainer.checkpoint.layout import read_pointer
-from conftest import REPO, TINY
+from conftest import TINY
+from faults import failing_disk
 
-pytestmark = pytest.mark.slow
 ARGS = [*TINY, "--max_steps", "6", "--save_steps", "2", "--eval_steps", "0"]
 
 
-def run_with(patch: str, out, *extra):
-    script = (f"import sys; sys.argv[0] = 'moe18b.py'; sys.path.insert(0, {str(REPO)!r})\n"
-              "import accel_trainer.checkpoint.manager as manager\n" + patch +
-              "from recipes.moe18b import main\n"
-              f"sys.exit(main({[*ARGS, '--output_dir', str(out), *extra]!r}))\n")
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+@pytest.fixture
+def run(recipe_module, capsys, tmp_path):
+    def go(*extra):
+        code = recipe_module.main([*ARGS, "--output_dir", str(tmp_path), *extra])
+        return code, capsys.readouterr()
+
+    return go
 
 
-NO_ROOM_AT_STEP_4 = (
-    # The second save (step 4) finds 1000 bytes free on the checkpoints filesystem.
-    "import collections, shutil\n"
-    "real, calls = shutil.disk_usage, []\n"
-    "def disk_usage(path):\n"
-    "    if str(path).endswith('checkpoints'):\n"
-    "        calls.append(path)\n"
-    "        if len(calls) == 2:\n"
-    "            return collections.namedtuple('Usage', 'total used free')(10**9, 10**9 - 1000, 1000)\n"
-    "    return real(path)\n"
-    "shutil.disk_usage = disk_usage\n")
+def no_room_at_step_4(monkeypatch):
+    real, calls = shutil.disk_usage, []
 
-ENOSPC_WHILE_WRITING_STEP_4 = (
-    "original = manager.write_file\n"
-    "def failing(file, path):\n"
-    "    if '.tmp-step-4' in str(path):\n"
-    "        raise OSError(28, 'No space left on device', str(path))\n"
-    "    return original(file, path)\n"
-    "manager.write_file = failing\n")
+    def disk_usage(path):
+        if str(path).endswith("checkpoints"):
+            calls.append(path)
+            if len(calls) == 2:  # the second save (step 4) finds 1000 bytes free
+                return collections.namedtuple("Usage", "total used free")(10**9, 10**9 - 1000, 1000)
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
 
 
-@pytest.mark.parametrize("patch,expect", [
-    (NO_ROOM_AT_STEP_4, "checkpoint at step 4 not saved: it needs about"),
-    (ENOSPC_WHILE_WRITING_STEP_4, "checkpoint at step 4 not saved: No space left on device"),
-])
-def test_failed_or_oversized_save_is_skipped_and_training_goes_on(tmp_path, patch, expect):
-    proc = run_with(patch, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"WARNING: {expect}" in proc.stdout and "the previous checkpoints are intact" in proc.stdout
+def assert_step_4_skipped(tmp_path) -> None:
     root = tmp_path / "checkpoints"
     steps = sorted(p.name for p in root.iterdir() if p.name.startswith("step-"))
     assert steps == ["step-2", "step-6"] and not list(root.glob(".tmp-*"))
@@ -58,18 +46,34 @@ def test_failed_or_oversized_save_is_skipped_and_training_goes_on(tmp_path, patc
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][-1] == 6
 
 
-def test_save_strict_stops_with_one_line_and_keeps_checkpoints(tmp_path):
-    proc = run_with(ENOSPC_WHILE_WRITING_STEP_4, tmp_path, "--save_strict")
-    assert proc.returncode == 2
-    assert "checkpoint at step 4 not saved: No space left on device" in proc.stderr and "(--save_strict)" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_a_save_that_would_not_fit_is_skipped_and_training_goes_on(run, tmp_path, monkeypatch):
+    no_room_at_step_4(monkeypatch)
+    code, out = run()
+    assert code == 0
+    assert "WARNING: checkpoint at step 4 not saved: it needs about" in out.out
+    assert "the previous checkpoints are intact" in out.out
+    assert_step_4_skipped(tmp_path)
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ([], "checkpoint at step 4 not saved: No space left on device"),
+    (["--async_save"], "background checkpoint write failed (OSError: [Errno 28] No space left on device"),
+])
+def test_a_full_disk_while_writing_is_skipped_and_training_goes_on(run, tmp_path, extra, expect):
+    with failing_disk("model.safetensors", inside=".tmp-step-4", after_bytes=100):
+        code, out = run(*extra)
+    assert code == 0
+    assert expect in out.out and "the previous checkpoints are intact" in out.out
+    assert_step_4_skipped(tmp_path)
+
+
+def test_save_strict_stops_with_one_line_and_keeps_checkpoints(run, tmp_path):
+    with failing_disk(inside=".tmp-step-4"):
+        code, out = run("--save_strict")
+    assert code == 2
+    errors = [line for line in out.err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "checkpoint at step 4 not saved: " in errors[0] and errors[0].endswith("(--save_strict)")
+    assert "Traceback" not in out.err
     root = tmp_path / "checkpoints"
     assert (root / "step-2" / "COMPLETE").exists() and not (root / "step-4").exists()
-
-
-def test_failed_background_write_is_skipped_and_never_becomes_latest(tmp_path):
-    proc = run_with(ENOSPC_WHILE_WRITING_STEP_4, tmp_path, "--async_save")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "background checkpoint write failed (OSError: [Errno 28] No space left on device" in proc.stdout
-    root = tmp_path / "checkpoints"
-    assert not (root / "step-4").exists() and read_pointer(root, "latest").name == "step-6"
+    assert not list(root.glob(".tmp-*"))

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.utils import load
 from safetensors.torch import load_file
 
-from accel_trainer.checkpoint import optimizer_files
 from accel_trainer.checkpoint.layout import read_pointer
-from accel_trainer.checkpoint.manifest import MANIFEST
+from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
 from accel_trainer.checkpoint.tensor_files import HASH, hash_file
-from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl
+from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl, run_pids
 
 pytestmark = pytest.mark.slow
 
@@ -40,19 +40,17 @@ def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1)
     ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
     wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    oa, ob = optimizer_files.read_state(ca), optimizer_files.read_state(cb)
-    assert oa["param_groups"] == ob["param_groups"]
-    assert sorted(oa["state"]) == sorted(ob["state"]) == sorted(i for g in oa["param_groups"] for i in g["params"])
-    for pid, state in oa["state"].items():
-        for key, value in state.items():
-            assert torch.equal(value, ob["state"][pid][key]), (pid, key)
+    # Files are a function of the state alone: the same state after a resume gives the same bytes.
+    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json"):
+        assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
+    names = {n for o in json.loads((ca / "optimizer.json").read_text())["optimizers"].values()
+             for g in o["param_groups"] for n in g["param_names"]}
+    assert {k.split("::")[0] for k in load_file(ca / "optimizer.safetensors")} == names  # every parameter has state
     for rank in range(ranks):
-        sa = torch.load(ca / f"rng_state_{rank}.pt", weights_only=True)
-        sb = torch.load(cb / f"rng_state_{rank}.pt", weights_only=True)
-        assert torch.equal(sa["torch_cpu"], sb["torch_cpu"]) and torch.equal(sa["python_state"], sb["python_state"])
-    sta = json.loads((ca / "trainer_state.json").read_text())
-    stb = json.loads((cb / "trainer_state.json").read_text())
-    assert sta == stb
+        sa, sb = load(ca / f"random_states_{rank}.pkl"), load(cb / f"random_states_{rank}.pkl")
+        assert torch.equal(sa["torch_manual_seed"], sb["torch_manual_seed"]) and sa["random_state"] == sb["random_state"]
+    for name in ("trainer_state.json", "dataloader.json"):
+        assert json.loads((ca / name).read_text()) == json.loads((cb / name).read_text()), name
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +67,10 @@ def test_straight_run_layout_retention_and_pointers(straight):
     assert read_pointer(root, "latest").name == f"step-{STEPS}"
     assert steps == sorted({21, 24, 12, int(best.name[5:])})  # newest 2, multiples of 12, best
     files = set(json.loads((root / f"step-{STEPS}" / MANIFEST).read_text())["files"])
-    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json", "schedulers.json", "config.json",
-            "run_config.json", "rng_state_0.pt"} <= files
+    assert {"model.safetensors", "optimizer.safetensors", "optimizer.json", "trainer_state.json", "dataloader.json",
+            "config.json", "run_config.json", "random_states_0.pkl"} <= files
+    # Named state only: Accelerate's positional optimizer file and a second copy of the RNG are not written.
+    assert not files & {"optimizer.bin", "scheduler.bin", "rng_state_0.pt", "pytorch_model.bin"}
     assert not list(root.glob(".tmp-*"))
 
 
@@ -151,22 +151,23 @@ def _copy_checkpoint(straight: Path, dest: Path, step: int) -> Path:
 
 
 def _reseal(folder: Path, name: str) -> None:
-    """Rewrite a file's manifest entry, as an attacker who edits the manifest too would."""
+    """Rewrite a file's manifest entry and the marker, as an attacker who knows the format would."""
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][name].update({"size": (folder / name).stat().st_size, HASH: hash_file(folder / name)})
     write_json(folder / MANIFEST, manifest)
+    write_complete_marker(folder, manifest)
 
 
 def test_malicious_state_file_is_refused_and_runs_nothing(straight, tmp_path):
     folder = _copy_checkpoint(straight, tmp_path, 12)
     marker = tmp_path / "pwned"
     payload = f"import os, torch\nclass E:\n    def __reduce__(self): return (os.system, ('touch {marker}',))\n" \
-              f"torch.save({{'torch_cpu': E()}}, '{folder / 'rng_state_0.pt'}')\n"
+              f"torch.save({{'torch_manual_seed': E()}}, '{folder / 'random_states_0.pkl'}')\n"
     subprocess.run([sys.executable, "-c", payload], check=True)
-    _reseal(folder, "rng_state_0.pt")
+    _reseal(folder, "random_states_0.pkl")
     proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], check=False)
     assert proc.returncode == 2
-    assert "rng_state_0.pt: refused: its pickle references ['posix.system']" in proc.stderr
+    assert "random_states_0.pkl: refused: its pickle references ['posix.system']" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
 
@@ -232,19 +233,6 @@ def test_exception_in_loop_saves_emergency_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ two processes
-def _rank_pids(output_dir: Path) -> dict[int, int]:
-    pids = {}
-    for proc_dir in Path("/proc").iterdir():
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
-            environ = dict(e.split(b"=", 1) for e in (proc_dir / "environ").read_bytes().split(b"\0") if b"=" in e)
-        except (OSError, ValueError):
-            continue
-        if str(output_dir).encode() in cmdline and b"LOCAL_RANK" in environ and str(RECIPE).encode() in cmdline:
-            pids[int(environ[b"LOCAL_RANK"])] = int(proc_dir.name)
-    return pids
-
-
 def test_two_process_sigterm_to_one_rank_then_resume_is_bit_exact(straight_2proc, tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
@@ -253,14 +241,14 @@ def test_two_process_sigterm_to_one_rank_then_resume_is_bit_exact(straight_2proc
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
                             start_new_session=True)
     wait_for(tmp_path / "checkpoints" / "step-3" / "COMPLETE", proc)
-    pids = _rank_pids(tmp_path)
-    assert set(pids) == {0, 1}, pids
-    os.kill(pids[1], signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop at the same step
+    ranks = {rank: pid for pid, rank in run_pids(tmp_path).items() if rank >= 0}
+    assert set(ranks) == {0, 1}, ranks
+    os.kill(ranks[1], signal.SIGTERM)  # only rank 1 hears it; rank 0 must stop at the same step
     output, _ = proc.communicate(timeout=180)
     assert "training stopped by SIGTERM" in output, output[-3000:]
     latest = read_pointer(tmp_path / "checkpoints", "latest")
     assert int(latest.name[5:]) < STEPS
-    assert {"rng_state_0.pt", "rng_state_1.pt"} <= set(json.loads((latest / MANIFEST).read_text())["files"])
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(json.loads((latest / MANIFEST).read_text())["files"])
     launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], num_processes=2)
     assert_same_final_state(straight_2proc, tmp_path, ranks=2)
 
@@ -285,10 +273,11 @@ def test_add_more_epochs_with_a_larger_batch_and_fresh_optimizer(tmp_path):
                    "latest", "--per_device_train_batch_size", "8", "--reset_optimizer"])
     assert "per_device_train_batch_size: 4 -> 8" in more.stdout
     assert "optimizer state starts fresh" in more.stdout
-    final = json.loads((read_pointer(tmp_path / "checkpoints", "latest") / "trainer_state.json").read_text())
+    latest = read_pointer(tmp_path / "checkpoints", "latest")
+    final = json.loads((latest / "trainer_state.json").read_text())
     # Epoch 1 was done with batch 4; epochs 2 and 3 with batch 8 take half the steps each.
     assert final["global_step"] == steps_per_epoch + 2 * (steps_per_epoch // 2)
-    assert final["epoch"] == 2
+    assert json.loads((latest / "dataloader.json").read_text())["epoch"] == 2
     records = read_jsonl(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, final["global_step"] + 1))
 

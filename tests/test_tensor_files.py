@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file
 
 from accel_trainer.checkpoint import optimizer_files
+from accel_trainer.checkpoint.format import OPTIMIZER_TENSORS
 from accel_trainer.checkpoint.tensor_files import hash_file, write_safetensors
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.optim import OptimizerSettings, build_optimizers
@@ -24,7 +25,8 @@ def test_unsupported_dtype_names_the_tensor(tmp_path):
         write_safetensors(tmp_path / "t.safetensors", {"z": torch.zeros(2, dtype=torch.complex64)})
 
 
-def test_optimizer_state_round_trips_by_parameter_name(tmp_path):
+def test_our_optimizer_container_round_trips_by_name(tmp_path):
+    """Muon (3D experts) + AdamW, named by the optimizers' own param_names: same state back."""
     torch.manual_seed(0)
     model = MoEForCausalLM(MoEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, moe_intermediate_size=16, num_experts=4,
@@ -33,17 +35,16 @@ def test_optimizer_state_round_trips_by_parameter_name(tmp_path):
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    tensors, description = optimizer_files.split_state(opt.state_dict())
+    tensors, description = optimizer_files.split_state(opt.optimizers, names_by_id={})
     assert "model.layers.0.mlp.gate_proj::momentum_buffer" in tensors
     assert "lm_head.weight::exp_avg_sq" in tensors
-    write_safetensors(tmp_path / optimizer_files.TENSORS, tensors)
+    write_safetensors(tmp_path / OPTIMIZER_TENSORS, tensors)
     optimizer_files.write_description(tmp_path, description)
-    back = optimizer_files.read_state(tmp_path)
-    original = opt.state_dict()
-    assert back["param_groups"] == [{**g, "betas": list(g["betas"])} if "betas" in g else g
-                                    for g in original["param_groups"]]
-    for pid, state in original["state"].items():
-        for key, value in state.items():
-            assert torch.equal(back["state"][pid][key], value), (pid, key)
     fresh = build_optimizers(model, OptimizerSettings(0.02, 1e-3))
-    fresh.load_state_dict(back)
+    optimizer_files.load_into(tmp_path, fresh.optimizers, names_by_id={})
+    for name in ("muon", "adamw"):
+        before, after = opt.optimizers[name].state_dict(), fresh.optimizers[name].state_dict()
+        assert after["param_groups"] == before["param_groups"]
+        for pid, state in before["state"].items():
+            for key, value in state.items():
+                assert torch.equal(after["state"][pid][key], value), (name, pid, key)

@@ -39,10 +39,11 @@ def test_two_process_checkpoint_resumes_on_one_process(straight_2proc, tmp_path)
     proc = launch([*ONE_PROC, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert "per_device_train_batch_size: 4 -> 8" in proc.stdout
     assert_losses_close(straight_2proc, tmp_path, from_step=13)
-    state = json.loads((read_pointer(tmp_path / "checkpoints", "latest") / "trainer_state.json").read_text())
-    ref = json.loads((straight_2proc / "checkpoints" / f"step-{STEPS}" / "trainer_state.json").read_text())
-    assert (state["global_step"], state["samples_in_epoch"], state["tokens_seen"]) == \
-           (ref["global_step"], ref["samples_in_epoch"], ref["tokens_seen"])
+    latest, ref = read_pointer(tmp_path / "checkpoints", "latest"), straight_2proc / "checkpoints" / f"step-{STEPS}"
+    for name in ("trainer_state.json", "dataloader.json"):
+        state, expected = json.loads((latest / name).read_text()), json.loads((ref / name).read_text())
+        for key in ("global_step", "tokens_seen", "epoch", "samples_in_epoch"):
+            assert state.get(key) == expected.get(key), (name, key)
 
 
 def test_one_process_checkpoint_resumes_on_two_processes_with_rng_notice(tmp_path):

@@ -1,4 +1,5 @@
-"""Load a trained model for evaluation or generation from a checkpoint alone (no recipe, no optimizer)."""
+"""Load a trained model for evaluation or generation from a checkpoint alone (no training script,
+no optimizer): any ``transformers`` causal LM whose ``config.json`` the checkpoint holds."""
 
 from __future__ import annotations
 
@@ -6,35 +7,46 @@ from pathlib import Path
 
 import torch
 
+from .format import MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS
 from .io import CheckpointError, read_json
 from .layout import resolve_path
-from .weights import LoadReport, load_state_into, read_weights
+from .weights import LoadReport, read_weights
 
 LEGACY_STEP_KEYS = ("global_step", "step")
-READ_FOR_INFERENCE = {"model.safetensors", "config.json", "trainer_state.json"}
+READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_CONFIG, MANIFEST}
 
 
-def _config_from(folder_or_extras, source: Path):
-    from ..models import MoEConfig
+def _config_from(folder_or_extras, source: Path, legacy_config_class):
+    from transformers import AutoConfig
 
     if isinstance(folder_or_extras, Path):
-        path = folder_or_extras / "config.json"
+        path = folder_or_extras / MODEL_CONFIG
         if not path.is_file():
-            raise CheckpointError(f"{folder_or_extras}: no config.json, cannot rebuild the model; "
-                                  "pass config= (a MoEConfig) explicitly")
-        return MoEConfig.from_json_file(path)
+            raise CheckpointError(f"{folder_or_extras}: no {MODEL_CONFIG}, cannot rebuild the model; "
+                                  "pass config= explicitly")
+        config = read_json(path)
+        try:
+            return AutoConfig.for_model(**config)
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path}: cannot rebuild a model config from it ({err}); if its model type comes "
+                                  "from a package, import that package first") from None
     config = folder_or_extras.get("config")
     if isinstance(config, dict):
-        known = {k: v for k, v in config.items() if k in MoEConfig().to_dict() and k != "model_type"}
-        try:
-            return MoEConfig(**known)
-        except ValueError as err:
-            raise CheckpointError(f"{source}: its 'config' does not describe a MoEConfig ({err}); pass config=") from None
-    raise CheckpointError(f"{source}: a single-file checkpoint without a 'config' dict; pass config= (a MoEConfig)")
+        if "model_type" in config:
+            return AutoConfig.for_model(**config)
+        if legacy_config_class is not None:
+            known = {k: v for k, v in config.items() if k in legacy_config_class().to_dict() and k != "model_type"}
+            try:
+                return legacy_config_class(**known)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: its 'config' does not describe a "
+                                      f"{legacy_config_class.__name__} ({err}); pass config=") from None
+    raise CheckpointError(f"{source}: a single-file checkpoint without a usable 'config' dict; pass config=")
 
 
 def load_model_for_inference(path: str | Path, device: str | torch.device | None = None,
-                             dtype: torch.dtype | None = None, strict: bool = False, config=None):
+                             dtype: torch.dtype | None = None, strict: bool = False, config=None,
+                             legacy_config_class=None):
     """Rebuild the model from a checkpoint and load its weights, ready for ``model(input_ids)``.
 
     Args:
@@ -45,7 +57,9 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
             GPU or by several processes load anywhere.
         dtype: e.g. ``torch.bfloat16``; default keeps the saved dtype.
         strict: raise when weights and model differ instead of reporting and skipping.
-        config: a ``MoEConfig`` to use instead of the checkpoint's own.
+        config: a ``PretrainedConfig`` to use instead of the checkpoint's own.
+        legacy_config_class: the config class of old single-file checkpoints whose ``config`` dict
+            names no ``model_type``.
 
     Returns:
         ``(model, config, step)`` with the model in eval mode; ``step`` is None when unknown. The
@@ -54,7 +68,7 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     Raises:
         CheckpointError: missing/invalid checkpoint, unsafe file, or (strict) differing weights.
     """
-    from ..models import MoEForCausalLM
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     # Every file must be present with its size; checksums are read only for what this loads.
     target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})", checksums=READ_FOR_INFERENCE).path
@@ -62,30 +76,23 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()
     if config is None:
-        config = _config_from(target if is_folder else extras, target)
-    with torch.device("meta"):
-        model = MoEForCausalLM(config)
-    report = _materialize(model, state, strict)
-    model.to(device=device, dtype=dtype).eval()
+        config = _config_from(target if is_folder else extras, target, legacy_config_class)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(f"{target}: no causal LM class is registered for model type {config.model_type!r}; "
+                              "import the package that defines it first")
+    # transformers builds the model without a second copy of the weights, initialises what the
+    # checkpoint lacks or has in another shape, and reports it.
+    model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
+    report = LoadReport(loaded=sorted(set(state) - set(info["unexpected_keys"]) - {k for k, *_ in info["mismatched_keys"]}),
+                        missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]),
+                        mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]])
+    if strict and not report.exact:
+        raise CheckpointError(f"{target}: strict weight loading failed; differences:\n{report}")
+    model.to(device=device).eval()
     model.load_report = report
-    step = None
-    if is_folder and (target / "trainer_state.json").is_file():
-        step = read_json(target / "trainer_state.json").get("global_step")
+    if is_folder:
+        step = read_json(target / MANIFEST).get("step") if (target / MANIFEST).is_file() else None
     else:
         step = next((extras[k] for k in LEGACY_STEP_KEYS if isinstance(extras.get(k), int)), None)
     return model, config, step
-
-
-def _materialize(model, state: dict, strict: bool) -> LoadReport:
-    """Fill a meta-device model: checkpoint tensors are used in place (no second copy); anything the
-    checkpoint lacks is allocated and initialised as in a fresh model."""
-    own = model.state_dict()
-    complete = all(k in state and tuple(state[k].shape) == tuple(v.shape) for k, v in own.items())
-    if complete and set(state) == set(own):
-        model.load_state_dict(state, assign=True)
-        return LoadReport(loaded=sorted(own))
-    if strict:
-        return load_state_into(model, state, strict=True)  # raises with the full list
-    model.to_empty(device="cpu")
-    model.apply(model._init_weights)
-    return load_state_into(model, state, strict=False)

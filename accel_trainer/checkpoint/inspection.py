@@ -12,9 +12,13 @@ import struct
 from pathlib import Path
 
 
-from .io import CheckpointError, read_json
+from .format import (COMPLETE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, POINTERS,
+                     RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
+from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir, read_pointer, step_folders
-from .manifest import COMPLETE, read_manifest
+from .manifest import read_manifest
+
+KNOWN_JSON = {MODEL_CONFIG, RUN_CONFIG, OPTIMIZER_GROUPS, state_file(SCHEDULERS), state_file(DATALOADER)}
 
 
 def safetensors_header(path: Path) -> dict:
@@ -30,69 +34,94 @@ def folder_size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _optional_state(folder: Path, name: str):
+    try:
+        return read_state(folder, name)
+    except CheckpointError:
+        return None
+
+
 def list_run(output_dir: str | Path) -> list[dict]:
-    """One row per ``step-N`` folder (complete or not) under a run's output dir, oldest first."""
+    """One row per ``step-N`` folder (complete or not) under a run's output dir, oldest first.
+
+    A folder whose metadata cannot be read gets a row with its ``problem`` instead of failing the list.
+    """
     root = checkpoints_dir(output_dir)
     if not root.is_dir():
         raise CheckpointError(f"{output_dir}: no checkpoints/ folder (is this a run's output dir?)")
-    pointers = {name: read_pointer(root, name) for name in ("latest", "best")}
+    pointers = {name: read_pointer(root, name) for name in POINTERS}
     rows = []
     for step, child in step_folders(root):
-        complete = (child / COMPLETE).exists()
-        state = read_json(child / "trainer_state.json") if (child / "trainer_state.json").exists() else {}
-        metrics = state.get("last_metrics") or {}
-        rows.append({
-            "name": child.name, "step": step, "complete": complete,
-            "epoch": state.get("epoch"), "tokens_seen": state.get("tokens_seen"),
-            "val_loss": metrics.get("val_loss"), "best_val_loss": state.get("best_val_loss"),
-            "size_bytes": folder_size(child),
-            "tags": [n for n, p in pointers.items() if p is not None and p.name == child.name],
-        })
+        row = {"name": child.name, "step": step, "complete": (child / COMPLETE).exists(), "epoch": None,
+               "metrics": {}, "problem": None, "size_bytes": folder_size(child),
+               "tags": [n for n, p in pointers.items() if p is not None and p.name == child.name]}
+        if row["complete"]:
+            try:
+                row["metrics"] = read_manifest(child).get("metrics") or {}
+            except CheckpointError as err:
+                row["problem"] = str(err)
+        position = _optional_state(child, DATALOADER)
+        row["epoch"] = position.get("epoch") if isinstance(position, dict) else None
+        rows.append(row)
     return rows
 
 
 def _optimizer_summary(folder: Path) -> list[dict]:
-    groups_file, tensors_file = folder / "optimizer.json", folder / "optimizer.safetensors"
-    if not groups_file.exists():
+    if not (folder / OPTIMIZER_GROUPS).exists():
         return []
-    description = read_json(groups_file)
-    header = safetensors_header(tensors_file) if tensors_file.exists() else {}
+    description = read_json(folder / OPTIMIZER_GROUPS)
+    header = safetensors_header(folder / OPTIMIZER_TENSORS) if (folder / OPTIMIZER_TENSORS).exists() else {}
     sizes: dict[str, int] = {}
     for key, info in header.items():
         name = key.rpartition("::")[0]
         sizes[name] = sizes.get(name, 0) + info["data_offsets"][1] - info["data_offsets"][0]
     summary = []
-    for group in description["param_groups"]:
-        hyper = {k: v for k, v in group.items() if k not in ("params", "param_names", "optimizer")}
-        summary.append({"optimizer": group.get("optimizer"), "parameters": len(group["param_names"]),
-                        "state_bytes": sum(sizes.get(n, 0) for n in group["param_names"]), "hyperparameters": hyper})
+    for opt_name, saved in description.get("optimizers", {}).items():
+        names = [n for group in saved["param_groups"] for n in group["param_names"]]
+        hyper = {k: v for k, v in saved["param_groups"][0].items() if k not in ("params", "param_names", "optimizer")}
+        summary.append({"optimizer": opt_name, "parameters": len(names), "groups": len(saved["param_groups"]),
+                        "state_bytes": sum(sizes.get(n, 0) for n in names), "hyperparameters": hyper})
     return summary
+
+
+def _tensor_count(folder: Path) -> dict | None:
+    if not (folder / MODEL_WEIGHTS).is_file():
+        return None  # sharded (FSDP) checkpoints keep their weights in torch.distributed.checkpoint shards
+    header = safetensors_header(folder / MODEL_WEIGHTS)
+    return {"tensors": len(header), "total": sum(math.prod(info["shape"]) for info in header.values())}
 
 
 def inspect(folder: str | Path) -> dict:
     """Everything a checkpoint says about itself, as one JSON-able dict."""
-    from ..models import MoEConfig, parameter_counts
-
     folder = Path(folder)
     manifest = read_manifest(folder)
-    state = read_json(folder / "trainer_state.json")
-    config = read_json(folder / "config.json")
-    counts = parameter_counts(MoEConfig.from_dict(config))
-    schedulers = read_json(folder / "schedulers.json") if (folder / "schedulers.json").exists() else {}
+    position = _optional_state(folder, DATALOADER)
+    if isinstance(position, dict):
+        position = {k: v for k, v in position.items() if k != "epoch_generator_state"}
+    named_states = {}
+    for name in manifest["files"]:
+        stem, dot, suffix = name.rpartition(".")
+        if "/" not in name and dot + suffix in STATE_SUFFIXES[:1] and name not in KNOWN_JSON:
+            named_states[stem] = _optional_state(folder, stem)
+    schedulers = _optional_state(folder, SCHEDULERS) or {}
     return {
-        "path": str(folder), "format_version": manifest["format_version"], "step": state["global_step"],
-        "epoch": state["epoch"], "samples_in_epoch": state["samples_in_epoch"], "tokens_seen": state["tokens_seen"],
-        "best_val_loss": state["best_val_loss"], "best_val_step": state["best_val_step"],
-        "ema_loss": state["ema_loss"], "metrics": state.get("last_metrics", {}), "saved_because": manifest["reasons"],
-        "environment": manifest["environment"], "parameters": counts,
+        "path": str(folder), "format_version": manifest["format_version"], "step": manifest.get("step"),
+        "saved_because": manifest.get("reasons", []), "metrics": manifest.get("metrics") or {},
+        "best": manifest.get("best"), "data_position": position, "states": named_states,
+        "environment": manifest.get("environment", {}), "parameters": _tensor_count(folder),
         "files": {n: {"size": i["size"], "role": i["role"]} for n, i in manifest["files"].items()},
         "total_bytes": sum(i["size"] for i in manifest["files"].values()),
         "optimizers": _optimizer_summary(folder),
         "schedulers": {n: {"last_epoch": s.get("last_epoch"), "base_lrs": s.get("base_lrs"),
-                           "last_lr": s.get("_last_lr")} for n, s in schedulers.items()},
-        "grad_scaler": "scaler.pt" in manifest["files"],
-        "model_config": config, "run_config": read_json(folder / "run_config.json"),
+                           "last_lr": s.get("_last_lr")} for n, s in schedulers.items() if isinstance(s, dict)},
+        "grad_scaler": SCALER in manifest["files"],
+        "model_config": read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else None,
+        "run_config": read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else None,
     }
+
+
+def _json_or_empty(path: Path) -> dict:
+    return read_json(path) if path.is_file() else {}
 
 
 def _dict_diff(a: dict, b: dict, ignore: set[str] = frozenset()) -> list[str]:
@@ -106,12 +135,12 @@ def diff(a: str | Path, b: str | Path) -> dict:
 
     a, b = Path(a), Path(b)
     meta_keys = {"transformers_version", "architectures", "dtype", "torch_dtype"}
-    ha, hb = safetensors_header(a / "model.safetensors"), safetensors_header(b / "model.safetensors")
+    ha, hb = safetensors_header(a / MODEL_WEIGHTS), safetensors_header(b / MODEL_WEIGHTS)
     only_a, only_b = sorted(set(ha) - set(hb)), sorted(set(hb) - set(ha))
     shapes = [f"{k}: {ha[k]['shape']} -> {hb[k]['shape']}" for k in sorted(set(ha) & set(hb))
               if ha[k]["shape"] != hb[k]["shape"]]
     changes = []
-    with safe_open(a / "model.safetensors", "pt") as fa, safe_open(b / "model.safetensors", "pt") as fb:
+    with safe_open(a / MODEL_WEIGHTS, "pt") as fa, safe_open(b / MODEL_WEIGHTS, "pt") as fb:
         for key in sorted(set(ha) & set(hb)):
             if ha[key]["shape"] != hb[key]["shape"]:
                 continue
@@ -120,8 +149,8 @@ def diff(a: str | Path, b: str | Path) -> dict:
             base = ta.norm().item()
             changes.append({"tensor": key, "change_norm": delta, "relative": delta / base if base else math.inf})
     return {
-        "run_config": _dict_diff(read_json(a / "run_config.json"), read_json(b / "run_config.json")),
-        "model_config": _dict_diff(read_json(a / "config.json"), read_json(b / "config.json"), meta_keys),
+        "run_config": _dict_diff(_json_or_empty(a / RUN_CONFIG), _json_or_empty(b / RUN_CONFIG)),
+        "model_config": _dict_diff(_json_or_empty(a / MODEL_CONFIG), _json_or_empty(b / MODEL_CONFIG), meta_keys),
         "only_in_a": only_a, "only_in_b": only_b, "shape_changes": shapes,
         "tensor_changes": sorted(changes, key=lambda c: -c["relative"]),
     }

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .format import state_file
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path or file and what to do."""
@@ -51,11 +52,15 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (tmp file + fsync + rename + fsync dir)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave a half-written temporary behind
+        raise
     fsync_dir(path.parent)
 
 
@@ -69,13 +74,54 @@ def write_json(path: str | Path, obj) -> None:
 
 
 def read_json(path: str | Path):
+    """Parse a JSON file; any failure to read or decode it is a :class:`CheckpointError` naming the file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {err.start}); the file is damaged") from None
+    except OSError as err:  # a folder where a file should be, no permission, I/O error
+        raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
+
+
+def is_plain_json(obj) -> bool:
+    """True when ``obj`` survives a JSON round trip unchanged: dicts with string keys, lists, strings,
+    numbers, booleans and None (tuples and int keys would come back as lists and strings)."""
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return True
+    if isinstance(obj, list):
+        return all(is_plain_json(v) for v in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and is_plain_json(v) for k, v in obj.items())
+    return False
+
+
+def write_state(folder: Path, name: str, state) -> str:
+    """Write a named ``state_dict()``: JSON when it round-trips exactly, else ``torch.save`` (read back
+    with ``weights_only=True``). Returns the file name."""
+    file = state_file(name, is_plain_json(state))
+    if file.endswith(".json"):
+        write_json(folder / file, state)
+    else:
+        torch.save(state, folder / file)
+    return file
+
+
+def read_state(folder: Path, name: str):
+    """Read what :func:`write_state` wrote for ``name``.
+
+    Raises:
+        CheckpointError: no such state in ``folder``, or it is not loadable as data.
+    """
+    for plain_json in (True, False):
+        path = folder / state_file(name, plain_json)
+        if path.is_file():
+            return read_json(path) if plain_json else safe_torch_load(path)
+    raise CheckpointError(f"{folder}: no saved state named {name!r} ({state_file(name)} or {state_file(name, False)})")
 
 
 # numpy globals that Accelerate itself allows when it loads its RNG files; they rebuild arrays, run no code.
@@ -139,10 +185,18 @@ def check_dcp_metadata_is_data(path: str | Path) -> None:
         raise CheckpointError(f"{path}: unreadable sharded-checkpoint metadata ({type(err).__name__}: {err})") from None
 
 
-def safe_torch_load(path: str | Path, map_location="cpu"):
-    """``torch.load(weights_only=True)`` with the file scanned first and a clear error on refusal."""
+def safe_torch_load(path: str | Path, map_location="cpu", numpy: bool = False):
+    """``torch.load(weights_only=True)`` with the file scanned first and a clear error on refusal.
+
+    ``numpy=True`` also allows numpy arrays, as in the RNG files Accelerate writes (read through
+    Accelerate's own ``load``, which allows exactly those).
+    """
     check_pickle_is_data(path)
     try:
+        if numpy:
+            from accelerate.utils import load
+
+            return load(path, map_location=map_location)
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: could not be loaded as data ({type(err).__name__}: {err})") from None

@@ -1,34 +1,19 @@
-"""Where checkpoints live and which one a name means.
-
-    <output_dir>/checkpoints/step-<N>/     one checkpoint (counts only once it holds COMPLETE)
-    <output_dir>/checkpoints/.tmp-step-<N>  a save in progress (or left by a crash; removed later)
-    <output_dir>/checkpoints/latest        pointer file: "step-<N>", replaced atomically
-    <output_dir>/checkpoints/best          pointer file to the best-validation checkpoint
-"""
+"""Where checkpoints live (see :mod:`.format`), which one a name means, and which ones to keep."""
 
 from __future__ import annotations
 
-import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .io import CheckpointError, atomic_write_text
-from .manifest import COMPLETE, verify
-
-CHECKPOINTS = "checkpoints"
-TMP_PREFIX = ".tmp-"
-POINTERS = ("latest", "best")
-STEP_RE = re.compile(r"^step-(\d+)$")
+from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX
+from .io import CheckpointError, atomic_write_text, read_json
+from .manifest import verify
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step}"
 
 
 def step_folders(root: str | Path) -> list[tuple[int, Path]]:
@@ -40,17 +25,37 @@ def step_folders(root: str | Path) -> list[tuple[int, Path]]:
                   if (m := STEP_RE.match(child.name)) and child.is_dir())
 
 
+def step_of(folder: Path) -> int:
+    return int(STEP_RE.match(folder.name).group(1))
+
+
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (those with a COMPLETE marker) under a ``checkpoints/`` folder, oldest first."""
     return [(step, folder) for step, folder in step_folders(root) if (folder / COMPLETE).exists()]
 
 
 def read_pointer(root: Path, name: str) -> Path | None:
+    """The folder a pointer file names, or None when it is absent, unreadable or not ``step-<N>``
+    (a pointer never names anything outside ``root``)."""
     path = root / name
-    if not path.is_file():
+    try:
+        target = path.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
         return None
-    target = path.read_text().strip()
     return root / target if STEP_RE.match(target) else None
+
+
+def pointer_problem(root: Path, name: str) -> str | None:
+    """Why a present pointer file cannot be followed (None when it can, or is absent)."""
+    path = root / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    target = read_pointer(root, name)
+    if target is None:
+        return f"{path} is not a readable 'step-<N>' pointer"
+    if not (target / COMPLETE).is_file():
+        return f"{path} names {target.name}, which is not a complete checkpoint"
+    return None
 
 
 def write_pointer(root: Path, name: str, folder: Path) -> None:
@@ -71,23 +76,51 @@ class Resolved:
     note: str = ""
 
 
+def save_sequence(folder: Path) -> int:
+    """The order in which a checkpoint was saved in its run dir (0 when unknown, e.g. format 1)."""
+    try:
+        sequence = read_json(folder / MANIFEST).get("sequence", 0)
+    except (CheckpointError, AttributeError):
+        return 0
+    return sequence if isinstance(sequence, int) else 0
+
+
+def by_recency(root: Path) -> list[Path]:
+    """Complete checkpoints, most recently saved first: by save sequence, then step.
+
+    Not by step alone: a run resumed from an older checkpoint (say ``best``, to fine-tune) saves
+    lower step numbers than the abandoned ones after it, and its own saves are the latest.
+    """
+    found = list_checkpoints(root)
+    return [folder for _, _, folder in sorted(((save_sequence(f), s, f) for s, f in found), reverse=True)]
+
+
+def next_sequence(root: Path) -> int:
+    return 1 + max((save_sequence(folder) for _, folder in list_checkpoints(root)), default=0)
+
+
 def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resolved:
-    """The checkpoint ``latest`` names if it verifies, else the newest older one that does (with a warning)."""
-    candidates = [p for _, p in reversed(list_checkpoints(root))]
-    pointed = read_pointer(root, "latest")
-    if pointed is not None and pointed in candidates:
-        candidates.remove(pointed)
-        candidates.insert(0, pointed)
+    """The most recently saved checkpoint that verifies; when that is not the one the ``latest``
+    pointer names, or newer ones fail verification, a warning says what was skipped and why.
+    Never raises for damaged checkpoints or pointers."""
     rejected = []
-    for folder in candidates:
+    problem = pointer_problem(root, LATEST)
+    if problem:
+        rejected.append(problem)
+    failed = set()
+    for folder in by_recency(root):
         problems = verify(folder, checksums=checksums)
         if not problems:
+            pointed = read_pointer(root, LATEST)
+            if pointed is not None and pointed != folder and not problem and pointed not in failed:
+                rejected.append(f"the 'latest' pointer names the older {pointed.name} (moving it after the save "
+                                f"of {folder.name} did not happen)")
             note = ""
             if rejected:
-                note = (f"'latest' falls back to {folder.name}: newer checkpoint(s) failed verification: "
-                        + "; ".join(rejected))
+                note = f"'latest' falls back to {folder.name}: skipped " + "; ".join(rejected)
                 warnings.warn(note, stacklevel=2)
             return Resolved(folder, note)
+        failed.add(folder)
         rejected.append(f"{folder.name}: {problems[0]}")
     return Resolved(None, "; ".join(rejected))
 
@@ -161,11 +194,15 @@ def _verified(folder: Path, flag: str, checksums: bool | set[str]) -> Resolved:
 
 def select_for_deletion(steps: list[int], *, keep_last: int | None, protected: set[int],
                         keep_every_n_steps: int | None = None) -> list[int]:
-    """Retention rule: keep the newest ``keep_last``, every protected step (latest, best) and every
-    multiple of ``keep_every_n_steps``; return the steps to delete, oldest first."""
+    """Retention rule: keep the ``keep_last`` most recent saves, every protected step (latest, best)
+    and every multiple of ``keep_every_n_steps``; return the steps to delete, by step.
+
+    Args:
+        steps: the checkpoints' steps in the order they were saved, oldest first.
+    """
     if not keep_last:
         return []
-    newest = set(sorted(steps)[-keep_last:])
+    newest = set(steps[-keep_last:])
     keep = newest | protected
     if keep_every_n_steps:
         keep |= {s for s in steps if s % keep_every_n_steps == 0}
@@ -185,8 +222,8 @@ def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]
 
 def plan_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
     """The checkpoints :func:`select_for_deletion` picks on disk; never the ``latest`` or ``best`` target."""
-    found = dict(list_checkpoints(root))
-    protected = {int(STEP_RE.match(p.name).group(1)) for p in (read_pointer(root, n) for n in POINTERS) if p}
+    found = {step_of(folder): folder for folder in reversed(by_recency(root))}
+    protected = {step_of(p) for p in (read_pointer(root, n) for n in POINTERS) if p}
     doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
                                  keep_every_n_steps=keep_every_n_steps)
     return [found[s] for s in doomed]

@@ -1,206 +1,344 @@
-"""The Checkpointer: saves and restores a run's whole state through Accelerate's save_state/load_state.
+"""The Checkpointer: crash-proof checkpoints for any Accelerate training loop.
 
-Save protocol (a process killed at any instant leaves ``latest`` at a complete checkpoint):
-  1. all ranks write into ``checkpoints/.tmp-step-N/``: ``accelerator.save_state`` (RNG, scaler, and
-     for FSDP its sharded model/optimizer) plus, through our pre-save hook, the named state: trainer
-     counters, schedulers, configs and every rank's RNG;
-  2. the big tensors of non-sharded runs (model weights from Accelerate's own ``get_state_dict``, and
-     the optimizer state) are written by :mod:`tensor_files` at disk speed and hashed on the way,
-     either now (sync) or from reused staging buffers by a background thread (``--async_save``);
-  3. the main process fsyncs everything, writes ``manifest.json`` (size + xxh3-128 + role per file),
-     then ``COMPLETE``, renames the folder to ``step-N``, fsyncs ``checkpoints/``, and only then moves
-     ``latest`` (and ``best``) by atomic rename; then applies retention.
+    ckpt = Checkpointer(accelerator, "runs/x", model=model, optimizer=optimizer, scheduler=scheduler,
+                        dataloader=train_loader, extra={"loop": loop_state}, save_total_limit=3)
+    train_loader = ckpt.dataloader            # the same batches; continues mid-epoch after a resume
+    start_step = ckpt.resume("latest")        # 0 when there is nothing to resume
+    ...
+    ckpt.save(step, metrics={"val_loss": v})  # collective: every process calls it
+    ckpt.close()
+
+Everything is saved by name (torchtitan's ``Stateful`` idea: objects with ``state_dict()`` and
+``load_state_dict()``). Accelerate's ``save_state``/``load_state`` stay the engine: they gather and
+shard the model (DDP, FSDP, DeepSpeed), write every rank's RNG and the grad scaler; hooks add the
+named state. For non-sharded runs the model weights and optimizer state are written by
+:mod:`tensor_files` at disk speed and hashed on the way.
+
+A save is three phases, each ending in one agreement of all ranks:
+  1. reserve: the main process checks the free space and makes ``checkpoints/.tmp-step-N/``;
+  2. write: every rank writes its share (RNG; under FSDP its shards), the main process the named
+     state, and the big tensors now, or from staging buffers in a background thread (``async_save``);
+  3. commit (main process): fsync, ``manifest.json``, ``COMPLETE``, rename to ``step-N``, fsync the
+     parent, then the ``latest``/``best`` pointers (atomic rename), then retention.
+A process killed at any instant leaves the newest complete checkpoint loadable; a save that fails
+is skipped (or raises with ``save_strict``) and never touches the checkpoints already there.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate.utils import DistributedType, broadcast_object_list, gather_object
 
 from . import optimizer_files, rng
-from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file,
-                 fsync_tree, read_json, safe_torch_load, write_json)
-from .layout import (TMP_PREFIX, apply_retention, checkpoints_dir, ensure_dir, remove_stale_temporaries,
-                     resolve, step_dir_name, write_pointer)
-from .manifest import write_complete_marker, write_manifest
-from .tensor_files import SafetensorsFile
-from .weights import load_state_into, normalize_state_dict, read_weights
+from .dataloader import ResumableLoader, has_own_position
+from .emergency import StopRequest
+from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, MODEL_WEIGHTS, NAME_RE, OPTIMIZER_TENSORS,
+                     PICKLED_SUFFIXES, RESERVED_NAMES, RUN_CONFIG, SCHEDULERS, TMP_PREFIX, rng_file, step_dir_name)
+from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file, fsync_tree,
+                 read_state, write_json, write_state)
+from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
+from .manifest import read_manifest, write_complete_marker, write_manifest
+from .tensor_files import SafetensorsFile, StagingBuffers
+from .weights import load_weights_in_place, normalize_key, normalize_state_dict
 
-TRAINER_STATE = "trainer_state.json"
-SCHEDULERS = "schedulers.json"
-RUN_CONFIG = "run_config.json"
-MODEL_CONFIG = "config.json"
-MODEL_WEIGHTS = "model.safetensors"
-PICKLED_SUFFIXES = (".bin", ".pt", ".pkl", ".pth")
 # Sharded or engine-managed states stay entirely with Accelerate (it knows how to gather/shard them).
 ACCELERATE_OWNS_TENSORS = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM,
                            DistributedType.XLA}
-# Hyperparameters that follow the current flags on resume (the checkpoint supplies state, not these).
-FLAG_HYPERPARAMETERS = ("weight_decay", "momentum", "nesterov", "ns_steps", "betas", "eps")
-# Run-config keys that may differ on resume without comment (they say where/how, not what).
-QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save"}
+PARTS = ("model", "optimizer", "scheduler", "dataloader")
 
 
-def write_file(file: SafetensorsFile, path: Path) -> None:
-    """Write without fsync (the caller flushes the whole folder at once)."""
-    file.write(path, fsync=False)
+def not_saved(step: int, err: BaseException, where: Path) -> str:
+    """One line for a save that failed while writing (ENOSPC, permissions, a writer's RuntimeError...)."""
+    if isinstance(err, OSError):
+        return f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or where})"
+    return f"checkpoint at step {step} not saved: {type(err).__name__}: {err} (writing {where})"
 
 
-def not_saved(step: int, err: OSError, where: Path) -> str:
-    """One line for a save that an OS error stopped (ENOSPC, permissions, ...)."""
-    return f"checkpoint at step {step} not saved: {err.strerror or err} ({err.filename or where})"
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state_{rank}.pt"
-
-
-def architecture_differences(saved: dict, current: dict) -> list[str]:
-    from ..models.configuration_moe import ARCHITECTURE_KEYS
-
-    return [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-            for k in ARCHITECTURE_KEYS if saved.get(k) != current.get(k)]
-
-
-class StagingBuffers:
-    """CPU copies of the state for an async save, reused from save to save.
-
-    A fresh ``clone`` runs at ~2.5 GB/s here because of page faults; copying into buffers that were
-    already touched runs at memory speed. Pinned when the source is on a GPU (faster DMA).
-    """
-
-    def __init__(self):
-        self.buffers: dict[tuple[str, str], torch.Tensor] = {}
-
-    def stage(self, file_name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Copies of ``tensors`` (one file's worth) in this file's buffers."""
-        staged = {}
-        for name, src in tensors.items():
-            src = src.detach()
-            buf = self.buffers.get((file_name, name))
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=src.is_cuda)
-                self.buffers[(file_name, name)] = buf
-            buf.copy_(src, non_blocking=src.is_cuda)
-            staged[name] = buf
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return staged
+def _named(value, default_name: str, what: str) -> dict:
+    if value is None:
+        return {}
+    named = dict(value) if isinstance(value, dict) else {default_name: value}
+    for name, obj in named.items():
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise TypeError(f"Checkpointer({what}=...): {name!r} is a {type(obj).__name__}, which has no "
+                            "state_dict()/load_state_dict()")
+    return named
 
 
 class Checkpointer:
-    """Owns ``<output_dir>/checkpoints`` for one trainer.
+    """Saves and restores the whole state of a training loop under ``<output_dir>/checkpoints``.
 
     Args:
-        trainer: the :class:`~accel_trainer.trainer.Trainer` whose state is saved (model, optimizer
-            container, schedulers, counters, run config).
-        output_dir: the run's output dir.
-        save_total_limit: keep this many newest checkpoints (plus latest and best); None keeps all.
+        accelerator: the run's ``Accelerator``.
+        output_dir: the run's folder; checkpoints go to ``<output_dir>/checkpoints/step-N``.
+        model: the prepared model.
+        optimizer: one optimizer, or a dict name -> optimizer (prepared or not).
+        scheduler: one LR scheduler, or a dict name -> scheduler (any object with ``state_dict``).
+        dataloader: the prepared training loader; iterate :attr:`dataloader` (a
+            :class:`ResumableLoader` around it) so that its position is saved and restored. A loader
+            that already has ``state_dict()`` (e.g. torchdata's ``StatefulDataLoader``) is used as is.
+        extra: name -> anything with ``state_dict()``/``load_state_dict()`` (a loop's counters, an
+            EMA, ...); JSON when the state is plain JSON, else ``torch.save`` read back weights-only.
+        config: the run's configuration (a JSON-able dict), saved as ``run_config.json``.
+        save_total_limit: keep this many most recent checkpoints (plus ``latest`` and ``best``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
+        best_metric: the ``save(metrics=...)`` key that decides ``best``; ``greater_is_better`` its direction.
         async_save: write the big tensor files in a background thread (non-sharded runs).
-        save_strict: a save that does not fit or fails stops the run; otherwise it is skipped with a
-            loud warning and training goes on (the previous checkpoints stay as they are).
+        save_strict: a save that does not fit or fails raises :class:`CheckpointError`; by default it
+            is skipped with a warning and training goes on (the checkpoints already there stay intact).
+        handle_signals: turn SIGTERM/SIGINT/SIGUSR1 into :meth:`stop_requested` (see there).
+        before_resume: a policy called with the resolved checkpoint folder before anything is loaded
+            (e.g. refuse another architecture); it raises :class:`CheckpointError` to refuse.
     """
 
     # Headroom on top of the tensor bytes: JSON, RNG files, safetensors headers, filesystem blocks.
     SIZE_SLACK_BYTES = 16 << 20
 
-    def __init__(self, trainer, output_dir: str | Path, save_total_limit: int | None = None,
-                 keep_every_n_steps: int | None = None, async_save: bool = False, save_strict: bool = False):
-        self.trainer = trainer
-        self.accelerator = trainer.accelerator
+    def __init__(self, accelerator, output_dir: str | Path, *, model, optimizer=None, scheduler=None,
+                 dataloader=None, extra: dict | None = None, config: dict | None = None,
+                 save_total_limit: int | None = None, keep_every_n_steps: int | None = None,
+                 best_metric: str = "val_loss", greater_is_better: bool = False, async_save: bool = False,
+                 save_strict: bool = False, handle_signals: bool = False,
+                 before_resume: Callable[[Path], None] | None = None):
+        self.accelerator = accelerator
         self.root = checkpoints_dir(output_dir)
+        self.model = model
+        self.optimizers = _named(optimizer, "optimizer", "optimizer")
+        self.schedulers = _named(scheduler, "scheduler", "scheduler")
+        self.extra = _named(extra, "extra", "extra")
+        for name in self.extra:
+            if not NAME_RE.match(name) or name in RESERVED_NAMES:
+                raise ValueError(f"Checkpointer(extra=...): {name!r} cannot name a state file (use letters, digits "
+                                 f"and _, not one of {sorted(RESERVED_NAMES)})")
+        self._raw_loader = dataloader
+        self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
+        self.config = config
         self.save_total_limit = save_total_limit
         self.keep_every_n_steps = keep_every_n_steps
+        self.best_metric, self.greater_is_better = best_metric, greater_is_better
+        self.best: dict | None = None  # {"metric", "value", "step"} of the best checkpoint saved
         self.last_saved_step: int | None = None
-        self.owns_tensors = getattr(self.accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
+        self.before_resume = before_resume
+        self.owns_tensors = getattr(accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
         self.async_save = async_save and self.owns_tensors
         self.save_strict = save_strict
+        self._sequence: int | None = None
         self._staging = StagingBuffers()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None
-        self._pending: Future | None = None
+        self._pending: tuple[Future, Path, dict | None] | None = None
+        self._model_loaded = self._hook_took_model = False
         self._model_tensors: dict[str, torch.Tensor] | None = None
-        self.accelerator.register_save_state_pre_hook(self._save_hook)
-        self.accelerator.register_load_state_pre_hook(self._load_hook)
+        self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
+        if self._stop is not None:
+            self._stop.install()
+        self._hooks = [accelerator.register_save_state_pre_hook(self._save_hook),
+                       accelerator.register_load_state_pre_hook(self._load_hook)]
 
     # ------------------------------------------------------------------------------------- saving
-    def save(self, reasons: list[str], wait: bool = False) -> Path | None:
-        """Save the whole state at the current step (a collective call: every rank must call it).
+    def improves_best(self, metrics: dict | None) -> bool:
+        """Whether ``metrics`` beat the best checkpoint's (same answer on every rank for equal metrics)."""
+        value = (metrics or {}).get(self.best_metric)
+        if value is None or value != value:  # absent or NaN
+            return False
+        if self.best is None:
+            return True
+        return value > self.best["value"] if self.greater_is_better else value < self.best["value"]
 
-        With ``async_save`` this returns once the state is staged in memory; the files are written in
-        the background. At most one save is in flight: this first waits for the previous one.
+    def save(self, step: int, metrics: dict | None = None, reason: str | list[str] = "periodic",
+             wait: bool = False) -> Path | None:
+        """Save the whole state as ``step-<step>`` (a collective call: every process must call it).
+
+        Args:
+            step: the loop's step; :meth:`resume` returns it.
+            metrics: stored with the checkpoint; when ``metrics[best_metric]`` beats the best so far,
+                this checkpoint becomes ``best``.
+            reason: why it is saved ("periodic", "final", "emergency", ...), recorded in the manifest.
+            wait: with ``async_save``, write now instead of in the background.
 
         Returns:
             The checkpoint folder, or None when the save was skipped (no room, or it failed and
             ``save_strict`` is off); existing checkpoints are never touched by a skipped save.
         """
-        acc, trainer = self.accelerator, self.trainer
+        acc = self.accelerator
         self.wait()
-        step = trainer.state.global_step
-        trainer.sync_state()
+        reasons = [reason] if isinstance(reason, str) else list(reason)
+        best = None
+        if self.improves_best(metrics):
+            reasons.append("best")
+            best = {"metric": self.best_metric, "value": metrics[self.best_metric], "step": step}
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
-        problem = None
-        if acc.is_main_process:
-            try:
-                ensure_dir(self.root)
-                remove_stale_temporaries(self.root)
-                problem = self._no_room(step)
-                if problem is None:
-                    tmp.mkdir()
-            except OSError as err:
-                problem = not_saved(step, err, self.root)
-        problem = self._agree([problem])
+        # 1. reserve
+        problem = self._agree(self._reserve(step, tmp) if acc.is_main_process else None)
         if problem:
             return self._skipped(problem, tmp)
-        problems = [None]
-        big = {}
+        # 2. write
+        big, problem = {}, None
         try:
-            self._model_tensors = None
-            with self._accelerate_skips_optimizer():
-                acc.save_state(str(tmp), safe_serialization=True)
-            if self.owns_tensors and acc.is_main_process:
-                opt_tensors, description = optimizer_files.split_state(trainer.optimizers.state_dict())
-                optimizer_files.write_description(tmp, description)
-                big = {MODEL_WEIGHTS: self._model_tensors, optimizer_files.TENSORS: opt_tensors}
-                if self.async_save and not wait:
-                    big = {name: self._staging.stage(name, t) for name, t in big.items()}
-            # Each rank makes its own files durable (on node-local disks this is the only fsync they get).
-            for name in (rng_file(acc.process_index), f"random_states_{acc.process_index}.pkl"):
-                if (tmp / name).exists():
-                    fsync_file(tmp / name)
-        except OSError as err:
-            problems = [not_saved(step, err, tmp)]
-        finally:
-            self._model_tensors = None
-        problem = self._agree(problems)
-        if problem is None and acc.is_main_process:
-            if self.async_save and not wait:
-                self._pending = self._executor.submit(self._finish, tmp, final, step, reasons, big)
+            big = self._write(tmp, stage=self.async_save and not wait)
+        except Exception as err:  # any writer failure (OSError, torch's RuntimeError on ENOSPC, ...)
+            problem = not_saved(step, err, tmp)
+        problem = self._agree(problem)
+        if problem:
+            return self._skipped(problem, tmp)
+        # 3. commit
+        record = {"step": step, "reasons": reasons, "metrics": dict(metrics or {}),
+                  "best": best or self.best, "sequence": self._next_sequence()}
+        background = self.async_save and not wait
+        notes = []
+        if acc.is_main_process:
+            if background:
+                self._pending = (self._executor.submit(self._finish, tmp, final, record, big), tmp, self.best)
             else:
                 try:
-                    self._finish(tmp, final, step, reasons, big)
-                except OSError as err:
+                    notes = self._finish(tmp, final, record, big)
+                except Exception as err:
                     problem = not_saved(step, err, tmp)
-        if not self.async_save or wait:
-            problem = self._agree([problem])
-        if problem:
-            return self._skipped(problem, tmp)
-        self.last_saved_step = step
-        acc.print(f"checkpoint: {'staged' if self._pending else 'saved'} {final} ({', '.join(reasons)})")
+        if not background:
+            problem = self._agree(problem)
+            if problem:
+                return self._skipped(problem, tmp)
+        self._committed(record)
+        acc.print(f"checkpoint: {'staged' if background else 'saved'} {final} ({', '.join(reasons)})")
+        self._report_after_commit(final, notes)
         return final
+
+    def _reserve(self, step: int, tmp: Path) -> str | None:
+        try:
+            ensure_dir(self.root)
+            remove_stale_temporaries(self.root)
+            problem = self._no_room(step)
+            if problem is None:
+                tmp.mkdir()
+            return problem
+        except (OSError, CheckpointError) as err:
+            return not_saved(step, err, self.root) if isinstance(err, OSError) else str(err)
+
+    def _write(self, tmp: Path, stage: bool) -> dict:
+        """Every rank: Accelerate's share (RNG, scaler, shards) and, on the main process, the named
+        state. Returns the big tensor files still to write (staged copies when ``stage``)."""
+        acc = self.accelerator
+        big = {}
+        self._model_tensors, self._hook_took_model = None, False
+        try:
+            with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors):
+                acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                if self.owns_tensors and not self._hook_took_model:  # a model Accelerate did not prepare
+                    self._model_tensors = normalize_state_dict(acc.get_state_dict(self.model))
+                self._write_named_state(tmp)
+                if self.owns_tensors:
+                    opt_tensors, description = optimizer_files.split_state(self.optimizers, self._parameter_names())
+                    optimizer_files.write_description(tmp, description)
+                    big = {MODEL_WEIGHTS: self._model_tensors, OPTIMIZER_TENSORS: opt_tensors}
+                    if stage:
+                        big = {name: self._staging.stage(name, t) for name, t in big.items()}
+        finally:
+            self._model_tensors = None
+        # Each rank makes its own file durable (on node-local disks this is the only fsync it gets).
+        own = tmp / rng_file(acc.process_index)
+        if own.exists():
+            fsync_file(own)
+        return big
+
+    def _write_named_state(self, tmp: Path) -> None:
+        if self.schedulers:
+            write_state(tmp, SCHEDULERS, {n: s.state_dict() for n, s in self.schedulers.items()})
+        if self.dataloader is not None:
+            write_state(tmp, DATALOADER, self.dataloader.state_dict())
+        for name, obj in self.extra.items():
+            write_state(tmp, name, obj.state_dict())
+        if self.config is not None:
+            write_json(tmp / RUN_CONFIG, self.config)
+        model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        if hasattr(model_config, "to_json_file"):  # transformers models: rebuildable from the folder
+            model_config.to_json_file(tmp / MODEL_CONFIG)
+
+    def _finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
+        """Write the big files, then commit (main process; maybe a background thread). Returns what
+        went wrong after the commit (the checkpoint exists then)."""
+        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
+        for name, file in files.items():
+            file.write(tmp / name, fsync=False)
+        # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
+        # same bytes from memory: the checksums cost no time of their own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as hasher:
+            digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
+            fsync_tree(tmp)
+            digests = digests.result()
+        manifest = write_manifest(tmp, accelerator=self.accelerator, known=digests, **record)
+        write_complete_marker(tmp, manifest)
+        fsync_dir(tmp)
+        replaced = self._rename_into_place(tmp, final)
+        return self._after_commit(final, record, replaced)
+
+    def _rename_into_place(self, tmp: Path, final: Path) -> Path | None:
+        """The commit point: ``tmp`` becomes ``final``. The same step saved again (an emergency save
+        after a periodic one) swaps the folders; if the swap fails the old folder is put back."""
+        replaced = None
+        if final.exists():
+            replaced = self.root / f"{TMP_PREFIX}replaced-{final.name}"
+            final.rename(replaced)
+        try:
+            tmp.rename(final)
+        except BaseException:
+            if replaced is not None:
+                replaced.rename(final)
+            raise
+        fsync_dir(self.root)
+        return replaced
+
+    def _after_commit(self, final: Path, record: dict, replaced: Path | None) -> list[str]:
+        """Pointers and retention. Each is tried even if another failed; failures are returned, not
+        raised: the checkpoint is saved, and resolution finds it without the pointers."""
+        problems = []
+        for pointer in ("latest", "best") if "best" in record["reasons"] else ("latest",):
+            try:
+                write_pointer(self.root, pointer, final)
+            except OSError as err:
+                problems.append(f"moving '{pointer}' to {final.name} failed ({err.strerror or err})")
+        try:
+            if replaced is not None:
+                shutil.rmtree(replaced)
+            apply_retention(self.root, keep_last=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps)
+        except OSError as err:
+            problems.append(f"removing old checkpoints failed ({err.strerror or err}; the next save retries)")
+        return problems
+
+    def _report_after_commit(self, final: Path, problems: list[str]) -> None:
+        if problems:
+            message = (f"checkpoint {final} is saved, but {'; '.join(problems)}. --resume_from_checkpoint latest "
+                       "still finds it: it is the most recent valid checkpoint")
+            warnings.warn(message, stacklevel=3)
+            self.accelerator.print(f"WARNING: {message}")
+
+    def _committed(self, record: dict) -> None:
+        self.last_saved_step = record["step"]
+        self.best = record["best"]
+        self._sequence = record["sequence"]
+
+    def _next_sequence(self) -> int:
+        if self._sequence is None:  # the first save of this process: continue after what is on disk
+            answer = [next_sequence(self.root) if self.accelerator.is_main_process else 0]
+            if self.accelerator.num_processes > 1:
+                broadcast_object_list(answer, from_process=0)
+            self._sequence = answer[0] - 1
+        return self._sequence + 1
 
     def estimate_bytes(self) -> int:
         """Bytes the next checkpoint will take: every model and optimizer tensor, plus headroom."""
-        model = self.accelerator.unwrap_model(self.trainer.model)
+        model = self.accelerator.unwrap_model(self.model)
         tensors = list(model.state_dict().values())
-        tensors += [v for state in self.trainer.optimizers.state.values() for v in state.values() if torch.is_tensor(v)]
+        tensors += [v for opt in self.optimizers.values() for state in opt.state.values()
+                    for v in state.values() if torch.is_tensor(v)]
         return sum(t.numel() * t.element_size() for t in tensors) + self.SIZE_SLACK_BYTES
 
     def _no_room(self, step: int) -> str | None:
@@ -211,8 +349,9 @@ class Checkpointer:
                 f"{self.root} has {free / 2**30:.2f} GiB free (short by {(needed - free) / 2**30:.2f} GiB); "
                 "free space or lower --save_total_limit")
 
-    def _agree(self, problems: list[str | None]) -> str | None:
+    def _agree(self, problem: str | None) -> str | None:
         """Every rank learns the first problem any rank had (a collective call)."""
+        problems = [problem]
         if self.accelerator.num_processes > 1:
             problems = gather_object(problems)
         return next((p for p in problems if p), None)
@@ -222,85 +361,97 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)  # give back the space; checkpoints are untouched
         if self.save_strict:
             raise CheckpointError(problem + " (--save_strict)")
-        warnings.warn(f"{problem}; training continues, the previous checkpoints are intact", stacklevel=3)
-        self.accelerator.print(f"WARNING: {problem}; training continues, the previous checkpoints are intact")
+        message = f"{problem}; training continues, the previous checkpoints are intact"
+        warnings.warn(message, stacklevel=3)
+        self.accelerator.print(f"WARNING: {message}")
         return None
 
-    def _finish(self, tmp: Path, final: Path, step: int, reasons: list[str], big: dict) -> None:
-        """Write the big files, then manifest, marker, rename and pointers (main process; maybe a thread)."""
-        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
-        for name, file in files.items():
-            write_file(file, tmp / name)
-        # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
-        # same bytes from memory: the checksums cost no time of their own.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as hasher:
-            digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
-            fsync_tree(tmp)
-            digests = digests.result()
-        manifest = write_manifest(tmp, step=step, reasons=reasons, accelerator=self.accelerator, known=digests)
-        write_complete_marker(tmp, manifest)
-        fsync_dir(tmp)
-        replaced = None
-        if final.exists():  # the same step saved again (e.g. emergency after periodic): swap
-            replaced = self.root / f"{TMP_PREFIX}replaced-{final.name}"
-            final.rename(replaced)
-        tmp.rename(final)
-        fsync_dir(self.root)
-        write_pointer(self.root, "latest", final)
-        if "best" in reasons:
-            write_pointer(self.root, "best", final)
-        if replaced is not None:
-            shutil.rmtree(replaced)
-        apply_retention(self.root, keep_last=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps)
-
     def wait(self) -> None:
-        """Block until the save in flight (if any) is on disk; raise its error if it failed."""
+        """Block until the save in flight (if any) is on disk; report its failure like a sync save's."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                pending.result()
-            except Exception as err:
-                self.last_saved_step = None  # that step is not on disk; an emergency save must redo it
-                problem = (f"background checkpoint write failed ({type(err).__name__}: {err}); "
-                           "'latest' still points to the previous complete checkpoint")
-                if self.save_strict or not isinstance(err, OSError):
-                    raise CheckpointError(problem) from err
-                self._skipped(problem, self.root / f"{TMP_PREFIX}none")
+        if pending is None:
+            return
+        future, tmp, best_before = pending
+        try:
+            notes = future.result()
+        except Exception as err:
+            self.last_saved_step = None  # that step is not on disk; an emergency save must redo it
+            self.best = best_before
+            self._skipped(f"background checkpoint write failed ({type(err).__name__}: {err}); 'latest' still "
+                          "points to the previous complete checkpoint", tmp)
+            return
+        self._report_after_commit(tmp.parent / tmp.name[len(TMP_PREFIX):], notes)
 
     def close(self) -> None:
+        """Wait for the save in flight, then release the signal handlers and Accelerate hooks."""
         try:
             self.wait()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._stop is not None:
+                self._stop.uninstall()
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
 
+    # ----------------------------------------------------------------------------------- signals
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGTERM, SIGINT or SIGUSR1 (needs ``handle_signals``).
+
+        Check it between steps, then ``save(step, reason="emergency", wait=True)`` and leave the loop.
+        A collective call when there are several processes (one tiny all-reduce on a CPU group).
+        """
+        return self._stop is not None and self._stop.agreed()
+
+    @property
+    def stop_signal(self) -> signal.Signals | None:
+        """The signal that asked to stop (None if none did)."""
+        return None if self._stop is None or self._stop.signum is None else signal.Signals(self._stop.signum)
+
+    # --------------------------------------------------------------- Accelerate's positional state
     @contextmanager
-    def _accelerate_skips_optimizer(self):
-        """Hide the optimizer from save_state/load_state when we write its state ourselves."""
+    def _accelerate_skips_what_we_save(self, hide_optimizers: bool):
+        """Hide the optimizers, schedulers and loader we save by name from save_state/load_state.
+
+        Accelerate saves and loads every prepared optimizer, scheduler and dataloader by position
+        (``optimizer.bin``, ``scheduler.bin``, ...) and has no public switch to leave some out, so
+        for this call its private lists hold only what we do not save ourselves. Under FSDP the
+        sharded optimizer stays with Accelerate. Pinned by
+        ``tests/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
+        """
         acc = self.accelerator
-        if not self.owns_tensors:
-            yield
-            return
-        hidden, acc._optimizers = acc._optimizers, []
+        saved = acc._optimizers, acc._schedulers, acc._dataloaders
+        ours_params = {id(p) for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]}
+        ours_schedulers = {id(s) for s in self.schedulers.values()}
         try:
+            if hide_optimizers:
+                acc._optimizers = [o for o in saved[0]
+                                   if not all(id(p) in ours_params for g in o.param_groups for p in g["params"])]
+            acc._schedulers = [s for s in saved[1]
+                               if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
+            acc._dataloaders = [d for d in saved[2] if d is not self._raw_loader]
             yield
         finally:
-            acc._optimizers = hidden
+            acc._optimizers, acc._schedulers, acc._dataloaders = saved
+
+    def _model_index(self, models: list) -> int | None:
+        """Where our model is among Accelerate's (given wrapped or not)."""
+        ours = self.accelerator.unwrap_model(self.model)
+        return next((i for i, m in enumerate(models) if self.accelerator.unwrap_model(m) is ours), None)
 
     def _save_hook(self, models, weights, output_dir) -> None:
-        """Accelerate pre-save hook: take over the weights file and write our named state files."""
-        out, acc, trainer = Path(output_dir), self.accelerator, self.trainer
-        if weights and self.owns_tensors:
-            # Names without DDP/compile prefixes so any world size loads them; we write the file
-            # (streamed + hashed), so Accelerate is told there is nothing left to save.
-            self._model_tensors = normalize_state_dict(weights[0]) if acc.is_main_process else None
-            weights.clear()
-        torch.save(rng.capture(), out / rng_file(acc.process_index))
-        if acc.is_main_process:
-            write_json(out / TRAINER_STATE, trainer.state.state_dict())
-            write_json(out / SCHEDULERS, trainer.schedulers.state_dict())
-            write_json(out / RUN_CONFIG, trainer.run_config)
-            acc.unwrap_model(trainer.model).config.to_json_file(out / MODEL_CONFIG)
+        """Accelerate pre-save hook: take over our model's weights (we write them streamed + hashed,
+        under names without DDP/compile prefixes, so any world size loads them)."""
+        i = self._model_index(models)
+        if weights and self.owns_tensors and i is not None:
+            state = weights.pop(i)  # Accelerate's documented way to say "not for you to save"
+            self._hook_took_model = True
+            self._model_tensors = normalize_state_dict(state) if self.accelerator.is_main_process else None
+
+    def _parameter_names(self) -> dict[int, str]:
+        model = self.accelerator.unwrap_model(self.model)
+        return {id(p): normalize_key(n) for n, p in model.named_parameters()}
 
     # ------------------------------------------------------------------------------------ loading
     def resolve(self, spec: str) -> Path | None:
@@ -319,121 +470,100 @@ class Checkpointer:
             raise CheckpointError(answer[1])
         return None if answer[0] is None else Path(answer[0])
 
-    def resume(self, spec: str, reset_optimizer: bool = False) -> Path | None:
-        """Restore everything from ``spec`` (see :func:`layout.resolve`); None means a fresh start.
+    def resume(self, spec: str = "latest", exclude: tuple[str, ...] = ()) -> int:
+        """Restore everything from ``spec``: ``latest`` (the newest valid checkpoint, falling back past
+        corrupt ones), ``best``, ``step-<N>``, or a path.
+
+        Args:
+            spec: which checkpoint; ``latest`` with none yet means a fresh start.
+            exclude: parts to leave as they are: "optimizer", "scheduler", "dataloader", or an
+                ``extra`` name (e.g. to start the optimizer fresh on the saved weights).
+
+        Returns:
+            The restored step, or 0 when there was nothing to resume.
 
         Raises:
-            CheckpointError: unknown/invalid checkpoint, architecture change, or optimizer mismatch.
+            CheckpointError: unknown or invalid checkpoint, refused by ``before_resume``, or a state
+                that does not fit this run (naming it).
         """
-        acc, trainer = self.accelerator, self.trainer
+        acc = self.accelerator
         folder = self.resolve(spec)
         if folder is None:
             acc.print(f"--resume_from_checkpoint={spec}: no checkpoint under {self.root} yet; starting fresh")
-            return None
-        self._check_compatible(folder)
-        self._print_config_changes(folder)
-        flags = self._snapshot_flag_hyperparameters()
-        if reset_optimizer:
-            acc.print("--reset_optimizer: loading weights, counters and RNG; optimizer state starts fresh")
-            state, _ = read_weights(folder)
-            load_state_into(acc.unwrap_model(trainer.model), state, strict=True)
-        else:
-            with self._accelerate_skips_optimizer():
-                acc.load_state(str(folder))
-            if self.owns_tensors:
-                self._load_optimizer(folder)
-        trainer.state.load_state_dict(read_json(folder / TRAINER_STATE))
-        trainer.total_steps = trainer.plan_total_steps()  # before the LR is recomputed from the schedule
-        trainer.schedulers.load_state_dict(read_json(folder / SCHEDULERS))
-        self._apply_flag_hyperparameters(flags)
-        self._restore_rng(folder)
-        trainer.restore_ema()
-        trainer.metrics.truncate_after(trainer.state.global_step)
-        self.last_saved_step = trainer.state.global_step
-        acc.print(f"resumed from {folder}: step {trainer.state.global_step}, epoch {trainer.state.epoch}, "
-                  f"{trainer.state.tokens_seen:,} tokens seen, best val loss {trainer.state.best_val_loss}")
-        return folder
+            return 0
+        manifest = read_manifest(folder)
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(f"{folder}: written in checkpoint format {manifest.get('format_version')}, this "
+                                  f"accel_trainer resumes format {FORMAT_VERSION}; its weights still load "
+                                  "(load_weights, load_model_for_inference, or --init_from)")
+        if self.before_resume is not None:
+            self.before_resume(folder)
+        unknown = set(exclude) - set(PARTS) - set(self.extra)
+        if unknown:
+            raise ValueError(f"resume(exclude=...): {sorted(unknown)} name no part; use {list(PARTS)} or an extra name")
+        self._model_loaded = False
+        with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors or "optimizer" in exclude):
+            acc.load_state(str(folder))
+        if self.owns_tensors and not self._model_loaded:  # a model Accelerate did not prepare
+            load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(self.model))
+        if self.owns_tensors and self.optimizers and "optimizer" not in exclude:
+            device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
+            optimizer_files.load_into(folder, self.optimizers, self._parameter_names(), device)
+        if self.schedulers and "scheduler" not in exclude:
+            self._load_named(folder, "schedulers", _Group(self.schedulers))
+        if self.dataloader is not None and "dataloader" not in exclude:
+            self._load_named(folder, "dataloader", self.dataloader)
+            for note in getattr(self.dataloader, "notes", []):
+                acc.print(note)
+        for name, obj in self.extra.items():
+            if name not in exclude:
+                self._load_named(folder, name, obj)
+        self._restore_rng(folder, manifest["step"])
+        self.last_saved_step = manifest["step"]
+        self.best = manifest.get("best")
+        self._sequence = None  # the next save continues after what is on disk
+        acc.print(f"resumed from {folder}: step {manifest['step']}")
+        return manifest["step"]
 
-    def _load_optimizer(self, folder: Path) -> None:
+    def _load_named(self, folder: Path, name: str, obj) -> None:
+        state = read_state(folder, name)
         try:
-            device = self.accelerator.device
-            # Straight onto the parameters' device; safetensors spells the CPU "cpu", never "cpu:0".
-            device = "cpu" if device.type == "cpu" else str(device)
-            self.trainer.optimizers.load_state_dict(optimizer_files.read_state(folder, device))
-        except ValueError as err:  # OptimizersContainer refuses mismatched groups by name
-            raise CheckpointError(f"{folder / optimizer_files.TENSORS}: {err}. Pass --reset_optimizer to keep "
-                                  "the weights and start the optimizer fresh") from None
+            obj.load_state_dict(state)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise CheckpointError(f"{folder}: state {name!r} does not fit this run ({type(err).__name__}: {err})") from None
 
     def _load_hook(self, models, input_dir) -> None:
-        """Accelerate pre-load hook: refuse unsafe files; load non-sharded weights in place ourselves."""
+        """Accelerate pre-load hook: refuse files that could run code; load our weights in place."""
         for path in Path(input_dir).rglob("*"):
             if path.suffix in PICKLED_SUFFIXES and path.is_file():
                 check_pickle_is_data(path)
             elif path.name == ".metadata" and path.is_file():  # FSDP sharded (DCP) checkpoints
                 check_dcp_metadata_is_data(path)
-        if self.owns_tensors and models:
-            self._load_weights_in_place(Path(input_dir) / MODEL_WEIGHTS, self.accelerator.unwrap_model(models[0]))
-            models.clear()  # Accelerate's documented way to say "already loaded"
+        i = self._model_index(models)
+        if self.owns_tensors and i is not None:
+            load_weights_in_place(Path(input_dir) / MODEL_WEIGHTS, self.accelerator.unwrap_model(models.pop(i)))
+            self._model_loaded = True
 
-    @staticmethod
-    def _load_weights_in_place(path: Path, model: torch.nn.Module) -> None:
-        """Copy tensor by tensor from the (memory-mapped) file into the parameters: peak memory is the
-        model plus one tensor, not a second copy of the weights."""
-        from safetensors import safe_open
-
-        own = model.state_dict()
-        with safe_open(path, framework="pt", device="cpu") as f:
-            saved = set(f.keys())
-            if saved != set(own):
-                missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
-                raise CheckpointError(f"{path}: weights differ from the model (missing {missing[:5]}, "
-                                      f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")
-            with torch.no_grad():
-                for name, target in own.items():
-                    target.copy_(f.get_tensor(name))
-
-    def _check_compatible(self, folder: Path) -> None:
-        saved = read_json(folder / MODEL_CONFIG)
-        current = self.accelerator.unwrap_model(self.trainer.model).config.to_dict()
-        diffs = architecture_differences(saved, current)
-        if diffs:
-            raise CheckpointError(
-                f"{folder}: the model architecture differs from this run ({'; '.join(diffs)}). "
-                f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
-                "instead of --resume_from_checkpoint")
-
-    def _print_config_changes(self, folder: Path) -> None:
-        saved = read_json(folder / RUN_CONFIG)
-        changes = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in self.trainer.run_config.items()
-                   if k not in QUIET_KEYS and saved.get(k) != v]
-        if changes:
-            self.accelerator.print("resuming with changed settings (the new values apply):\n  " + "\n  ".join(changes))
-
-    def _snapshot_flag_hyperparameters(self) -> dict:
-        snap = {}
-        for name, opt in self.trainer.optimizers.optimizers.items():
-            snap[name] = [{k: g[k] for k in (*FLAG_HYPERPARAMETERS, "initial_lr") if k in g} for g in opt.param_groups]
-        return snap
-
-    def _apply_flag_hyperparameters(self, snap: dict) -> None:
-        """Current flags win over the checkpoint's optimizer hyperparameters; the LR follows the schedule
-        from the current base LR (equal to the saved one unless the user changed it)."""
-        for name, opt in self.trainer.optimizers.optimizers.items():
-            scheduler = self.trainer.schedulers.schedulers[name]
-            for i, (group, saved) in enumerate(zip(opt.param_groups, snap[name])):
-                group.update(saved)
-                scheduler.base_lrs[i] = saved["initial_lr"]
-                group["lr"] = saved["initial_lr"] * scheduler.lr_lambdas[i](scheduler.last_epoch)
-            scheduler._last_lr = [g["lr"] for g in opt.param_groups]
-
-    def _restore_rng(self, folder: Path) -> None:
+    def _restore_rng(self, folder: Path, step: int) -> None:
         acc = self.accelerator
         path = folder / rng_file(acc.process_index)
         if not path.exists():
-            seed = self.trainer.args.seed + 1000 * acc.process_index + self.trainer.state.global_step
-            torch.manual_seed(seed)
+            seed = rng.seed_new_rank(acc.process_index, step)
             warnings.warn(f"rank {acc.process_index}: {folder} has no saved RNG for this rank (saved with a smaller "
-                          f"world size); its generators are seeded with {seed} instead", stacklevel=2)
+                          f"world size); its generators are seeded with {seed} instead", stacklevel=3)
             return
-        for note in rng.restore(safe_torch_load(path)):
-            warnings.warn(f"rank {acc.process_index}: {note}", stacklevel=2)
+        for note in rng.restore(path):
+            warnings.warn(f"rank {acc.process_index}: {note}", stacklevel=3)
+
+
+class _Group:
+    """Several named stateful objects as one (the schedulers' file holds them by name)."""
+
+    def __init__(self, members: dict):
+        self.members = members
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.members):
+            raise ValueError(f"saved {sorted(state)} but this run has {sorted(self.members)}")
+        for name, member in self.members.items():
+            member.load_state_dict(state[name])

@@ -1,68 +1,49 @@
-"""``manifest.json``: what a checkpoint is, what produced it, and every file with size, xxh3-128 and role.
+"""``manifest.json`` and ``COMPLETE``: what a checkpoint is, and the proof that it is whole.
 
-Accelerate names its files by position (``optimizer.bin``, ``random_states_0.pkl``); the manifest
-names what each one holds, so a checkpoint describes itself and a damaged file is found by name.
+The manifest names every file with its size, xxh3-128 and role (Accelerate names its files by
+position; the manifest says what each holds), and records the step, why it was saved, its metrics,
+the best checkpoint so far, and what produced it. ``COMPLETE`` is written after it and holds the
+manifest's own checksum and file count, so an edited or truncated manifest (or marker) makes the
+checkpoint invalid instead of silently vouching for less than was saved.
 """
 
 from __future__ import annotations
 
 import platform
 import time
+from importlib import metadata
 from pathlib import Path
 
+from .format import COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, role_of
 from .io import CheckpointError, read_json, write_json
 from .tensor_files import HASH, hash_file
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-COMPLETE = "COMPLETE"
-
-ROLES = {
-    "model.safetensors": "model weights (safetensors, names as in model.state_dict())",
-    "optimizer.safetensors": "every optimizer state tensor, keyed '<parameter name>::<state key>'",
-    "optimizer.json": "optimizer param groups: each tagged with its optimizer (muon/adamw), param_names, hyperparameters",
-    "scaler.pt": "fp16 grad scaler state",
-    "trainer_state.json": "trainer counters: step, epoch, data position, tokens, best val loss, EMA loss, last metrics",
-    "schedulers.json": "LR schedulers by optimizer name",
-    "config.json": "model config (rebuilds the model without the recipe)",
-    "run_config.json": "full run configuration (all flags)",
-}
+MANIFEST_HASH = f"manifest_{HASH}"
 
 
-def role_of(name: str) -> str:
-    if name in ROLES:
-        return ROLES[name]
-    if name.startswith("rng_state_"):
-        return "RNG of one rank (python, numpy, torch, cuda), read by accel_trainer"
-    if name.startswith("random_states_"):
-        return "RNG of one rank as Accelerate writes it (superseded by rng_state_<rank>.pt)"
-    if name.startswith("pytorch_model_fsdp"):
-        return "model shard (FSDP sharded state dict, torch.distributed.checkpoint)"
-    if name.startswith("optimizer_"):
-        return "optimizer shard (FSDP sharded state dict, torch.distributed.checkpoint)"
-    return "written by Accelerate's save_state"
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment(accelerator) -> dict:
-    import accelerate
-    import torch
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "accel_trainer": __version__, "torch": torch.__version__, "accelerate": accelerate.__version__,
-        "transformers": transformers.__version__, "python": platform.python_version(),
-        "world_size": accelerator.num_processes, "distributed_type": str(accelerator.distributed_type),
-        "mixed_precision": str(accelerator.mixed_precision), "device_type": accelerator.device.type,
-        "hostname": platform.node(),
-    }
+    """Versions and the distributed setup that wrote a checkpoint (read from package metadata: no imports)."""
+    versions = {name: _version(name) for name in ("accel_trainer", "torch", "accelerate", "transformers")}
+    return {**versions, "python": platform.python_version(), "world_size": accelerator.num_processes,
+            "distributed_type": str(accelerator.distributed_type),
+            "mixed_precision": str(accelerator.mixed_precision), "device_type": accelerator.device.type,
+            "hostname": platform.node()}
 
 
-def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator, known: dict | None = None) -> dict:
+def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator, metrics: dict | None = None,
+                   best: dict | None = None, sequence: int = 0, known: dict | None = None) -> dict:
     """Describe every file under ``folder`` (fsynced already) and write ``manifest.json``.
 
-    ``known`` maps file names to digests computed while writing them (no second read).
+    Args:
+        sequence: the save's number in its run dir (1, 2, ...): which checkpoint is the latest.
+        known: file names -> digests computed while writing them (no second read).
     """
     known = known or {}
     files = {}
@@ -71,23 +52,56 @@ def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator, 
         if name in (MANIFEST, COMPLETE):
             continue
         files[name] = {"size": path.stat().st_size, HASH: known.get(name) or hash_file(path), "role": role_of(name)}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "reasons": reasons,
-                "created_unix": time.time(), "environment": environment(accelerator), "files": files}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, "sequence": sequence, "reasons": reasons,
+                "metrics": metrics or {}, "best": best, "created_unix": time.time(), "environment": environment(accelerator), "files": files}
     write_json(folder / MANIFEST, manifest)
     return manifest
 
 
+def write_complete_marker(folder: Path, manifest: dict) -> None:
+    """The marker: the manifest's checksum and file count, written after the manifest."""
+    write_json(folder / COMPLETE, {"step": manifest["step"], "files": len(manifest["files"]),
+                                   MANIFEST_HASH: hash_file(folder / MANIFEST)})
+
+
 def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a checkpoint folder.
+
+    Raises:
+        CheckpointError: missing, unreadable, not JSON, or of a format version this code cannot read.
+    """
     manifest = read_json(Path(folder) / MANIFEST)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{Path(folder) / MANIFEST}: not a checkpoint manifest (no 'files' table)")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{folder}/{MANIFEST}: format_version={version!r}, this accel_trainer reads "
-                              f"{FORMAT_VERSION}; use the accel_trainer version that wrote it")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"{Path(folder) / MANIFEST}: format_version={version!r}, this accel_trainer reads "
+                              f"{list(READABLE_VERSIONS)}; use the accel_trainer version that wrote it")
     return manifest
+
+
+def _marker_problem(folder: Path, manifest: dict) -> str | None:
+    try:
+        marker = read_json(folder / COMPLETE)
+    except CheckpointError as err:
+        return str(err)
+    if not isinstance(marker, dict):
+        return f"{folder / COMPLETE}: not a completion marker"
+    if marker.get("files") != len(manifest["files"]):
+        return (f"{folder / MANIFEST}: lists {len(manifest['files'])} files but {COMPLETE} says {marker.get('files')} "
+                "(the manifest was changed after the save)")
+    expected = marker.get(MANIFEST_HASH)
+    if expected is None and manifest.get("format_version", 1) >= 2:
+        return f"{folder / COMPLETE}: has no manifest checksum (damaged marker)"
+    if expected is not None and hash_file(folder / MANIFEST) != expected:
+        return f"{folder / MANIFEST}: checksum differs from the one in {COMPLETE} (the manifest changed after the save)"
+    return None
 
 
 def verify(folder: str | Path, checksums: bool | set[str] = True) -> list[str]:
     """Problems that make ``folder`` unusable, each naming the file; empty when the checkpoint is valid.
+
+    Never raises for a damaged checkpoint: every failure to read or decode its metadata is a problem.
 
     Args:
         folder: a ``step-N`` checkpoint folder.
@@ -95,25 +109,26 @@ def verify(folder: str | Path, checksums: bool | set[str] = True) -> list[str]:
             file names checks only those (a reader verifies what it reads, e.g. not the optimizer).
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        return [f"{folder}: not a folder"]
-    if not (folder / COMPLETE).exists():
-        return [f"{folder}: no {COMPLETE} marker (the save did not finish)"]
     try:
+        if not folder.is_dir():
+            return [f"{folder}: not a folder"]
+        if not (folder / COMPLETE).is_file():
+            return [f"{folder}: no {COMPLETE} marker (the save did not finish)"]
         manifest = read_manifest(folder)
+        problem = _marker_problem(folder, manifest)
+        if problem:
+            return [problem]
+        problems = []
+        for name, info in manifest["files"].items():
+            path = folder / name
+            if not path.is_file():
+                problems.append(f"{path}: missing ({info.get('role', '')})")
+            elif path.stat().st_size != info.get("size"):
+                problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {info.get('size')}")
+            elif (checksums is True or (checksums and name in checksums)) and hash_file(path) != info.get(HASH):
+                problems.append(f"{path}: checksum mismatch (the file changed after it was saved)")
+        return problems
     except CheckpointError as err:
         return [str(err)]
-    problems = []
-    for name, info in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            problems.append(f"{path}: missing ({info.get('role', '')})")
-        elif path.stat().st_size != info["size"]:
-            problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {info['size']}")
-        elif (checksums is True or (checksums and name in checksums)) and hash_file(path) != info.get(HASH):
-            problems.append(f"{path}: checksum mismatch (the file changed after it was saved)")
-    return problems
-
-
-def write_complete_marker(folder: Path, manifest: dict) -> None:
-    write_json(folder / COMPLETE, {"step": manifest["step"], "files": len(manifest["files"])})
+    except (OSError, ValueError, TypeError, AttributeError) as err:  # damaged metadata of any shape
+        return [f"{folder}: unreadable checkpoint metadata ({type(err).__name__}: {err})"]

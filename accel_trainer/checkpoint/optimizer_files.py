@@ -1,59 +1,140 @@
-"""Optimizer state as ``optimizer.safetensors`` (tensors keyed by parameter name) + ``optimizer.json``.
+"""Optimizer state by name: ``optimizer.safetensors`` (every state tensor) + ``optimizer.json``.
 
-Accelerate saves optimizer state with ``torch.save`` (pickle + zip CRC32), the slow part of its
-save_state; this layout writes at disk speed, loads without unpickling anything, and names every
-tensor ``<parameter name>::<state key>`` so the file says what it holds.
+Accelerate saves optimizer state with ``torch.save`` under positional names (``optimizer_1.bin``);
+this layout writes at disk speed, loads without unpickling anything, and names everything: each
+optimizer by the name the Checkpointer was given, each tensor ``<parameter name>::<state key>``.
+Parameters are named by the optimizer's own ``param_names`` (torch optimizers built from
+``named_parameters()``) or else by the model's parameter names, so a plain ``torch.optim.AdamW(model.parameters())``
+is saved by name too.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .format import OPTIMIZER_GROUPS, OPTIMIZER_TENSORS
 from .io import CheckpointError, read_json, write_json
 
-TENSORS = "optimizer.safetensors"
-GROUPS = "optimizer.json"
-FORMAT = "accel_trainer.optimizer/1"
+FORMAT = "accel_trainer.optimizer/2"
 
 
-def split_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Standard optimizer state dict -> (named tensors, JSON-able description)."""
-    names = {}
-    for group in state_dict["param_groups"]:
-        names.update(zip(group["params"], group["param_names"]))
-    tensors, scalars = {}, {}
-    for pid, state in state_dict["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{names[pid]}::{key}"] = value
-            else:
-                scalars.setdefault(names[pid], {})[key] = value
-    return tensors, {"format": FORMAT, "param_groups": state_dict["param_groups"], "scalars": scalars}
+def parameter_names(name: str, optimizer, names_by_id: dict[int, str]) -> list[list[str]]:
+    """The name of every parameter of ``optimizer``, group by group.
+
+    A parameter that is not in the model (``names_by_id``) and has no ``param_names`` entry is named
+    by position, ``<optimizer>.<group>.<index>``, and is then matched by position on load.
+    """
+    groups = []
+    for gi, group in enumerate(optimizer.param_groups):
+        own = group.get("param_names")
+        groups.append(list(own) if own else [names_by_id.get(id(p), f"{name}.{gi}.{pi}")
+                                              for pi, p in enumerate(group["params"])])
+    return groups
 
 
-def read_state(folder: Path, device: str | torch.device = "cpu") -> dict:
-    """The standard optimizer state dict back from the two files (tensors read one at a time)."""
-    description = read_json(folder / GROUPS)
-    if description.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / GROUPS}: format {description.get('format')!r}, expected {FORMAT!r}")
-    ids = {}
-    for group in description["param_groups"]:
-        ids.update(zip(group["param_names"], group["params"]))
-    state: dict[int, dict] = {}
-    with safe_open(folder / TENSORS, framework="pt", device=str(device)) as f:
-        for key in f.keys():
-            name, _, item = key.rpartition("::")
-            if name not in ids:
-                raise CheckpointError(f"{folder / TENSORS}: tensor {key!r} names no parameter of {folder / GROUPS}")
-            state.setdefault(ids[name], {})[item] = f.get_tensor(key)
-    for name, values in description["scalars"].items():
-        state.setdefault(ids[name], {}).update(values)
-    return {"state": state, "param_groups": description["param_groups"]}
+def split_state(optimizers: dict, names_by_id: dict[int, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Named optimizers -> (tensors keyed ``<param>::<key>``, sorted; JSON-able description).
+
+    Sorted keys make the file a function of the state alone (not of the order in which state was
+    created), so identical states give identical bytes.
+
+    Raises:
+        CheckpointError: a parameter held by two optimizers (its state would be ambiguous).
+    """
+    tensors, description, owner = {}, {"format": FORMAT, "optimizers": {}}, {}
+    for opt_name, opt in optimizers.items():
+        state_dict = opt.state_dict()
+        names = parameter_names(opt_name, opt, names_by_id)
+        groups, scalars = [], {}
+        for saved_group, group_names in zip(state_dict["param_groups"], names):
+            groups.append({**saved_group, "param_names": group_names})
+            for pid, pname in zip(saved_group["params"], group_names):
+                if pname in owner:
+                    raise CheckpointError(f"parameter {pname} is in optimizers {owner[pname]!r} and {opt_name!r}; "
+                                          "give each parameter to one optimizer")
+                owner[pname] = opt_name
+                for key, value in state_dict["state"].get(pid, {}).items():
+                    if torch.is_tensor(value):
+                        tensors[f"{pname}::{key}"] = value
+                    else:
+                        scalars.setdefault(pname, {})[key] = value
+        description["optimizers"][opt_name] = {"param_groups": groups, "scalars": scalars}
+    return dict(sorted(tensors.items())), description
 
 
 def write_description(folder: Path, description: dict) -> None:
-    write_json(folder / GROUPS, json.loads(json.dumps(description)))
+    write_json(folder / OPTIMIZER_GROUPS, description)
+
+
+def read_description(folder: Path) -> dict:
+    description = read_json(folder / OPTIMIZER_GROUPS)
+    if description.get("format") != FORMAT:
+        raise CheckpointError(f"{folder / OPTIMIZER_GROUPS}: format {description.get('format')!r}, "
+                              f"this accel_trainer reads {FORMAT!r}")
+    return description
+
+
+def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], device: str = "cpu") -> None:
+    """Load every named optimizer from ``folder`` after checking that names, groups, parameters and
+    state shapes match; nothing is loaded unless everything matches.
+
+    Raises:
+        CheckpointError: naming the optimizer, group and parameters that differ.
+    """
+    description = read_description(folder)
+    saved_all = description["optimizers"]
+    missing, extra = sorted(set(optimizers) - set(saved_all)), sorted(set(saved_all) - set(optimizers))
+    if missing or extra:
+        raise CheckpointError(f"{folder / OPTIMIZER_GROUPS}: holds optimizers {sorted(saved_all)} but this run has "
+                              f"{sorted(optimizers)} (missing {missing}, unexpected {extra})")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(folder / OPTIMIZER_TENSORS, framework="pt", device=device) as f:
+        for key in f.keys():
+            pname, _, item = key.rpartition("::")
+            tensors.setdefault(pname, {})[item] = f.get_tensor(key)
+    states = {}
+    for opt_name, opt in optimizers.items():
+        saved = saved_all[opt_name]
+        names = parameter_names(opt_name, opt, names_by_id)
+        _check_matches(opt_name, opt, names, saved, tensors)
+        state, pid = {}, 0
+        for group_names in names:
+            for pname in group_names:
+                values = {**saved["scalars"].get(pname, {}), **tensors.get(pname, {})}
+                if values:
+                    state[pid] = values
+                pid += 1
+        groups, offset = [], 0
+        for saved_group, group_names, current in zip(saved["param_groups"], names, opt.param_groups):
+            # JSON gives back lists where the optimizer had tuples (betas): restore the type it uses.
+            group = {k: tuple(v) if isinstance(v, list) and isinstance(current.get(k), tuple) else v
+                     for k, v in saved_group.items()}
+            groups.append({**group, "params": list(range(offset, offset + len(group_names)))})
+            offset += len(group_names)
+        states[opt_name] = {"state": state, "param_groups": groups}
+    for opt_name, opt in optimizers.items():
+        opt.load_state_dict(states[opt_name])
+
+
+def _check_matches(opt_name: str, opt, names: list[list[str]], saved: dict, tensors: dict) -> None:
+    where = f"optimizer {opt_name!r}"
+    saved_groups = saved["param_groups"]
+    if len(names) != len(saved_groups):
+        raise CheckpointError(f"{where}: checkpoint has {len(saved_groups)} param groups, this run has {len(names)}. "
+                              "Pass --reset_optimizer (or exclude the optimizer) to start it fresh")
+    for gi, (now, group) in enumerate(zip(names, saved_groups)):
+        then = group.get("param_names", [])
+        if now != then:
+            gone, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
+            raise CheckpointError(
+                f"{where} group {gi}: parameters differ from the checkpoint (only in checkpoint: {gone[:8]}, "
+                f"only in this run: {new[:8]}{', same names in another order' if not gone and not new else ''}). "
+                "Pass --reset_optimizer (or exclude the optimizer) to keep the weights and start it fresh")
+        for pname, p in zip(now, opt.param_groups[gi]["params"]):
+            for key, value in tensors.get(pname, {}).items():
+                if value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
+                    raise CheckpointError(f"{where}: state {key!r} of {pname} has shape {tuple(value.shape)} but the "
+                                          f"parameter has {tuple(p.shape)}")

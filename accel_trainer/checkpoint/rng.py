@@ -1,44 +1,56 @@
-"""Per-rank RNG state as plain tensors and numbers, so it loads with ``weights_only=True``.
+"""Every rank's RNG: written once, by Accelerate's ``save_state`` (``random_states_<rank>.pkl``), and
+restored loudly by us.
 
-Accelerate's own ``random_states_<rank>.pkl`` holds numpy objects and its loader swallows failures
-("Could not load random states"); ours is authoritative, and a rank without a saved state is told so.
+Accelerate's ``load_state`` restores the same file but swallows any failure ("Could not load random
+states"), which would silently make a resumed run non-reproducible. We read the file again (numpy
+arrays allowed, nothing else), set every generator, and raise or warn with the reason.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def capture() -> dict:
-    py_version, py_state, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {
-        "python_version": py_version, "python_state": torch.tensor(py_state, dtype=torch.int64),
-        "python_gauss": py_gauss,
-        "numpy_name": np_name, "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)), "numpy_pos": int(np_pos),
-        "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
-        "torch_cpu": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
+from .io import CheckpointError, safe_torch_load
 
 
-def restore(state: dict) -> list[str]:
-    """Set every generator from ``state``; returns notes about generators that could not be restored."""
+def restore(path: Path) -> list[str]:
+    """Set python/numpy/torch (and CUDA) generators from one rank's RNG file.
+
+    Returns:
+        Notes about generators that could not be restored (e.g. fewer saved CUDA devices).
+
+    Raises:
+        CheckpointError: the file is unreadable, unsafe, or lacks a generator's state.
+    """
+    states = safe_torch_load(path, numpy=True)
+    try:
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: cannot restore the random generators from it "
+                              f"({type(err).__name__}: {err})") from None
     notes = []
-    random.setstate((state["python_version"], tuple(state["python_state"].tolist()), state["python_gauss"]))
-    np.random.set_state((state["numpy_name"], state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
-                         state["numpy_has_gauss"], state["numpy_gauss"]))
-    torch.set_rng_state(state["torch_cpu"])
     if torch.cuda.is_available():
-        saved = state.get("torch_cuda", [])
+        saved = states.get("torch_cuda_manual_seed", [])
         if len(saved) >= torch.cuda.device_count():
             torch.cuda.set_rng_state_all(saved[: torch.cuda.device_count()])
         else:
-            notes.append(f"CUDA RNG: checkpoint has {len(saved)} device state(s), this machine "
+            notes.append(f"CUDA RNG: {path.name} has {len(saved)} device state(s), this machine "
                          f"{torch.cuda.device_count()}; CUDA generators keep their seeded state")
     return notes
+
+
+def seed_new_rank(rank: int, step: int) -> int:
+    """Seed the generators of a rank that did not exist when the checkpoint was written (a larger
+    world size): a fixed function of the run's initial seed, the rank and the step, so the run stays
+    reproducible. Returns the seed."""
+    seed = (torch.initial_seed() + 1000 * rank + step) % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return seed

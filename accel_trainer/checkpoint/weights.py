@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .format import FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS
 from .io import CheckpointError, check_dcp_metadata_is_data, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -88,13 +89,16 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     """
     path = Path(path)
     if path.is_dir():
-        files = sorted(path.glob("model*.safetensors"))
+        # A checkpoint holds our model as one file (Accelerate names other models model_<i>); a
+        # Hugging Face folder may hold shards, model-0000i-of-0000n.safetensors.
+        files = ([path / MODEL_WEIGHTS] if (path / MANIFEST).is_file() and (path / MODEL_WEIGHTS).is_file()
+                 else sorted(path.glob("model*.safetensors")))
         sharded = _dcp_dir(path)
         if not files and sharded is not None:
             return normalize_state_dict(consolidate_sharded(sharded)), {}
         if not files:
             raise CheckpointError(f"{path}: nothing to load here: no checkpoints/step-N with a COMPLETE marker, "
-                                  f"no model*.safetensors, no FSDP {ACCELERATE_FSDP_MODEL_DIR}/ shards")
+                                  f"no model*.safetensors, no FSDP {FSDP_MODEL_DIR}/ shards")
         state = {}
         for f in files:
             state.update(load_file(f, device=str(device)))
@@ -116,12 +120,9 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
                           f"the file has {sorted(obj)[:10]})")
 
 
-ACCELERATE_FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
-
-
 def _dcp_dir(folder: Path) -> Path | None:
     """The torch.distributed.checkpoint folder of a checkpoint, if it has one."""
-    for candidate in (folder / ACCELERATE_FSDP_MODEL_DIR, folder):
+    for candidate in (folder / FSDP_MODEL_DIR, folder):
         if (candidate / ".metadata").is_file():
             return candidate
     return None
@@ -194,3 +195,29 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> Lo
     report = load_state_into(inner, state, strict=strict)
     logger.info("weights from %s: %s", target, report)
     return report
+
+
+def load_weights_in_place(path: Path, model: torch.nn.Module) -> None:
+    """Copy tensor by tensor from the (memory-mapped) file into the parameters: peak memory is the
+    model plus one tensor, not a second copy of the weights.
+
+    Raises:
+        CheckpointError: the file's tensors are not exactly the model's (names or shapes).
+    """
+    from safetensors import safe_open
+
+    own = {normalize_key(k): v for k, v in model.state_dict().items()}
+    with safe_open(path, framework="pt", device="cpu") as f:
+        saved = set(f.keys())
+        if saved != set(own):
+            missing, unexpected = sorted(set(own) - saved), sorted(saved - set(own))
+            raise CheckpointError(f"{path}: weights differ from the model (missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")
+        for name, target in own.items():
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(target.shape):
+                raise CheckpointError(f"{path}: {name} has shape {list(shape)} but the model's is "
+                                      f"{list(target.shape)}; use --init_from for non-strict loading")
+        with torch.no_grad():
+            for name, target in own.items():
+                target.copy_(f.get_tensor(name))

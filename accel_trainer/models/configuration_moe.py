@@ -39,6 +39,7 @@ class MoEConfig(PretrainedConfig):
 
     model_type = "accel_moe"
     keys_to_ignore_at_inference = ["aux_loss"]
+    architecture_keys = ARCHITECTURE_KEYS  # what a resume refuses to change
 
     def __init__(
         self,

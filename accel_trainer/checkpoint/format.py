@@ -1,0 +1,96 @@
+"""The on-disk format of a checkpoint: every file name, what it holds, and the format version.
+
+Readers and writers (the Checkpointer, verification, inspection, inference, the CLI) import these
+names; no other module spells a checkpoint file name as a string.
+
+    <output_dir>/checkpoints/
+        step-<N>/                  one checkpoint; it counts only once it holds COMPLETE
+        .tmp-step-<N>/             a save in progress (or left by a crash; removed by the next save)
+        latest, best               pointer files holding "step-<N>", replaced atomically
+"""
+
+from __future__ import annotations
+
+import re
+
+# Version 2: state saved by name through the Checkpointer component (dataloader position, named
+# extra states, Accelerate's RNG file as the only one); version 1 checkpoints are still readable for
+# weights (inference, export, inspection) but are not resumed.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step-"
+STEP_RE = re.compile(r"^step-(\d+)$")
+TMP_PREFIX = ".tmp-"
+LATEST, BEST = "latest", "best"
+POINTERS = (LATEST, BEST)
+
+MANIFEST = "manifest.json"
+COMPLETE = "COMPLETE"
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_CONFIG = "config.json"
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_GROUPS = "optimizer.json"
+# Named states, each ``<name>.json`` (or ``<name>.pt``): see :func:`state_file`.
+SCHEDULERS = "schedulers"
+DATALOADER = "dataloader"
+RUN_CONFIG = "run_config.json"
+# Written by Accelerate's save_state under its own names.
+SCALER = "scaler.pt"
+RNG_PREFIX = "random_states_"
+FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+FSDP_OPTIMIZER_PREFIX = "optimizer_"
+# Version 1 only (our own RNG copy, next to Accelerate's).
+LEGACY_RNG_PREFIX = "rng_state_"
+
+# A named state is ``<name>.json``, or ``<name>.pt`` when it is not plain JSON.
+STATE_SUFFIXES = (".json", ".pt")
+NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+RESERVED_NAMES = {"model", "optimizer", "schedulers", "dataloader", "config", "run_config", "manifest",
+                  "scaler", "COMPLETE", "latest", "best"}
+# Files pickled by torch.save (scanned for code before anything is loaded).
+PICKLED_SUFFIXES = (".bin", ".pt", ".pkl", ".pth")
+
+ROLES = {
+    MODEL_WEIGHTS: "model weights (safetensors, names as in model.state_dict(), no wrapper prefixes)",
+    MODEL_CONFIG: "model config (rebuilds the model without the training script)",
+    OPTIMIZER_TENSORS: "every optimizer state tensor, keyed '<parameter name>::<state key>'",
+    OPTIMIZER_GROUPS: "optimizers by name: param groups with param_names and hyperparameters, scalar state",
+    f"{SCHEDULERS}.json": "LR schedulers by name",
+    f"{DATALOADER}.json": "data position: epoch and samples consumed in it (all processes), epoch RNG",
+    RUN_CONFIG: "the run's configuration (all flags)",
+    SCALER: "fp16 grad scaler state (Accelerate)",
+}
+
+
+def rng_file(rank: int) -> str:
+    """The RNG file of one rank, as Accelerate's save_state names it."""
+    return f"{RNG_PREFIX}{rank}.pkl"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step}"
+
+
+def state_file(name: str, plain_json: bool = True) -> str:
+    """The file of a named state (schedulers, dataloader, a loop's extras)."""
+    return f"{name}{STATE_SUFFIXES[0] if plain_json else STATE_SUFFIXES[1]}"
+
+
+def role_of(name: str) -> str:
+    """What a checkpoint file holds, for the manifest and ``accel-trainer inspect``."""
+    if name in ROLES:
+        return ROLES[name]
+    if name.startswith(RNG_PREFIX):
+        return "RNG of one rank (python, numpy, torch, cuda), written by Accelerate"
+    if name.startswith(LEGACY_RNG_PREFIX):
+        return "RNG of one rank (format 1)"
+    if name.startswith(FSDP_MODEL_DIR.rsplit("_", 1)[0]):
+        return "model shard (FSDP sharded state dict, torch.distributed.checkpoint)"
+    if name.startswith(FSDP_OPTIMIZER_PREFIX):
+        return "optimizer shard (FSDP sharded state dict, torch.distributed.checkpoint)"
+    if name.endswith(STATE_SUFFIXES) and "/" not in name:
+        return f"named state '{name.rsplit('.', 1)[0]}'"
+    return "written by Accelerate's save_state"
