@@ -188,6 +188,7 @@ def cmd_export(args) -> int:
 
 def cmd_prune(args) -> int:
     from .checkpoint.format import TMP_PREFIX
+    from .checkpoint.lock import RunLock
     from .checkpoint.layout import (apply_retention, checkpoints_dir, list_checkpoints, plan_retention,
                                     remove_stale_temporaries)
 
@@ -195,6 +196,7 @@ def cmd_prune(args) -> int:
     if not root.is_dir():
         raise SystemExit(f"accel-trainer prune: {args.output_dir}: no checkpoints/ folder")
     rule = dict(keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
+    lock = None if args.dry_run else RunLock.acquire(args.output_dir)  # not while a run writes there
     doomed = plan_retention(root, **rule)
     verb = "would delete" if args.dry_run else "deleting"
     for folder in doomed:
@@ -206,6 +208,7 @@ def cmd_prune(args) -> int:
     if not args.dry_run:
         apply_retention(root, **rule)
         remove_stale_temporaries(root)
+        lock.release()
     return 0
 
 

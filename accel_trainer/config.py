@@ -85,6 +85,7 @@ class TrainingArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
     init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})
     reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore weights/counters but start the optimizer fresh."})
+    reset_data_position: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: train on other data (another --block_size, files, tokenizer, seed) from its beginning; weights, optimizer and counters are kept."})
     ema_decay: float = field(default=0.98, metadata={"help": "Decay of the exponential moving average of train loss."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data split and order."})
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
@@ -126,8 +127,9 @@ class TrainingArguments:
         if self.resume_from_checkpoint and self.init_from:
             problems.append("--resume_from_checkpoint and --init_from: give one (resume restores everything, "
                             "init_from only weights)")
-        if self.reset_optimizer and not self.resume_from_checkpoint:
-            problems.append("--reset_optimizer: only meaningful with --resume_from_checkpoint")
+        for name in ("reset_optimizer", "reset_data_position"):
+            if getattr(self, name) and not self.resume_from_checkpoint:
+                problems.append(f"--{name}: only meaningful with --resume_from_checkpoint")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb, all or none")
         _raise_if(problems)

@@ -6,6 +6,8 @@ import gc
 from pathlib import Path
 
 from .checkpoint import CheckpointError
+from .checkpoint.lock import lock_run_dir
+from .checkpoint.manager import resolve_on_main
 from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
 from .checkpoint.io import read_json
 from .checkpoint.weights import load_weights
@@ -33,24 +35,46 @@ def model_config_for(presets: dict[str, dict], preset: str, tokenizer) -> MoECon
 
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
-QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save"}
+QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
+              "reset_optimizer", "reset_data_position"}
+# What the saved data position means: with other values, sample k of an epoch is another text.
+DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
+             "validation_split_percentage", "max_corpus_bytes", "seed")
 
 
-def resume_policy(model, run_config: dict, print_fn=print):
-    """What the trainer asks of a checkpoint before resuming it: the same architecture (the keys its
-    config class lists in ``architecture_keys``), and a printed list of changed settings (the new
-    values apply)."""
+def refuse_incompatible(folder: Path, model_config, run_config: dict) -> None:
+    """Refuse a checkpoint this run cannot continue: another architecture (the keys its config
+    class lists in ``architecture_keys``), or other data under a saved data position.
+
+    Raises:
+        CheckpointError: naming the keys, their values, and what to do instead.
+    """
+    current = model_config.to_dict()
+    saved = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else current
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
+             for k in getattr(model_config, "architecture_keys", ()) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise CheckpointError(
+            f"{folder}: the model architecture differs from this run ({'; '.join(diffs)}). "
+            f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
+            "instead of --resume_from_checkpoint")
+    saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
+    changed = [f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}" for k in DATA_KEYS
+               if k in saved_run and saved_run.get(k) != run_config.get(k)]
+    if changed and not run_config.get("reset_data_position"):
+        raise CheckpointError(
+            f"{folder}: the data differs from the checkpoint's ({'; '.join(changed)}) and its data position counts "
+            "samples of the old data, so resuming there would repeat or skip samples. Resume with the "
+            "checkpoint's values, or pass --reset_data_position to keep weights, optimizer and counters and "
+            "start this data from its beginning")
+
+
+def resume_policy(model_config, run_config: dict, print_fn=print):
+    """The Checkpointer's ``before_resume``: :func:`refuse_incompatible`, then a printed list of the
+    settings that changed (the new values apply)."""
 
     def check(folder: Path) -> None:
-        current = model.config.to_dict()
-        saved = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else current
-        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-                 for k in getattr(model.config, "architecture_keys", ()) if saved.get(k) != current.get(k)]
-        if diffs:
-            raise CheckpointError(
-                f"{folder}: the model architecture differs from this run ({'; '.join(diffs)}). "
-                f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
-                "instead of --resume_from_checkpoint")
+        refuse_incompatible(folder, model_config, run_config)
         saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
         changes = [f"{k}: {saved_run.get(k)!r} -> {v!r}" for k, v in run_config.items()
                    if k not in QUIET_KEYS and saved_run.get(k) != v]
@@ -60,12 +84,42 @@ def resume_policy(model, run_config: dict, print_fn=print):
     return check
 
 
+def check_before_building(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments) -> None:
+    """Flag checks that need the preset but no data: reported before anything is tokenised or built.
+
+    Raises:
+        ConfigError: unknown ``--preset``, or ``--block_size`` longer than the model's context.
+    """
+    if model_args.preset not in presets:
+        raise ConfigError(f"--preset={model_args.preset!r}: unknown; choose one of {', '.join(presets)}")
+    context = MoEConfig(**presets[model_args.preset]).max_position_embeddings
+    if data_args.block_size > context:
+        raise ConfigError(f"--block_size={data_args.block_size}: longer than the model's context (preset "
+                          f"{model_args.preset!r}: max_position_embeddings={context}); use --block_size {context} "
+                          "or less")
+
+
 def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
         train_args: TrainingArguments) -> Trainer:
     """Build everything and train; returns the trainer (for tests and notebooks)."""
-    if model_args.preset not in presets:
-        raise ConfigError(f"--preset={model_args.preset!r}: unknown; choose one of {', '.join(presets)}")
+    check_before_building(presets, model_args, data_args)
     accelerator = build_accelerator(train_args)
+    lock = lock_run_dir(accelerator, train_args.output_dir)  # before any work: one run per output dir
+    try:
+        return _run(accelerator, presets, model_args, data_args, train_args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(accelerator, presets, model_args, data_args, train_args) -> Trainer:
+    run_config = to_dict(model_args, data_args, train_args)
+    spec = train_args.resume_from_checkpoint
+    if spec:  # a missing or incompatible checkpoint is reported before tokenising
+        # Checksums only of what this reads (the tensors are verified when they are loaded).
+        folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG})
+        if folder is not None:
+            refuse_incompatible(folder, MoEConfig(**presets[model_args.preset]), run_config)
     with accelerator.main_process_first():
         data = build_datasets(data_args, seed=train_args.seed)
     config = model_config_for(presets, model_args.preset, data.tokenizer)
@@ -80,11 +134,11 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
         weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
-    run_config = to_dict(model_args, data_args, train_args)
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
-                      before_resume=resume_policy(model, run_config, accelerator.print))
-    if train_args.resume_from_checkpoint:
-        trainer.resume(train_args.resume_from_checkpoint, reset_optimizer=train_args.reset_optimizer)
+                      before_resume=resume_policy(config, run_config, accelerator.print))
+    if spec:
+        trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
+                       reset_data_position=train_args.reset_data_position)
     trainer.train()
     return trainer
 

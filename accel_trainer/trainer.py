@@ -104,13 +104,23 @@ class Trainer:
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
 
-    def resume(self, spec: str, reset_optimizer: bool = False) -> None:
+    def resume(self, spec: str, reset_optimizer: bool = False, reset_data_position: bool = False) -> None:
         """Restore the run from ``spec`` (``latest``, ``best``, ``step-N`` or a path); current flags win
-        over the checkpoint's optimizer hyperparameters (a lower LR to fine-tune, say)."""
+        over the checkpoint's optimizer hyperparameters (a lower LR to fine-tune, say).
+
+        Args:
+            reset_optimizer: keep this run's fresh optimizer state.
+            reset_data_position: start the data from its beginning (other data than the checkpoint's).
+        """
         flags = [{k: g[k] for k in FLAG_HYPERPARAMETERS if k in g} for g in self.optimizers.param_groups]
+        exclude = []
         if reset_optimizer:
+            exclude.append("optimizer")
             self.accelerator.print("--reset_optimizer: loading weights, counters and RNG; optimizer state starts fresh")
-        step = self.checkpointer.resume(spec, exclude=("optimizer",) if reset_optimizer else ())
+        if reset_data_position:
+            exclude.append("dataloader")
+            self.accelerator.print("--reset_data_position: the data starts from its beginning (epoch 0)")
+        step = self.checkpointer.resume(spec, exclude=tuple(exclude))
         for group, values in zip(self.optimizers.param_groups, flags):
             group.update(values)
         if step == 0:

@@ -19,7 +19,7 @@ def make_checkpoint(root: Path, step: int, payload: bytes = b"weights", complete
     (folder / "model.safetensors").write_bytes(payload * 10)
     write_json(folder / "trainer_state.json", {"global_step": step})
     if complete:
-        write_complete_marker(folder, write_manifest(folder, step=step, reasons=["periodic"],
+        write_complete_marker(folder, write_manifest(folder, step=step, reasons=["periodic"], sequence=step,
                                                      accelerator=FAKE_ACCELERATOR))
     return folder
 

@@ -306,7 +306,7 @@ def test_a_rank_other_than_the_main_one_writes_only_its_rng(tmp_path, monkeypatc
     fake.save_state = save_state
     monkeypatch.setattr(manager_module, "gather_object", lambda problems: problems + [None])
     monkeypatch.setattr(manager_module, "broadcast_object_list", lambda answer, from_process: answer.__setitem__(0, 1))
-    ckpt = Checkpointer(fake, tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    ckpt = Checkpointer(fake, tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lock=False)
     (tmp_path / "checkpoints" / ".tmp-step-5").mkdir(parents=True)  # made by rank 0 in the reserve phase
     ckpt.save(5)
     assert written and [p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == ["random_states_1.pkl"]

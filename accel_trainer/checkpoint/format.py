@@ -20,6 +20,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 CHECKPOINTS = "checkpoints"
+RUN_LOCK = ".lock"  # in the output dir: held by the run writing it (see lock.py)
 STEP_PREFIX = "step-"
 STEP_RE = re.compile(r"^step-(\d+)$")
 TMP_PREFIX = ".tmp-"

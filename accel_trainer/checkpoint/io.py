@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .format import state_file
+from .format import TMP_PREFIX, state_file
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path or file and what to do."""
@@ -51,7 +51,7 @@ def fsync_tree(root: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically and durably (tmp file + fsync + rename + fsync dir)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")  # a crash's leftover is cleaned like others
     try:
         with open(tmp, "w") as f:
             f.write(text)

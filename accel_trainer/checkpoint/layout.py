@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -76,27 +77,32 @@ class Resolved:
     note: str = ""
 
 
-def save_sequence(folder: Path) -> int:
-    """The order in which a checkpoint was saved in its run dir (0 when unknown, e.g. format 1)."""
+def save_sequence(folder: Path) -> int | None:
+    """The order in which a checkpoint was saved in its run dir: 0 for format 1 (which has none),
+    None when its manifest cannot be read."""
     try:
         sequence = read_json(folder / MANIFEST).get("sequence", 0)
     except (CheckpointError, AttributeError):
-        return 0
-    return sequence if isinstance(sequence, int) else 0
+        return None
+    return sequence if isinstance(sequence, int) else None
 
 
 def by_recency(root: Path) -> list[Path]:
-    """Complete checkpoints, most recently saved first: by save sequence, then step.
+    """Complete checkpoints, most recently saved first: by save sequence, then step. One whose
+    manifest cannot be read comes first, so that whoever verifies the candidates reports it.
 
     Not by step alone: a run resumed from an older checkpoint (say ``best``, to fine-tune) saves
     lower step numbers than the abandoned ones after it, and its own saves are the latest.
     """
-    found = list_checkpoints(root)
-    return [folder for _, _, folder in sorted(((save_sequence(f), s, f) for s, f in found), reverse=True)]
+    keyed = []
+    for step, folder in list_checkpoints(root):
+        sequence = save_sequence(folder)
+        keyed.append((math.inf if sequence is None else sequence, step, folder))
+    return [folder for _, _, folder in sorted(keyed, reverse=True)]
 
 
 def next_sequence(root: Path) -> int:
-    return 1 + max((save_sequence(folder) for _, folder in list_checkpoints(root)), default=0)
+    return 1 + max((save_sequence(folder) or 0 for _, folder in list_checkpoints(root)), default=0)
 
 
 def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resolved:
@@ -125,13 +131,14 @@ def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resol
     return Resolved(None, "; ".join(rejected))
 
 
-def resolve(spec: str, output_dir: str | Path, checksums: bool = True) -> Resolved:
+def resolve(spec: str, output_dir: str | Path, checksums: bool | set[str] = True) -> Resolved:
     """Turn ``--resume_from_checkpoint`` into a verified checkpoint folder.
 
     Args:
         spec: ``latest``, ``best``, ``step-<N>``, or a path (a ``step-N`` folder, a run's output dir
             meaning its latest, or ``<output_dir>/best``).
         output_dir: the run's output dir, where ``latest``/``best``/``step-N`` are looked up.
+        checksums: verify every file's checksum, or only those of the named files (sizes always).
 
     Returns:
         ``Resolved(path=None)`` only for ``latest`` when no checkpoint exists yet (a fresh start).
@@ -143,7 +150,7 @@ def resolve(spec: str, output_dir: str | Path, checksums: bool = True) -> Resolv
     flag = f"--resume_from_checkpoint={spec!r}"
     if spec == "latest":
         found = resolve_latest_valid(root, checksums)
-        if found.path is None and found.note:
+        if found.path is None and list_checkpoints(root):  # checkpoints exist, none is valid: never start over
             raise CheckpointError(f"{flag}: no valid checkpoint under {root}: {found.note}")
         return found
     if spec == "best" or STEP_RE.match(spec):
@@ -151,7 +158,13 @@ def resolve(spec: str, output_dir: str | Path, checksums: bool = True) -> Resolv
         if folder is None or not folder.is_dir():
             raise CheckpointError(f"{flag}: no such checkpoint; {describe_available(root)}")
         return _verified(folder, flag, checksums)
-    return resolve_path(spec, flag, checksums)
+    found = resolve_path(spec, flag, checksums)
+    if not (found.path / COMPLETE).is_file():  # a resume needs a whole checkpoint, not weights
+        kind = "a file" if found.path.is_file() else "a folder"
+        raise CheckpointError(f"{flag}: {found.path} is {kind}, not a checkpoint folder (no {MANIFEST}/{COMPLETE}); "
+                              "pass latest, best, step-<N>, a step-N folder or a run's output dir (to load only "
+                              "weights, use --init_from)")
+    return found
 
 
 def resolve_path(spec: str | Path, flag: str = "path", checksums: bool | set[str] = True) -> Resolved:

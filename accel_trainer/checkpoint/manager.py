@@ -44,6 +44,7 @@ from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, MODEL_WEIGHTS, NA
                      PICKLED_SUFFIXES, RESERVED_NAMES, RUN_CONFIG, SCHEDULERS, TMP_PREFIX, rng_file, step_dir_name)
 from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file, fsync_tree,
                  read_state, write_json, write_state)
+from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
 from .tensor_files import SafetensorsFile, StagingBuffers
@@ -95,6 +96,8 @@ class Checkpointer:
         save_strict: a save that does not fit or fails raises :class:`CheckpointError`; by default it
             is skipped with a warning and training goes on (the checkpoints already there stay intact).
         handle_signals: turn SIGTERM/SIGINT/SIGUSR1 into :meth:`stop_requested` (see there).
+        lock: hold ``<output_dir>/.lock`` until :meth:`close`, so that a second run on the same
+            output dir refuses to start instead of destroying this one's checkpoints.
         before_resume: a policy called with the resolved checkpoint folder before anything is loaded
             (e.g. refuse another architecture); it raises :class:`CheckpointError` to refuse.
     """
@@ -107,7 +110,7 @@ class Checkpointer:
                  save_total_limit: int | None = None, keep_every_n_steps: int | None = None,
                  best_metric: str = "val_loss", greater_is_better: bool = False, async_save: bool = False,
                  save_strict: bool = False, handle_signals: bool = False,
-                 before_resume: Callable[[Path], None] | None = None):
+                 before_resume: Callable[[Path], None] | None = None, lock: bool = True):
         self.accelerator = accelerator
         self.root = checkpoints_dir(output_dir)
         self.model = model
@@ -136,6 +139,7 @@ class Checkpointer:
         self._pending: tuple[Future, Path, dict | None] | None = None
         self._model_loaded = self._hook_took_model = False
         self._model_tensors: dict[str, torch.Tensor] | None = None
+        self._lock = lock_run_dir(accelerator, output_dir) if lock else None  # after every check that may raise
         self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
         if self._stop is not None:
             self._stop.install()
@@ -394,6 +398,9 @@ class Checkpointer:
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     # ----------------------------------------------------------------------------------- signals
     def stop_requested(self) -> bool:
@@ -455,20 +462,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------ loading
     def resolve(self, spec: str) -> Path | None:
-        """Resolve on the main process and share the answer, so every rank loads the same folder."""
-        acc = self.accelerator
-        answer = [None, None]
-        if acc.is_main_process:
-            try:
-                found = resolve(spec, self.root.parent)
-                answer = [None if found.path is None else str(found.path), None]
-            except CheckpointError as err:
-                answer = [None, str(err)]
-        if acc.num_processes > 1:
-            broadcast_object_list(answer, from_process=0)
-        if answer[1]:
-            raise CheckpointError(answer[1])
-        return None if answer[0] is None else Path(answer[0])
+        """The folder ``spec`` names, verified (checksums included), the same on every rank."""
+        return resolve_on_main(self.accelerator, spec, self.root.parent)
 
     def resume(self, spec: str = "latest", exclude: tuple[str, ...] = ()) -> int:
         """Restore everything from ``spec``: ``latest`` (the newest valid checkpoint, falling back past
@@ -554,6 +549,23 @@ class Checkpointer:
             return
         for note in rng.restore(path):
             warnings.warn(f"rank {acc.process_index}: {note}", stacklevel=3)
+
+
+def resolve_on_main(accelerator, spec: str, output_dir: str | Path, checksums: bool | set[str] = True) -> Path | None:
+    """:func:`layout.resolve` on the main process, its answer (or error) shared with every rank, so
+    that all load the same folder (a collective call). None: ``latest`` with nothing saved yet."""
+    answer = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = resolve(spec, output_dir, checksums=checksums)
+            answer = [None if found.path is None else str(found.path), None]
+        except CheckpointError as err:
+            answer = [None, str(err)]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    if answer[1]:
+        raise CheckpointError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
 
 
 class _Group:
