@@ -36,7 +36,7 @@ def test_grouped_dispatch_matches_per_token_reference():
     model = MoEForCausalLM(tiny_config())
     layer = model.model.layers[0].mlp
     x = torch.randn(3, 7, 32)
-    out, aux = layer(x)
+    out, aux, _ = layer(x)
     torch.testing.assert_close(out, reference_moe(layer, x), rtol=1e-5, atol=1e-6)
     assert aux.ndim == 0
 
@@ -47,13 +47,13 @@ def test_aux_loss_is_one_for_uniform_routing_and_grows_when_collapsed():
     x = torch.randn(64, 32)
     with torch.no_grad():
         layer.router.weight.zero_()  # all probabilities equal -> balanced loss = 1 exactly
-    _, aux_uniform = layer(x)
+    _, aux_uniform, _ = layer(x)
     assert aux_uniform.item() == pytest.approx(1.0, abs=1e-5)
     with torch.no_grad():
         layer.router.weight.zero_()
         layer.router.weight[0] = 10.0  # every token prefers expert 0
         x = x.abs()
-    _, aux_collapsed = layer(x)
+    _, aux_collapsed, _ = layer(x)
     assert aux_collapsed.item() > 1.5
 
 
@@ -114,3 +114,55 @@ def test_save_pretrained_round_trips_through_auto_classes(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_grouped_experts_equal_the_loop_in_outputs_and_gradients(dtype, tol):
+    """F.grouped_mm over rows sorted by expert vs one matmul per expert, with experts that get no rows."""
+    from accel_trainer.models.modeling_moe import experts_forward
+
+    torch.manual_seed(0)
+    gate, up, down = (torch.randn(4, 16, 8, dtype=dtype), torch.randn(4, 16, 8, dtype=dtype),
+                      torch.randn(4, 8, 16, dtype=dtype))
+    offsets = torch.tensor([0, 5, 5, 12], dtype=torch.int32)  # experts 0 and 2 get nothing
+    rows = torch.randn(12, 8, dtype=dtype)
+    results = []
+    for grouped in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (rows, gate, up, down)]
+        out = experts_forward(leaves[0], offsets, *leaves[1:], grouped=grouped)
+        out.sum().backward()  # a zero-stride gradient: what grouped_mm's CPU backward refuses unless handled
+        results.append([out.detach().float()] + [t.grad.float() for t in leaves])
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
+
+
+def test_the_moe_layer_makes_no_host_sync_on_its_grouped_path(monkeypatch):
+    """No .tolist()/.item() in the forward or backward where grouped_mm runs."""
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config())
+    ids = torch.randint(0, 64, (2, 9))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in the MoE layer")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", refuse)
+    monkeypatch.setattr(torch.Tensor, "item", refuse)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    assert out.expert_load.shape == (2, 4) and int(out.expert_load.sum(dim=1)[0]) == 2 * 9 * 2
+
+
+def test_checkpoint_names_and_stacked_expert_shapes_are_unchanged():
+    """Old checkpoints load: the same tensor names and 3D expert shapes as before grouped GEMM."""
+    model = MoEForCausalLM(tiny_config(num_hidden_layers=1))
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {
+        "model.embed_tokens.weight": (64, 32), "model.layers.0.input_layernorm.weight": (32,),
+        "model.layers.0.self_attn.q_proj.weight": (32, 32), "model.layers.0.self_attn.k_proj.weight": (16, 32),
+        "model.layers.0.self_attn.v_proj.weight": (16, 32), "model.layers.0.self_attn.o_proj.weight": (32, 32),
+        "model.layers.0.post_attention_layernorm.weight": (32,), "model.layers.0.mlp.router.weight": (4, 32),
+        "model.layers.0.mlp.gate_proj": (4, 16, 32), "model.layers.0.mlp.up_proj": (4, 16, 32),
+        "model.layers.0.mlp.down_proj": (4, 32, 16), "model.layers.0.mlp.shared_expert.gate_proj.weight": (8, 32),
+        "model.layers.0.mlp.shared_expert.up_proj.weight": (8, 32),
+        "model.layers.0.mlp.shared_expert.down_proj.weight": (32, 8), "model.norm.weight": (32,),
+        "lm_head.weight": (64, 32)}

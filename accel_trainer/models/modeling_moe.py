@@ -2,8 +2,10 @@
 
 Expert weights are stacked per layer as 3D tensors ``[num_experts, out, in]`` so that one tensor holds
 one kind of matrix for every expert (the optimizer orthogonalises each expert's slice on its own).
-Tokens are dispatched by sorting their (token, expert) assignments by expert and running each expert
-once on its contiguous slice: the Python loop is over experts, never over tokens.
+Tokens are dispatched by sorting their (token, expert) assignments by expert; each projection of
+every expert is then one grouped matmul (``F.grouped_mm``) over the sorted rows, with the experts'
+row offsets computed on the device: no host sync in the forward or the backward. Where grouped_mm
+refuses the device or dtype, a loop over experts is used instead (chosen once per device and dtype).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_moe import MoEConfig
@@ -21,12 +24,14 @@ from .configuration_moe import MoEConfig
 
 @dataclass
 class MoECausalLMOutput(ModelOutput):
-    """Forward result: ``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` * ``aux_loss`` when labels are given."""
+    """Forward result: ``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` * ``aux_loss`` when labels are
+    given; ``expert_load`` [layers, experts] counts the token slots routed to each expert (for telemetry)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
+    expert_load: torch.Tensor | None = None
 
 
 def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +83,61 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's CPU backward
+    refuses a gradient with zero strides (such as the one a ``.sum()`` hands back)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+_GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``F.grouped_mm`` runs forward and backward on this device type and dtype; tried once
+    per pair, so the kernel is chosen once, not per step."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM_WORKS:
+        try:
+            with torch.enable_grad():
+                a = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
+                b = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
+                offsets = torch.tensor([1, 4], device=device, dtype=torch.int32)
+                out = F.grouped_mm(a, b.transpose(-2, -1), offs=offsets)
+                out.backward(torch.ones_like(out))
+            _GROUPED_MM_WORKS[key] = True
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            _GROUPED_MM_WORKS[key] = False
+    return _GROUPED_MM_WORKS[key]
+
+
+def experts_forward(x: torch.Tensor, offsets: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor, grouped: bool = True) -> torch.Tensor:
+    """Each expert's SwiGLU on its rows of ``x`` (rows sorted by expert; ``offsets[e]`` = end of
+    expert ``e``'s rows, int32). Grouped: one grouped matmul per projection, no host sync. Not
+    grouped: one matmul per expert, which needs the row counts on the host (one sync per layer)."""
+    if grouped:
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not on autocast's lists: cast as it would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate, up, down = x.to(dtype), gate.to(dtype), up.to(dtype), down.to(dtype)
+        gate_out = _ContiguousGrad.apply(F.grouped_mm(x, gate.transpose(-2, -1), offs=offsets))
+        up_out = _ContiguousGrad.apply(F.grouped_mm(x, up.transpose(-2, -1), offs=offsets))
+        return _ContiguousGrad.apply(F.grouped_mm(F.silu(gate_out) * up_out, down.transpose(-2, -1), offs=offsets))
+    sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()  # the fallback's one sync
+    outputs = [(F.silu(rows @ gate[e].t()) * (rows @ up[e].t())) @ down[e].t()
+               for e, rows in enumerate(x.split(sizes)) if rows.shape[0]]
+    return torch.cat(outputs) if outputs else x.new_zeros(0, down.shape[1])
+
+
+_experts_outside_compile = torch.compiler.disable(experts_forward)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts with stacked weights, an optional shared expert, and a balance loss."""
 
@@ -95,7 +155,19 @@ class MoEFeedForward(nn.Module):
         self.shared_expert = (SwiGLU(d, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size > 0 else None)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def experts_kernel(x: torch.Tensor):
+        """The experts function for this input and whether it is grouped (decided once per device/dtype)."""
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        if not torch.compiler.is_compiling():
+            return experts_forward, grouped_mm_works(x.device, dtype)
+        grouped = _GROUPED_MM_WORKS.get((x.device.type, dtype), True)  # known: an eager step ran first
+        # torch.compile's shape function for grouped_mm accepts only bf16 (its CUDA kernel's rule), while
+        # the CPU kernel also runs fp32: then the experts run eagerly between two compiled regions.
+        return (experts_forward if dtype == torch.bfloat16 or not grouped else _experts_outside_compile), grouped
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the layer's output, its balance loss, and the slots routed to each expert [experts]."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         num_tokens = x.shape[0]
@@ -107,16 +179,13 @@ class MoEFeedForward(nn.Module):
         flat_experts = experts.reshape(-1)
         order = flat_experts.argsort(stable=True)
         token_of_slot = order // self.top_k
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
-        # One host sync per layer to learn the split sizes; grouped GEMM kernels avoid it on GPU.
-        sorted_x = x[token_of_slot]
-        outputs = []
-        for e, chunk in enumerate(sorted_x.split(counts.tolist())):
-            if chunk.shape[0] == 0:
-                continue
-            hidden = F.silu(chunk @ self.gate_proj[e].t()) * (chunk @ self.up_proj[e].t())
-            outputs.append(hidden @ self.down_proj[e].t())
-        routed = torch.cat(outputs) * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
+        # scatter_add, not bincount: bincount's output size depends on the data (a host sync on GPU).
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat_experts, torch.ones_like(flat_experts))
+        offsets = counts.cumsum(0).to(torch.int32)
+        experts, grouped = self.experts_kernel(x)
+        routed = experts(x[token_of_slot], offsets, self.gate_proj, self.up_proj, self.down_proj, grouped=grouped)
+        routed = routed * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of_slot, routed)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
@@ -125,10 +194,13 @@ class MoEFeedForward(nn.Module):
         # equals 1 when routing is uniform.
         slot_fraction = counts.float() / (num_tokens * self.top_k)
         aux_loss = self.num_experts * torch.sum(slot_fraction * probs.mean(dim=0))
-        return out.reshape(shape), aux_loss
+        return out.reshape(shape), aux_loss, counts
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(GradientCheckpointingLayer):
+    """Attention then MoE feed-forward, each pre-normed with a residual; recomputed in the backward
+    when activation checkpointing is on (``model.gradient_checkpointing_enable()``)."""
+
     def __init__(self, config: MoEConfig):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -138,8 +210,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        mlp_out, aux_loss = self.mlp(self.post_attention_layernorm(x))
-        return x + mlp_out, aux_loss
+        mlp_out, aux_loss, load = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out, aux_loss, load
 
 
 class MoEPreTrainedModel(PreTrainedModel):
@@ -147,6 +219,7 @@ class MoEPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -170,15 +243,18 @@ class MoEModel(MoEPreTrainedModel):
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the final hidden states, the mean balance loss, and the expert load [layers, experts]."""
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
                                   x.device, x.dtype)
         aux_total = x.new_zeros((), dtype=torch.float32)
+        loads = []
         for layer in self.layers:
-            x, aux_loss = layer(x, cos, sin)
+            x, aux_loss, load = layer(x, cos, sin)
             aux_total = aux_total + aux_loss
-        return self.norm(x), aux_total / len(self.layers)
+            loads.append(load)
+        return self.norm(x), aux_total / len(self.layers), torch.stack(loads)
 
 
 class MoEForCausalLM(MoEPreTrainedModel):
@@ -202,14 +278,14 @@ class MoEForCausalLM(MoEPreTrainedModel):
         return self.lm_head
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> MoECausalLMOutput:
-        hidden, aux_loss = self.model(input_ids)
+        hidden, aux_loss, expert_load = self.model(input_ids)
         logits = self.lm_head(hidden)
         loss = lm_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                       labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
-        return MoECausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss)
+        return MoECausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss, expert_load=expert_load)
 
 
 def count_parameters(model: nn.Module, config: MoEConfig) -> dict[str, int]:
