@@ -92,6 +92,8 @@ class Muon(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        owners = _Owners()  # who orthogonalises each gathered matrix (the same answer on every rank)
+        self.ns_matrices = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
             for p in group["params"]:
@@ -103,34 +105,72 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = self._orthogonalize(update, group["ns_steps"])
+                update = self._orthogonalize(update, group["ns_steps"], owners)
                 out_dim, in_dim = p.shape[-2:]
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, out_dim / in_dim)))
         return loss
 
-    def _orthogonalize(self, update: torch.Tensor, steps: int) -> torch.Tensor:
+    def _orthogonalize(self, update: torch.Tensor, steps: int, owners: "_Owners") -> torch.Tensor:
         if type(update).__name__ == "DTensor":
-            return _orthogonalize_sharded(update, steps, self.ns_dtype)
+            return self._orthogonalize_sharded(update, steps, owners)
+        self.ns_matrices += update[..., 0, 0].numel()
         return zeropower_via_newtonschulz(update, steps=steps, dtype=self.ns_dtype)
 
+    def _orthogonalize_sharded(self, update, steps: int, owners: "_Owners"):
+        """Newton-Schulz on an FSDP2-sharded (DTensor) update, each matrix computed once.
 
-def _orthogonalize_sharded(update, steps: int, dtype):
-    """Newton-Schulz on an FSDP2-sharded (DTensor) update.
+        Stacked expert weights are sharded on dim 0, the expert dimension, so each rank holds whole
+        experts and orthogonalises them locally. A matrix sharded by rows or columns is gathered; one
+        rank (its owner, picked so that every rank gets a similar share of the work) orthogonalises
+        it, and the owner's result is scattered back as every rank's shard. Meshes of more than one
+        dimension (HSDP) orthogonalise on every rank, as the gathered matrix is then not one rank's.
+        """
+        from torch.distributed.tensor import DTensor, distribute_tensor
 
-    Stacked expert weights are sharded on dim 0, the expert dimension, so each rank holds whole
-    experts and orthogonalises them locally. A matrix sharded by rows or columns is gathered,
-    orthogonalised (identically on every rank) and sliced back to this rank's shard.
-    """
-    from torch.distributed.tensor import DTensor, distribute_tensor
+        mesh, placements = update.device_mesh, update.placements
+        matrix_dims = {update.ndim - 2, update.ndim - 1}
+        if not any(pl.is_shard() and pl.dim in matrix_dims for pl in placements):
+            local = update.to_local()
+            self.ns_matrices += local[..., 0, 0].numel()
+            local = zeropower_via_newtonschulz(local, steps=steps, dtype=self.ns_dtype)
+            return DTensor.from_local(local, mesh, placements, shape=update.shape, stride=update.stride())
+        full = update.full_tensor()
+        if mesh.ndim != 1:
+            self.ns_matrices += full[..., 0, 0].numel()
+            return distribute_tensor(zeropower_via_newtonschulz(full, steps=steps, dtype=self.ns_dtype), mesh,
+                                     placements, src_data_rank=None)
+        owner = owners.pick(full.shape, mesh.size())
+        if mesh.get_local_rank() == owner:
+            self.ns_matrices += full[..., 0, 0].numel()
+            result = zeropower_via_newtonschulz(full, steps=steps, dtype=self.ns_dtype)
+        else:  # only the shape and dtype count: distribute_tensor sends the owner's values
+            dtype = self.ns_dtype or (torch.bfloat16 if full.is_cuda else torch.float32)
+            result = torch.empty(full.shape, dtype=dtype, device=full.device)
+        return distribute_tensor(result, mesh, placements, src_data_rank=owner)
 
-    matrix_dims = {update.ndim - 2, update.ndim - 1}
-    if not any(pl.is_shard() and pl.dim in matrix_dims for pl in update.placements):
-        local = zeropower_via_newtonschulz(update.to_local(), steps=steps, dtype=dtype)
-        return DTensor.from_local(local, update.device_mesh, update.placements, shape=update.shape,
-                                  stride=update.stride())
-    full = zeropower_via_newtonschulz(update.full_tensor(), steps=steps, dtype=dtype)
-    return distribute_tensor(full, update.device_mesh, update.placements, src_data_rank=None)
+
+def newton_schulz_flops(shape: tuple[int, ...], steps: int = NS_STEPS) -> float:
+    """FLOPs of Newton-Schulz on a ``[..., rows, cols]`` update: per iteration X X^T, the quintic
+    polynomial of that Gram matrix, and its product with X."""
+    m, n = sorted(shape[-2:])
+    batch = math.prod(shape[:-2]) if len(shape) > 2 else 1
+    return batch * steps * (4 * m * m * n + 2 * m**3)
+
+
+class _Owners:
+    """Assigns each gathered matrix to the rank with the least Newton-Schulz work so far (lowest
+    rank on ties): deterministic from the shapes alone, so every rank picks the same owner."""
+
+    def __init__(self):
+        self.load: list[float] = []
+
+    def pick(self, shape, world: int) -> int:
+        if len(self.load) != world:
+            self.load = [0.0] * world
+        owner = min(range(world), key=lambda r: (self.load[r], r))
+        self.load[owner] += newton_schulz_flops(tuple(shape))
+        return owner
 
 
 def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:

@@ -57,6 +57,9 @@ def save():
         step(reference, opt_ref)
         step(model, opt)
     print(f"rank{rank} max_param_diff {max_diff(model, reference.state_dict()):.3e}", flush=True)
+    # Newton-Schulz work: each matrix once in all (gathered ones by one owner), the reference does all.
+    print(f"rank{rank} ns_matrices {opt.optimizers['muon'].ns_matrices} of "
+          f"{opt_ref.optimizers['muon'].ns_matrices}", flush=True)
     expert = model.model.layers[0].mlp.gate_proj
     momentum = opt.optimizers["muon"].state[expert]["momentum_buffer"]
     print(f"rank{rank} expert_shard {tuple(expert.to_local().shape)} momentum "

@@ -40,6 +40,10 @@ def test_muon_adamw_on_fsdp2_shards_equals_full_model(sharded_checkpoint):
     assert out.count("max_param_diff 0.000e+00") == 2, out
     # Experts are sharded on the expert dim: each rank holds and orthogonalises 2 whole experts.
     assert out.count("expert_shard (2, 16, 32) momentum DTensor (2, 16, 32)") == 2, out
+    # No redundant Newton-Schulz: every matrix is orthogonalised by exactly one rank, in even shares.
+    counts = [(int(a), int(b)) for a, b in re.findall(r"ns_matrices (\d+) of (\d+)", out)]
+    assert len(counts) == 2 and sum(a for a, _ in counts) == counts[0][1], out
+    assert abs(counts[0][0] - counts[1][0]) <= 2, counts
 
 
 def test_sharded_checkpoint_from_2_ranks_resumes_on_3(sharded_checkpoint):
