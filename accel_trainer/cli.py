@@ -8,6 +8,7 @@
     accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
     accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
     accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
+    accel-trainer plan    --preset 18b --num_gpus 64 [--gradient_checkpointing] ...   per-GPU memory, checkpoint cost
     accel-trainer env                                  versions and devices
 
 <ckpt> is a step-N folder, a run's output dir (its latest), or <output_dir>/best|latest.
@@ -258,6 +259,55 @@ def cmd_params(args) -> int:
     return 0
 
 
+def load_presets(recipe: str | None) -> dict:
+    """The ``PRESETS`` of a recipe file (default: ``recipes/moe18b.py`` here, or next to the package)."""
+    import importlib.util
+
+    candidates = [Path(recipe)] if recipe else [Path("recipes/moe18b.py"),
+                                                Path(__file__).resolve().parents[1] / "recipes" / "moe18b.py"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise SystemExit(f"accel-trainer plan: no recipe at {candidates[0]}; pass --recipe path/to/recipe.py "
+                         "or --config path/to/config.json")
+    spec = importlib.util.spec_from_file_location("_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.PRESETS
+
+
+def cmd_plan(args) -> int:
+    from .models import MoEConfig
+    from .planning import GIB, plan, smallest_gpu_count
+
+    if args.config:
+        config = MoEConfig.from_json_file(args.config)
+        name = args.config
+    else:
+        presets = load_presets(args.recipe)
+        if args.preset not in presets:
+            raise SystemExit(f"accel-trainer plan: --preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
+        config, name = MoEConfig(**presets[args.preset]), f"preset {args.preset}"
+    block = args.block_size or config.max_position_embeddings
+    options = dict(gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
+                   disk_gbps=args.disk_gbps)
+    p = plan(config, args.num_gpus, args.gpu_memory_gib, args.per_device_train_batch_size, block, **options)
+    print(f"{name}: {p.counts['total'] / 1e9:.2f}B parameters; FSDP2 over {args.num_gpus} GPUs of "
+          f"{args.gpu_memory_gib:g} GiB; {args.per_device_train_batch_size} x {block} tokens per GPU per micro-batch, "
+          f"{args.mixed_precision}, activation checkpointing {'on' if args.gradient_checkpointing else 'off'}")
+    print(f"{'per GPU':<28}{'GiB':>9}")
+    for label, value in (("parameters", p.parameters), ("gradients", p.gradients),
+                         ("optimizer (Muon + AdamW)", p.optimizer), ("activations", p.activations),
+                         ("reserve (allocator, runtime)", p.reserve)):
+        print(f"  {label:<26}{value / GIB:>9.2f}")
+    print(f"  {'total':<26}{p.total / GIB:>9.2f}  of {args.gpu_memory_gib:g}: "
+          f"{'fits' if p.fits else 'does NOT fit'}")
+    fewest = smallest_gpu_count(config, args.gpu_memory_gib, args.per_device_train_batch_size, block, **options)
+    print(f"fewest GPUs of {args.gpu_memory_gib:g} GiB that fit this setup: {fewest or 'more than 4096'}")
+    print(f"checkpoint   {p.checkpoint_bytes / 1e9:.1f} GB ({p.checkpoint_bytes_per_rank / 1e9:.2f} GB per rank), "
+          f"~{p.save_seconds:.0f} s to write at {args.disk_gbps:g} GB/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel-trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,6 +348,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default: <output_dir>/metrics.png)")
     p.set_defaults(func=cmd_plot)
     sub.add_parser("env", help="print versions and devices").set_defaults(func=cmd_env)
+    p = sub.add_parser("plan", help="per-GPU memory under FSDP2 and checkpoint cost, before spending GPU hours")
+    p.add_argument("--preset", default="18b", help="a preset of the recipe (default 18b)")
+    p.add_argument("--recipe", default=None, help="recipe file with PRESETS (default recipes/moe18b.py)")
+    p.add_argument("--config", default=None, help="a model config.json instead of a preset")
+    p.add_argument("--num_gpus", type=int, default=8)
+    p.add_argument("--gpu_memory_gib", type=float, default=80)
+    p.add_argument("--per_device_train_batch_size", type=int, default=1)
+    p.add_argument("--block_size", type=int, default=None, help="tokens per sequence (default: the model's context)")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
+    p.add_argument("--disk_gbps", type=float, default=2.0, help="checkpoint storage write bandwidth, GB/s")
+    p.set_defaults(func=cmd_plan)
     p = sub.add_parser("params", help="count parameters of a model config.json")
     p.add_argument("config", help="config.json or a folder holding one")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -72,6 +72,12 @@ class TrainingArguments:
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward instead of keeping its activations (less memory, ~1/3 more compute)."})
+    torch_compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile (regional compilation)."})
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --torch_compile."})
+    torch_compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode for --torch_compile (e.g. max-autotune)."})
+    peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device for MFU; default: a table of known GPUs (none on CPU)."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with an emergency checkpoint) after this many steps in a row with a non-finite loss or gradient; 0 never stops."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
     max_eval_batches: int = field(default=20, metadata={"help": "Cap on eval batches per process per evaluation."})
@@ -98,7 +104,7 @@ class TrainingArguments:
                      "logging_steps", "max_eval_batches"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 1")
-        for name in ("eval_steps", "save_steps", "warmup_steps"):
+        for name in ("eval_steps", "save_steps", "warmup_steps", "max_nonfinite_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 from pathlib import Path
 
+import torch
+
 from .checkpoint import CheckpointError
 from .checkpoint.lock import lock_run_dir
 from .checkpoint.manager import resolve_on_main
@@ -13,7 +15,10 @@ from .checkpoint.io import read_json
 from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import build_datasets
+from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .models import MoEConfig, MoEForCausalLM, count_parameters
+from .models.modeling_moe import grouped_mm_works
+from .telemetry import flops_per_token
 from .optim import OptimizerSettings, build_optimizers
 from .trainer import Trainer, build_accelerator
 
@@ -99,6 +104,18 @@ def check_before_building(presets: dict[str, dict], model_args: ModelArguments, 
                           "or less")
 
 
+def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArguments, accelerator) -> None:
+    """--gradient_checkpointing and --torch_compile (each decoder layer compiled on its own)."""
+    if args.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if args.torch_compile:
+        # The experts' kernel is chosen eagerly, before tracing (see MoEFeedForward.experts_kernel).
+        grouped_mm_works(accelerator.device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+        n = compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+        accelerator.print(f"--torch_compile: {n} decoder layers compiled one by one ({args.torch_compile_backend}); "
+                          "the first steps include the compilation")
+
+
 def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
         train_args: TrainingArguments) -> Trainer:
     """Build everything and train; returns the trainer (for tests and notebooks)."""
@@ -130,12 +147,15 @@ def _run(accelerator, presets, model_args, data_args, train_args) -> Trainer:
     if train_args.init_from:
         report = load_weights(model, train_args.init_from, strict=False)
         accelerator.print(f"--init_from {train_args.init_from}: {report}")
+    apply_memory_and_speed_features(model, train_args, accelerator)
     optimizers = build_optimizers(model, OptimizerSettings(
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
         weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
-                      before_resume=resume_policy(config, run_config, accelerator.print))
+                      before_resume=resume_policy(config, run_config, accelerator.print),
+                      flops_per_token=flops_per_token(counts["active"], config.num_hidden_layers,
+                                                      config.num_attention_heads, config.head_dim, data_args.block_size))
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position)
@@ -145,7 +165,8 @@ def _run(accelerator, presets, model_args, data_args, train_args) -> Trainer:
 
 def exit_code_of(job) -> int:
     """Run ``job``; turn bad input (flags, checkpoints) into one line on stderr and exit status 2,
-    and a stop signal into 128 + signal number after its emergency checkpoint."""
+    a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
+    non-finite losses into 3 (after its checkpoint of the last good state)."""
     import sys
 
     from accelerate import PartialState
@@ -158,7 +179,7 @@ def exit_code_of(job) -> int:
         code = 2
     else:
         signum = trainer.checkpointer.stop_signal
-        code = 128 + int(signum) if trainer.interrupted_by and signum else 0
+        code = 3 if trainer.diverged else 128 + int(signum) if trainer.interrupted_by and signum else 0
         del trainer
     _free_process_groups(PartialState())
     return code

@@ -16,6 +16,7 @@ class TrainState:
     Attributes:
         global_step: optimizer steps finished.
         tokens_seen: tokens trained on, summed over all processes.
+        nonfinite_steps: steps skipped because the loss or the gradient was not finite.
         ema_loss: exponential moving average of the (all-process mean) training loss; a device
             tensor while training (no host sync per step), a float in ``state_dict()``.
         trackers: what a resumed run needs to continue the same tracker runs: ``run_name`` (the
@@ -24,6 +25,7 @@ class TrainState:
 
     global_step: int = 0
     tokens_seen: int = 0
+    nonfinite_steps: int = 0
     ema_loss: float | torch.Tensor | None = None
     trackers: dict = field(default_factory=dict)
 

@@ -25,6 +25,7 @@ from .config import ConfigError, TrainingArguments
 from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
 from .optim import OptimizersContainer, lr_multiplier
+from .telemetry import RouterStats, Throughput, peak_memory, peak_tflops
 from .train_state import TrainState
 
 # Optimizer hyperparameters that follow the current flags on resume (the checkpoint supplies state).
@@ -64,10 +65,11 @@ class Trainer:
         run_config: the full flat run configuration (saved with checkpoints, sent to trackers).
         before_resume: the Checkpointer's policy for a checkpoint about to be resumed (see
             :func:`accel_trainer.run.resume_policy`).
+        flops_per_token: training FLOPs per token (:func:`telemetry.flops_per_token`), for MFU.
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
-                 args: TrainingArguments, run_config: dict, before_resume=None):
+                 args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None):
         self.accelerator = accelerator
         self.args = args
         self.run_config = run_config
@@ -98,7 +100,11 @@ class Trainer:
         self.lr_schedule = partial(lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
                                    min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio)
         self.metrics = MetricsLogger(accelerator, args.output_dir)
+        self.throughput = Throughput(world, flops_per_token, peak_tflops(accelerator.device, args.peak_tflops))
+        self.router = RouterStats()
         self.interrupted_by: str | None = None
+        self.diverged = False
+        self.nonfinite_streak = 0
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
         self._step_tokens = 0       # local tokens of the step in flight, counted once it completes
         self._consistent = True     # False while an optimizer step is half-applied
@@ -176,11 +182,17 @@ class Trainer:
         self.model.train()
         batches = self.micro_batches()
         try:
+            self.throughput.start(state.global_step, state.tokens_seen)
             while state.global_step < self.total_steps:
-                loss, grad_norm = self.train_step(next(batches))
-                self.after_step(loss, grad_norm, progress)
+                self.after_step(*self.train_step(next(batches)), progress)
                 if self.checkpointer.stop_requested():
                     self.emergency_save(self.checkpointer.stop_signal.name)
+                    break
+                if args.max_nonfinite_steps and self.nonfinite_streak >= args.max_nonfinite_steps:
+                    self.diverged = True
+                    self.emergency_save(f"{self.nonfinite_streak} steps in a row with a non-finite loss or gradient "
+                                        "(the weights are those of the last good step; lower the learning rate or "
+                                        "resume from an earlier checkpoint)")
                     break
         except Exception as err:
             self.save_after_exception(err)
@@ -245,8 +257,12 @@ class Trainer:
             iterator.close()
             loader.end_epoch()
 
-    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward/backward over the micro-batches, clip, set the step's LR and step every optimizer."""
+    def train_step(self, micro_batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Forward/backward over the micro-batches, clip, set the step's LR and step every optimizer.
+
+        Returns the all-process mean loss, the gradient norm, and whether the step was applied: a
+        non-finite loss or gradient skips it (the one host sync per step, before the update).
+        """
         accelerator, model = self.accelerator, self.model
         total, tokens = None, 0
         for i, batch in enumerate(micro_batches):
@@ -254,30 +270,45 @@ class Trainer:
             # Only the last micro-batch all-reduces gradients under DDP.
             sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else nullcontext()
             with sync:
-                loss = model(input_ids=ids, labels=ids).loss / len(micro_batches)
+                out = model(input_ids=ids, labels=ids)
+                loss = out.loss / len(micro_batches)
                 accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
             tokens += ids.numel()
+            self.router.add(out)
         grad_norm = None
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
+        mean_loss = accelerator.reduce(total, reduction="mean")
+        applied = True
+        if accelerator.scaler is None:  # under fp16 the grad scaler skips (and rescales) overflowing steps itself
+            finite = torch.isfinite(mean_loss) if grad_norm is None else torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+            applied = bool(finite)
         self._consistent = False
-        self._step_tokens = tokens
-        self.optimizers.set_lr(self.lr_schedule(self.state.global_step, total_steps=self.total_steps))
-        self.optimizer.step()  # with fp16, the scaler may skip it (overflow); the LR follows the step count
+        self._step_tokens = tokens if applied else 0
+        if applied:
+            self.optimizers.set_lr(self.lr_schedule(self.state.global_step, total_steps=self.total_steps))
+            self.optimizer.step()  # with fp16, the scaler may skip it (overflow); the LR follows the step count
         self.optimizer.zero_grad(set_to_none=True)
-        return total, grad_norm
+        return mean_loss, grad_norm, applied
 
-    def after_step(self, loss: torch.Tensor, grad_norm, progress) -> None:
+    def after_step(self, mean_loss: torch.Tensor, grad_norm, applied: bool, progress) -> None:
         """Advance counters; log, evaluate and save when their interval comes."""
         args, state = self.args, self.state
         state.global_step += 1
         self._unsynced_tokens += self._step_tokens
         self._consistent = True
-        # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
-        mean_loss = self.accelerator.reduce(loss, reduction="mean")
-        ema = state.ema_loss
-        state.ema_loss = mean_loss if ema is None else ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
+        if applied:
+            self.nonfinite_streak = 0
+            ema = state.ema_loss
+            state.ema_loss = mean_loss if ema is None else ema * args.ema_decay + mean_loss * (1 - args.ema_decay)
+        else:
+            state.nonfinite_steps += 1
+            self.nonfinite_streak += 1
+            self.accelerator.print(f"step {state.global_step}: the loss or the gradient is not finite; the step is "
+                                   f"skipped (no update; {self.nonfinite_streak} in a row, {state.nonfinite_steps} "
+                                   "in this run)")
         step, last = state.global_step, state.global_step >= self.total_steps
         progress.update(1)
         metrics, reasons = {}, []
@@ -301,12 +332,19 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ helpers
     def train_metrics(self, mean_loss: torch.Tensor, grad_norm) -> dict:
-        metrics = {"loss": mean_loss.item(), "ema_loss": self.state.ema_loss.item(), "epoch": self.epoch_progress(),
-                   "tokens_seen": self.sync_tokens()}
+        """The logging step's metrics: loss, LRs, progress, and the telemetry of the interval since the
+        last logging step (throughput, MFU, peak memory, router balance)."""
+        ema = self.state.ema_loss
+        metrics = {"loss": mean_loss.item(), "ema_loss": None if ema is None else float(ema),
+                   "epoch": self.epoch_progress(), "tokens_seen": self.sync_tokens()}
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         for name, lr in self.optimizers.lrs().items():
             metrics[f"lr/{name}"] = lr
+        metrics.update(self.throughput.metrics(self.state.global_step, self.state.tokens_seen))
+        metrics.update(peak_memory(self.accelerator.device))
+        metrics.update(self.router.metrics(self.accelerator))
+        metrics["nonfinite_steps"] = self.state.nonfinite_steps
         return metrics
 
     def sync_tokens(self) -> int:

@@ -64,8 +64,7 @@ def main() -> None:
 
     def run_trainer(n):
         for _ in range(n):
-            loss, grad_norm = trainer.train_step(next(batches))
-            trainer.after_step(loss, grad_norm, progress)
+            trainer.after_step(*trainer.train_step(next(batches)), progress)
             trainer.checkpointer.stop_requested()
 
     def run_bare(n):

@@ -28,6 +28,16 @@ def test_loss_falls_and_metrics_jsonl_has_the_fields(single_run):
     assert records[0]["tokens_seen"] == 4 * 64 and records[-1]["tokens_seen"] == 60 * 4 * 64
 
 
+def test_metrics_report_throughput_memory_and_the_routers(single_run):
+    out, _ = single_run
+    last = read_jsonl(out / "metrics.jsonl")[-1]
+    assert last["tokens_per_second"] > 0 and last["tokens_per_second_per_device"] == last["tokens_per_second"]
+    assert last["step_time"] > 0 and last["memory/peak_rss_gib"] > 0.1
+    assert last["mfu"] is None  # no peak FLOP/s is known for a CPU
+    assert 1.0 <= last["router/imbalance/layer_0"] <= 4.0 and last["router/imbalance_max"] >= 1.0  # 4 experts
+    assert last["router/aux_loss"] > 0 and last["nonfinite_steps"] == 0
+
+
 def test_tensorboard_tracker_writes_events(single_run):
     out, _ = single_run
     assert list(out.rglob("events.out.tfevents.*")), "no TensorBoard event file under the output dir"

@@ -1,0 +1,126 @@
+"""A memory and checkpoint plan before spending GPU hours: per-GPU memory under FSDP2 (full
+sharding), whether it fits, and what checkpoints cost, from the model config alone (meta device).
+
+Per GPU, with W GPUs:
+* parameters: fp32 master weights, sharded (4 B / W per parameter); plus the layers FSDP2 gathers
+  for compute, in the compute dtype (the largest layer, twice: the one running and the one prefetched),
+  and the root unit (embeddings, head) while it runs;
+* gradients: fp32, sharded (4 B / W), plus one gathered layer's gradients before they are reduced;
+* optimizer state, sharded: Muon's momentum (4 B per Muon parameter), AdamW's two moments (8 B);
+  plus Newton-Schulz scratch for the largest matrix a rank orthogonalises (five copies of it);
+* activations of one micro-batch, counted tensor by tensor from what this model's forward keeps
+  for the backward (see :func:`activation_elements_per_token`); with activation checkpointing only
+  each layer's input is kept, plus one layer's activations while it is recomputed;
+* a reserve for the CUDA allocator's fragmentation and the runtime (``overhead_fraction``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GIB = 2**30
+
+
+def activation_elements_per_token(config, gradient_checkpointing: bool = False) -> dict[str, float]:
+    """Elements kept for the backward per token: per layer, and for the head (final norm, logits and
+    the loss's log-probabilities, which are fp32).
+
+    Per layer (d hidden, h heads, g key/value heads, q head width, E experts, k active, f expert
+    width, s shared-expert width): the two norms' inputs and outputs (4d); queries, keys and values
+    before and after RoPE, the attention output and its reshaped copy (4hq + 3gq) and the softmax
+    statistics (h); the router's probabilities (E); the k gathered rows and the k outputs of the
+    experts (2kd); gate, up, their SwiGLU product and activation per routed slot (4kf); the same four
+    for the shared expert (4s).
+    """
+    d, h, g, q = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    e, k, f, s = (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
+                  config.shared_expert_intermediate_size)
+    layer = 4 * d + 4 * h * q + 3 * g * q + h + e + 2 * k * d + 4 * k * f + 4 * s
+    head = 2 * d + 2 * config.vocab_size
+    kept = config.num_hidden_layers * (d if gradient_checkpointing else layer)
+    # Checkpointing recomputes one layer at a time in the backward: that layer's activations come back.
+    return {"layers": kept + (layer if gradient_checkpointing else 0), "head": head, "layer": layer}
+
+
+@dataclass
+class Plan:
+    """The plan's figures, in bytes per GPU unless named otherwise."""
+
+    parameters: float
+    gradients: float
+    optimizer: float
+    activations: float
+    reserve: float
+    gpu_memory: float
+    checkpoint_bytes: float
+    checkpoint_bytes_per_rank: float
+    save_seconds: float
+    counts: dict
+
+    @property
+    def total(self) -> float:
+        return self.parameters + self.gradients + self.optimizer + self.activations + self.reserve
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_memory
+
+
+def _parameter_groups(config):
+    """(all, per-layer max, root unit, Muon, AdamW, largest non-expert matrix) parameter counts, from
+    a model built on the meta device."""
+    from .models import MoEForCausalLM
+    from .optim import split_parameters
+
+    with torch.device("meta"):
+        model = MoEForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
+    root = total - sum(p.numel() for p in model.model.layers.parameters())
+    muon, adamw = split_parameters(model)
+    largest_matrix = max(p.numel() for _, p in muon if p.ndim == 2)
+    return (total, layer, root, sum(p.numel() for _, p in muon), sum(p.numel() for _, p in adamw), largest_matrix)
+
+
+def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, block_size: int,
+         gradient_checkpointing: bool = False, mixed_precision: str = "bf16", disk_gbps: float = 2.0,
+         overhead_fraction: float = 0.1) -> Plan:
+    """The memory of one GPU and the checkpoint's size and save time for this setup.
+
+    Args:
+        config: the model's ``MoEConfig``.
+        num_gpus: GPUs sharing the model (FSDP2 full sharding over all of them).
+        gpu_memory_gib: memory of one GPU.
+        per_device_batch: sequences per GPU per micro-batch; ``block_size`` tokens each.
+        gradient_checkpointing: keep only each layer's input for the backward.
+        mixed_precision: ``bf16``/``fp16`` computes (and gathers layers) in 2 bytes, ``no`` in 4.
+        disk_gbps: aggregate write bandwidth of the checkpoint storage, GB/s.
+        overhead_fraction: share of the GPU kept for the allocator's fragmentation and the runtime.
+    """
+    total, layer, root, muon, adamw, largest_matrix = _parameter_groups(config)
+    w = num_gpus
+    compute_bytes = 4 if mixed_precision == "no" else 2
+    parameters = 4 * total / w + compute_bytes * (2 * layer + root)
+    gradients = 4 * total / w + 4 * layer
+    optimizer = (4 * muon + 8 * adamw) / w + 5 * 4 * largest_matrix
+    elements = activation_elements_per_token(config, gradient_checkpointing)
+    tokens = per_device_batch * block_size
+    activations = tokens * (compute_bytes * elements["layers"] + 4 * elements["head"])
+    checkpoint = 4 * total + 4 * muon + 8 * adamw
+    gpu_memory = gpu_memory_gib * GIB
+    return Plan(parameters=parameters, gradients=gradients, optimizer=optimizer, activations=activations,
+                reserve=overhead_fraction * gpu_memory, gpu_memory=gpu_memory, checkpoint_bytes=checkpoint,
+                checkpoint_bytes_per_rank=checkpoint / w, save_seconds=checkpoint / (disk_gbps * 1e9),
+                counts={"total": total, "muon": muon, "adamw": adamw, "largest_layer": layer})
+
+
+def smallest_gpu_count(config, gpu_memory_gib: float, per_device_batch: int, block_size: int, **kwargs) -> int | None:
+    """The fewest GPUs (powers of two up to 4096) on which the plan fits."""
+    n = 1
+    while n <= 4096:
+        if plan(config, n, gpu_memory_gib, per_device_batch, block_size, **kwargs).fits:
+            return n
+        n *= 2
+    return None

@@ -1,0 +1,165 @@
+"""What makes the 18B run feasible, checked on CPU: activation checkpointing and regional
+compilation change nothing but memory and speed (and no saved name), a non-finite loss never reaches
+the weights, and the memory plan's activation estimate matches what a forward really keeps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from accel_trainer.cli import main as cli_main
+from accel_trainer.efficiency import compile_decoder_layers, enable_activation_checkpointing
+from accel_trainer.models import MoEConfig, MoEForCausalLM
+from accel_trainer.planning import activation_elements_per_token, plan
+from conftest import TINY, read_jsonl
+
+SMALL = dict(vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64)
+
+
+def model_pair(**overrides):
+    torch.manual_seed(0)
+    a = MoEForCausalLM(MoEConfig(**{**SMALL, **overrides}))
+    b = MoEForCausalLM(MoEConfig(**{**SMALL, **overrides}))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    plain, checkpointed = model_pair()
+    enable_activation_checkpointing(checkpointed)
+    assert all(layer.gradient_checkpointing for layer in checkpointed.model.layers)
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+    for model in (plain, checkpointed):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()  # nothing wrapped, names unchanged
+    for (name, p), q in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_regional_compilation_matches_eager_and_keeps_the_names():
+    eager, compiled = model_pair()
+    assert compile_decoder_layers(compiled, backend="aot_eager") == 2
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled)]
+    for step in range(3):
+        ids = torch.randint(0, 259, (2, 16), generator=torch.Generator().manual_seed(step))
+        losses = []
+        for model, opt in zip((eager, compiled), opts):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert not [k for k in compiled.state_dict() if "_orig_mod" in k]
+
+
+COMPILE = ["--torch_compile", "--torch_compile_backend", "aot_eager"]
+
+
+def test_a_compiled_run_resumes_an_eager_checkpoint_and_the_reverse(recipe_module, tmp_path, capsys):
+    args = [*TINY, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1"]
+    assert recipe_module.main([*args, "--output_dir", str(tmp_path / "eager")]) == 0
+    reference = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "eager" / "metrics.jsonl")}
+    shutil.copytree(tmp_path / "eager", tmp_path / "to_compiled", ignore=shutil.ignore_patterns("step-4", ".lock"))
+    assert recipe_module.main([*args, *COMPILE, "--max_steps", "2", "--output_dir", str(tmp_path / "to_eager")]) == 0
+    for name, resume_args in (("to_compiled", COMPILE), ("to_eager", [])):
+        out = tmp_path / name
+        assert recipe_module.main([*args, *resume_args, "--output_dir", str(out), "--resume_from_checkpoint", "step-2"]) == 0
+        got = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
+        assert sorted(got) == [1, 2, 3, 4]
+        for step in (3, 4):
+            assert got[step] == pytest.approx(reference[step], rel=1e-4), (name, step)
+    assert "decoder layers compiled one by one" in capsys.readouterr().out
+
+
+def test_a_non_finite_loss_skips_the_step_and_too_many_in_a_row_stop_with_the_last_good_state(
+        recipe_module, tmp_path, capsys, monkeypatch):
+    calls = {"n": 0}
+    original = MoEForCausalLM.forward
+
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] >= 4:  # steps 4 and later: the loss is NaN
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MoEForCausalLM, "forward", forward)
+    code = recipe_module.main([*TINY, "--max_steps", "10", "--save_steps", "3", "--eval_steps", "0", "--logging_steps",
+                               "1", "--max_nonfinite_steps", "2", "--output_dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 3
+    assert "step 4: the loss or the gradient is not finite; the step is skipped" in out
+    assert "training stopped by 2 steps in a row with a non-finite loss or gradient" in out
+    root = tmp_path / "checkpoints"
+    emergency = json.loads((root / "step-5" / "manifest.json").read_text())
+    assert emergency["reasons"] == ["emergency"]
+    # The skipped steps did not touch the weights: step 5's are step 3's.
+    from safetensors.torch import load_file
+
+    a, b = load_file(root / "step-3" / "model.safetensors"), load_file(root / "step-5" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    assert records[-1]["nonfinite_steps"] == 2 and records[-1]["loss"] is None  # NaN is written as null
+
+
+@pytest.mark.parametrize("config", [
+    SMALL,
+    dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
+         moe_intermediate_size=256, num_experts=8, num_experts_per_tok=2, shared_expert_intermediate_size=256),
+], ids=["tiny", "mid"])
+def test_the_plans_activation_estimate_is_within_a_quarter_of_what_a_forward_keeps(config):
+    """Measured: the bytes every tensor saved for the backward holds (fp32, CPU), parameters aside."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(**config)
+    model = MoEForCausalLM(cfg)
+    batch, seq = 2, 128
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq))
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in kept.items() if ptr not in params)
+    elements = activation_elements_per_token(cfg)
+    estimate = 4 * batch * seq * (elements["layers"] + elements["head"])
+    assert estimate == pytest.approx(measured, rel=0.25), (estimate, measured)
+
+
+@pytest.mark.parametrize("preset", ["18b", "b200", "4090", "tiny"])
+def test_plan_works_for_every_preset(preset, capsys):
+    assert cli_main(["plan", "--preset", preset, "--num_gpus", "8", "--gpu_memory_gib", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "checkpoint" in out and ("fits" in out)
+
+
+def test_the_18b_preset_plan_on_h100s():
+    from recipes.moe18b import PRESETS
+
+    config = MoEConfig(**PRESETS["18b"])
+    with_ac = plan(config, 64, 80, 1, 4096, gradient_checkpointing=True)
+    without = plan(config, 64, 80, 1, 4096, gradient_checkpointing=False)
+    assert with_ac.fits and with_ac.activations < without.activations / 5
+    assert not plan(config, 2, 80, 1, 4096, gradient_checkpointing=True).fits
+    assert 140e9 < with_ac.checkpoint_bytes < 150e9  # fp32 weights + Muon momentum + AdamW moments
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _repo_on_path():
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    yield
+    shutil.rmtree(REPO / "recipes" / "__pycache__", ignore_errors=True)
