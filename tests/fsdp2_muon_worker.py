@@ -1,6 +1,7 @@
 """Worker for test_fsdp2.py, run under torchrun on CPU ranks (gloo); prints lines the test reads.
 
-save DIR (2 ranks): Muon+AdamW on an FSDP2-sharded model vs the same on a full copy; then model and
+save DIR (2 ranks): Muon+AdamW on an FSDP2-sharded model (its layers checkpointed: recomputed in the
+    backward) vs the same on a full copy; then model and
     optimizer state go through torch.distributed.checkpoint exactly as Accelerate's FSDP2
     SHARDED_STATE_DICT path does (get_model_state_dict/get_optimizer_state_dict + dcp.save).
 load DIR (any other rank count): fresh sharded model+optimizer, dcp.load + set_*_state_dict, one more
@@ -17,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_o
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import fully_shard
 
+from accel_trainer.efficiency import enable_activation_checkpointing
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.optim import OptimizerSettings, build_optimizers
 
@@ -29,9 +31,11 @@ settings = OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3)
 ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))  # same batch on every rank
 
 
-def sharded_model():
+def sharded_model(activation_checkpointing: bool = False):
     torch.manual_seed(0)
     model = MoEForCausalLM(config)
+    if activation_checkpointing:  # recomputed layers under FSDP2: the result must not change
+        enable_activation_checkpointing(model)
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model)
@@ -51,7 +55,7 @@ def max_diff(sharded, reference_state):
 def save():
     torch.manual_seed(0)
     reference = MoEForCausalLM(config)
-    model = sharded_model()
+    model = sharded_model(activation_checkpointing=True)
     opt_ref, opt = build_optimizers(reference, settings), build_optimizers(model, settings)
     for _ in range(3):
         step(reference, opt_ref)
