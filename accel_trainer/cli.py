@@ -9,6 +9,8 @@
     accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
     accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
     accel-trainer plan    --preset 18b --num_gpus 64 [--gradient_checkpointing] ...   per-GPU memory, checkpoint cost
+    accel-trainer train-tokenizer --data_files ... --vocab_size 32768 --output_dir tok/   byte-level BPE
+    accel-trainer prepare-data --data_files ... --tokenizer_name tok/ --output_dir data/x   token shards
     accel-trainer env                                  versions and devices
 
 <ckpt> is a step-N folder, a run's output dir (its latest), or <output_dir>/best|latest.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -178,12 +181,18 @@ def cmd_export(args) -> int:
     except FileExistsError as err:
         raise SystemExit(f"accel-trainer export: {err}") from None
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    model, config, step = load_model_for_inference(_checkpoint(args.checkpoint), device="cpu",
-                                                   dtype=dtypes[args.dtype])
-    files = export_model(model, out, args.format)
+    folder = _checkpoint(args.checkpoint)
+    model, config, step = load_model_for_inference(folder, device="cpu", dtype=dtypes[args.dtype])
+    tokenizer = None
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    files = export_model(model, out, args.format, tokenizer=tokenizer)
     print(f"exported step {step} ({args.format}, {args.dtype}) to {out}: {', '.join(files)}")
-    hint = "" if args.format == "qwen2_moe" else "import accel_trainer; "
-    print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    hint = "" if args.format == "qwen2_moe" else "import accel_trainer.models; "
+    print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})"
+          + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if tokenizer is not None else ""))
     return 0
 
 
@@ -238,6 +247,57 @@ def cmd_env(args) -> int:
           f"transformers {transformers.__version__}\npython {sys.version.split()[0]}\n"
           f"cuda available: {torch.cuda.is_available()} ({torch.cuda.device_count()} device(s))")
     return 0
+
+
+def _data_args(args):
+    from .config import DataArguments
+
+    return DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name,
+                         data_files=args.data_files, text_column=args.text_column,
+                         max_corpus_bytes=args.max_corpus_bytes)
+
+
+def cmd_train_tokenizer(args) -> int:
+    from .data import load_raw_text
+    from .tokenizer import train_tokenizer
+
+    out = Path(args.output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"accel-trainer train-tokenizer: {out} exists and is not empty; choose a new --output_dir")
+    raw = load_raw_text(_data_args(args))
+    texts = (raw[i: i + 1000][args.text_column] for i in range(0, len(raw), 1000))
+    tokenizer = train_tokenizer((t for batch in texts for t in batch), args.vocab_size, num_texts=len(raw))
+    tokenizer.save_pretrained(out)
+    sample = "def hello(world):\n    return 42"
+    print(f"trained a byte-level BPE of {len(tokenizer):,} ids on {len(raw):,} documents into {out} "
+          f"(bos {tokenizer.bos_token_id}, eos {tokenizer.eos_token_id}, pad {tokenizer.pad_token_id}); "
+          f"{sample!r} -> {len(tokenizer(sample)['input_ids'])} tokens")
+    print(f"load with: AutoTokenizer.from_pretrained({str(out)!r}); train with --tokenizer_name {out}")
+    return 0
+
+
+def cmd_prepare_data(args) -> int:
+    from .data import load_raw_text, raw_source
+    from .tokenizer import load_tokenizer
+    from .tokens import prepare
+
+    data_args = _data_args(args)
+    data_args.tokenizer_name = args.tokenizer_name
+    manifest = prepare(load_raw_text(data_args), args.text_column, load_tokenizer(args.tokenizer_name),
+                       args.output_dir, raw_source(data_args), num_proc=args.num_proc)
+    print(f"{args.output_dir}: {manifest['total_tokens']:,} tokens, {manifest['total_documents']:,} documents, "
+          f"{len(manifest['shard_files'])} shard(s), {manifest['dtype']}; train with --prepared_data {args.output_dir}")
+    return 0
+
+
+def _add_text_source(p) -> None:
+    p.add_argument("--data_files", nargs="+", default=None, help=".txt/.md, .json/.jsonl or .parquet files")
+    p.add_argument("--dataset_name", default=None, help="a Hub dataset (needs network)")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--text_column", default="text")
+    p.add_argument("--max_corpus_bytes", type=int, default=4_000_000,
+                   help="without files or a dataset: bytes of the embedded corpus (the Python standard library)")
+    p.add_argument("--output_dir", required=True)
 
 
 def cmd_params(args) -> int:
@@ -360,6 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     p.add_argument("--disk_gbps", type=float, default=2.0, help="checkpoint storage write bandwidth, GB/s")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text (tokenizers library)")
+    _add_text_source(p)
+    p.add_argument("--vocab_size", type=int, default=32768)
+    p.set_defaults(func=cmd_train_tokenizer)
+    p = sub.add_parser("prepare-data", help="tokenise text once into token shards that training memory-maps")
+    _add_text_source(p)
+    p.add_argument("--tokenizer_name", default="byte", help="byte, a tokenizer folder, or a Hub name")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenising processes")
+    p.set_defaults(func=cmd_prepare_data)
     p = sub.add_parser("params", help="count parameters of a model config.json")
     p.add_argument("config", help="config.json or a folder holding one")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -369,11 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint.io import CheckpointError
+    from .config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as err:
+    except (CheckpointError, ConfigError) as err:  # bad input: one line, exit status 2
         print(f"accel-trainer {args.command}: {err}", file=sys.stderr)
         return 2
 

@@ -25,24 +25,38 @@ def _raise_if(problems: list[str]) -> None:
 @dataclass
 class ModelArguments:
     preset: str = field(default="tiny", metadata={"help": "Model size preset defined by the recipe (tiny, 4090, b200, 18b)."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Embedding rows; default: the tokenizer's ids rounded up to a multiple of 64 (128 from 16k)."})
+
+    def __post_init__(self):
+        if self.vocab_size is not None and self.vocab_size < 1:
+            _raise_if([f"--vocab_size={self.vocab_size}: must be >= 1"])
 
 
 @dataclass
 class DataArguments:
     dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name for datasets.load_dataset (needs network)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (one type per run)."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (one type per run), prepared once under <output_dir>/data."})
+    prepared_data: list[str] | None = field(default=None, metadata={"help": "Folders made by accel-trainer prepare-data (several: concatenated); they bring their tokenizer."})
+    data_mix: list[str] | None = field(default=None, metadata={"help": "Prepared folders with weights, e.g. data/web:0.7 data/code:0.3."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text in --data_files/--dataset_name."})
-    tokenizer_name: str = field(default="byte", metadata={"help": "'byte' (built in, no download) or a transformers tokenizer name/path."})
-    block_size: int = field(default=128, metadata={"help": "Tokens per training sequence after packing."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "For raw data: 'byte' (built in, the default; no download), a tokenizer folder (accel-trainer train-tokenizer) or Hub name."})
+    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence; default: the recipe's for the preset, else the model's context."})
     validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of packed blocks held out for validation (percent)."})
     max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default corpus."})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenisation (datasets.map num_proc)."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data."})
 
     def __post_init__(self):
         problems = []
-        if self.block_size < 2:
+        if self.block_size is not None and self.block_size < 2:
             problems.append(f"--block_size={self.block_size}: must be >= 2")
+        raw = [f"--{n}" for n in ("dataset_name", "data_files") if getattr(self, n)]
+        prepared = [f"--{n}" for n in ("prepared_data", "data_mix") if getattr(self, n)]
+        if raw and prepared or len(prepared) > 1:
+            problems.append(f"{' and '.join(raw + prepared)}: give one source of data (--data_mix for weighted "
+                            "prepared folders, --prepared_data for plain ones, or raw files/dataset)")
+        if prepared and self.tokenizer_name:
+            problems.append(f"--tokenizer_name with {prepared[0]}: prepared data brings its own tokenizer")
         if not 0 < self.validation_split_percentage < 50:
             problems.append(f"--validation_split_percentage={self.validation_split_percentage}: must be in (0, 50)")
         if self.dataset_name and self.data_files:
@@ -77,6 +91,7 @@ class TrainingArguments:
     torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --torch_compile."})
     torch_compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode for --torch_compile (e.g. max-autotune)."})
     peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device for MFU; default: a table of known GPUs (none on CPU)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes that read training blocks (0: the training process)."})
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with an emergency checkpoint) after this many steps in a row with a non-finite loss or gradient; 0 never stops."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
@@ -104,7 +119,7 @@ class TrainingArguments:
                      "logging_steps", "max_eval_batches"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 1")
-        for name in ("eval_steps", "save_steps", "warmup_steps", "max_nonfinite_steps"):
+        for name in ("eval_steps", "save_steps", "warmup_steps", "max_nonfinite_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -1,81 +1,69 @@
-"""Text data: load with `datasets`, tokenise, pack into fixed blocks, split, and serve in a seeded order.
+"""The data path of a pre-training run: text in, prepared token shards, blocks in a seeded order.
 
-The order of the training blocks in epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, so
-the global sample position ``(epoch, samples consumed in that epoch)`` identifies the next batch on
-any number of processes; the checkpoint's :class:`~accel_trainer.checkpoint.ResumableLoader` resumes there.
+Every run trains from prepared token shards (:mod:`tokens`): ``--prepared_data`` names them
+(several, concatenated; or ``--data_mix path:weight ...``), and ``--data_files``/``--dataset_name``
+or the embedded corpus (the Python standard library's source) are prepared once into
+``<output_dir>/data/`` and reused by every later launch.
+
+The training order is a function of ``(seed, epoch)`` and the global sample index alone: sample
+``g`` of the run is the block a keyed pseudorandom permutation (a Feistel network) puts at position
+``g mod N`` of epoch ``g div N``. So the data position saved in a checkpoint is one number, resuming
+at any position costs the same (nothing is skipped or replayed), and because Accelerate deals each
+global batch of that one order to the processes in turn, any world size reads the same blocks.
+With ``--data_mix`` each sample's source follows a fixed pattern of 1,000 slots that holds the
+weights (exact to 0.1%), and each source runs through its own epochs in its own permuted order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .config import DataArguments
+from .config import ConfigError, DataArguments
+from .tokens import DataError, TokenBlocks, prepare
 
 EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
                       ".jsonl": "json", ".parquet": "parquet"}
+MIX_PERIOD = 1000
+_MASK64 = (1 << 64) - 1
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as token ids 0..255, plus BOS/EOS/PAD; needs no download and never fails on input."""
-
-    bos_token_id, eos_token_id, pad_token_id = 256, 257, 258
-    vocab_size = 259
-    name = "byte"
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
-
-    def __len__(self) -> int:
-        return self.vocab_size
-
-
-def load_tokenizer(name: str):
-    """``'byte'`` gives :class:`ByteTokenizer`; anything else goes to ``AutoTokenizer.from_pretrained``."""
-    if name == "byte":
-        return ByteTokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except OSError as err:
-        raise ValueError(f"--tokenizer_name={name!r}: could not load it ({err}). "
-                         "Use 'byte' for the built-in tokenizer that needs no download.") from None
-
-
+# ----------------------------------------------------------------------------------- raw text
 def default_corpus_files() -> list[Path]:
     """The Python standard library's own source: real text that every machine running us has."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
 
 
-def load_raw_text(args: DataArguments) -> datasets.Dataset:
-    """Return a ``datasets.Dataset`` with a ``text`` column from the hub, local files, or the default corpus.
+def load_raw_text(args: DataArguments):
+    """A ``datasets.Dataset`` of documents from the hub, local files, or the embedded corpus.
 
     Raises:
-        ValueError: naming the flag and path when a file is missing, of an unknown type, or lacks the column.
+        ConfigError: naming the flag and path when a file is missing, of an unknown type, or lacks the column.
     """
+    import datasets
+
     if args.dataset_name:
         raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
     elif args.data_files:
         missing = [f for f in args.data_files if not os.path.isfile(f)]
         if missing:
-            raise ValueError(f"--data_files: no such file(s): {', '.join(missing)}")
+            raise ConfigError(f"--data_files: no such file(s): {', '.join(missing)}")
         exts = {Path(f).suffix.lower() for f in args.data_files}
         unknown = sorted(e for e in exts if e not in EXTENSION_BUILDERS)
         builders = {EXTENSION_BUILDERS[e] for e in exts if e in EXTENSION_BUILDERS}
         if unknown or len(builders) != 1:
-            raise ValueError(f"--data_files: file types {sorted(exts)} are not one of the supported kinds "
-                             f"(.txt/.md, .json/.jsonl, .parquet; one kind per run)")
+            raise ConfigError(f"--data_files: file types {sorted(exts)} are not one of the supported kinds "
+                              f"(.txt/.md, .json/.jsonl, .parquet; one kind per run)")
         builder = builders.pop()
         extra = {"sample_by": "document"} if builder == "text" else {}
         raw = datasets.load_dataset(builder, data_files=list(args.data_files), split="train", **extra)
@@ -88,87 +76,247 @@ def load_raw_text(args: DataArguments) -> datasets.Dataset:
             texts.append(text)
             used += len(text)
         if not texts:
-            raise ValueError("no --data_files or --dataset_name given and the embedded corpus (the Python "
-                             "standard library source) was not found; pass --data_files")
+            raise ConfigError("no --data_files or --dataset_name given and the embedded corpus (the Python "
+                              "standard library source) was not found; pass --data_files")
         raw = datasets.Dataset.from_dict({"text": texts})
     if args.text_column not in raw.column_names:
-        raise ValueError(f"--text_column={args.text_column!r}: not in the data's columns {raw.column_names}")
+        raise ConfigError(f"--text_column={args.text_column!r}: not in the data's columns {raw.column_names}")
     return raw
 
 
-def tokenize_and_pack(raw: datasets.Dataset, tokenizer, args: DataArguments) -> datasets.Dataset:
-    """Tokenise every document, append EOS, concatenate and cut into blocks of ``block_size`` tokens.
+def raw_source(args: DataArguments) -> dict:
+    """What raw data is: the flags that decide the documents and their tokens."""
+    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "data_files": sorted(args.data_files) if args.data_files else None, "text_column": args.text_column,
+            "tokenizer_name": args.tokenizer_name or "byte",
+            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes}
 
-    Returns:
-        A dataset with one ``input_ids`` column of equal-length blocks; the tail shorter than a block
-        in each map batch is dropped (as in transformers' run_clm example).
+
+def prepare_raw(args: DataArguments, tokenizer, output_dir: str | Path, progress: bool = True) -> Path:
+    """Prepare ``--data_files``/``--dataset_name``/the embedded corpus once, under
+    ``<output_dir>/data/<key>``; later launches with the same inputs reuse it."""
+    source = raw_source(args)
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(output_dir) / "data" / key
+    if not (path / "tokens.json").is_file():
+        prepare(load_raw_text(args), args.text_column, tokenizer, path, source,
+                num_proc=args.preprocessing_num_workers or 1, progress=progress)
+    return path
+
+
+# ------------------------------------------------------------------------------------ the order
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a fast, well-mixed 64-bit hash."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class Permutation:
+    """A keyed pseudorandom permutation of ``range(n)``, evaluated at any index in O(1): a 4-round
+    Feistel network on the smallest even power of two >= n, with cycle walking back into range."""
+
+    ROUNDS = 4
+
+    def __init__(self, n: int, key: int):
+        if n < 1:
+            raise ValueError(f"Permutation of {n} elements")
+        self.n = n
+        self.half = max(1, math.ceil(math.log2(n) / 2)) if n > 1 else 1
+        self.mask = (1 << self.half) - 1
+        self.keys = [_mix64((key * 8 + r) & _MASK64) for r in range(self.ROUNDS)]
+
+    def __call__(self, i: int) -> int:
+        x = i
+        while True:  # the domain is < 4n, so this loops fewer than 4 times on average
+            left, right = x >> self.half, x & self.mask
+            for k in self.keys:
+                left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
+
+
+def _key(seed: int, source: int, epoch: int) -> int:
+    return _mix64((seed * 1_000_003 + source) * 1_000_033 + epoch)
+
+
+def mix_pattern(weights: list[float], period: int = MIX_PERIOD) -> list[int]:
+    """Which source each of ``period`` consecutive samples comes from: counts by largest remainder,
+    spread evenly (smooth weighted round robin)."""
+    total = sum(weights)
+    raw = [w / total * period for w in weights]
+    counts = [int(r) for r in raw]
+    for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: period - sum(counts)]:
+        counts[i] += 1
+    current, pattern = [0] * len(counts), []
+    for _ in range(period):
+        for i, c in enumerate(counts):
+            current[i] += c
+        pick = max(range(len(counts)), key=lambda i: (current[i], -i))
+        current[pick] -= period
+        pattern.append(pick)
+    return pattern
+
+
+class TrainBlocks(Dataset):
+    """Training sample ``g`` (a global index over the whole run) -> its block's tokens.
+
+    ``len()`` is one epoch: every training block of every source once. Without weights the sources'
+    blocks form one space in one permuted order per epoch; with weights see :func:`mix_pattern`.
+    Items are ``{"input_ids": tokens, "block": global block id}``.
     """
-    eos = tokenizer.eos_token_id
-    column, block = args.text_column, args.block_size
 
-    def tokenize(batch):
-        return {"ids": [tokenizer.encode(t) + [eos] for t in batch[column]]}
+    def __init__(self, sources: list[TokenBlocks], seed: int, weights: list[float] | None = None):
+        self.sources, self.seed, self.weights = sources, seed, weights
+        sizes = [s.num_train for s in sources]
+        if not all(sizes):
+            empty = [str(s.path) for s in sources if not s.num_train]
+            raise DataError(f"{', '.join(empty)}: no training block of --block_size tokens")
+        self.starts = np.cumsum([0] + sizes)  # a global block id = source's start + its block
+        self.epoch_size = int(self.starts[-1])
+        self._perms: dict[tuple[int, int], Permutation] = {}
+        if weights is not None:
+            self.pattern = mix_pattern(weights)
+            self.per_period = [self.pattern.count(i) for i in range(len(sources))]
+            seen = [0] * len(sources)
+            self.rank_in_period = []
+            for source in self.pattern:
+                self.rank_in_period.append(seen[source])
+                seen[source] += 1
 
-    def pack(batch):
-        flat = [tok for ids in batch["ids"] for tok in ids]
-        usable = len(flat) // block * block
-        return {"input_ids": [flat[i: i + block] for i in range(0, usable, block)]}
+    def __len__(self) -> int:
+        return self.epoch_size
 
-    tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names,
-                        num_proc=args.preprocessing_num_workers, desc="tokenising")
-    return tokenized.map(pack, batched=True, remove_columns=["ids"], num_proc=args.preprocessing_num_workers,
-                         desc=f"packing into blocks of {block}")
+    def _perm(self, source: int, epoch: int, n: int) -> Permutation:
+        perm = self._perms.get((source, epoch))
+        if perm is None:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            perm = self._perms[(source, epoch)] = Permutation(n, _key(self.seed, source, epoch))
+        return perm
+
+    def locate(self, g: int) -> tuple[int, int]:
+        """(source, block within the source) of sample ``g``."""
+        if self.weights is None:
+            epoch, pos = divmod(g, self.epoch_size)
+            block = self._perm(-1, epoch, self.epoch_size)(pos)
+            source = int(np.searchsorted(self.starts, block, side="right")) - 1
+            return source, block - int(self.starts[source])
+        period, slot = divmod(g, MIX_PERIOD)
+        source = self.pattern[slot]
+        j = period * self.per_period[source] + self.rank_in_period[slot]
+        n = self.sources[source].num_train
+        epoch, pos = divmod(j, n)
+        return source, self._perm(source, epoch, n)(pos)
+
+    def __getitem__(self, g: int) -> dict:
+        source, block = self.locate(int(g))
+        tokens = self.sources[source].block(block)
+        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "block": int(self.starts[source]) + block}
 
 
-@dataclass
-class TextData:
-    train: datasets.Dataset
-    validation: datasets.Dataset
-    tokenizer: object
+class ValidationBlocks(Dataset):
+    """The sources' held-out tails, in order."""
+
+    def __init__(self, sources: list[TokenBlocks]):
+        self.items = [(s, s.num_train + i) for s in sources for i in range(s.num_validation)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        source, block = self.items[i]
+        return {"input_ids": torch.from_numpy(source.block(block).astype(np.int64))}
 
 
-def build_datasets(args: DataArguments, seed: int) -> TextData:
-    """Load, tokenise and pack, then split blocks into train/validation deterministically from ``seed``."""
-    tokenizer = load_tokenizer(args.tokenizer_name)
-    packed = tokenize_and_pack(load_raw_text(args), tokenizer, args)
-    if len(packed) < 4:
-        raise ValueError(f"the data yields only {len(packed)} blocks of --block_size={args.block_size} tokens; "
-                         "give more text or a smaller --block_size")
-    n_val = max(1, round(len(packed) * args.validation_split_percentage / 100))
-    split = packed.train_test_split(test_size=n_val, seed=seed, shuffle=True)
-    return TextData(split["train"].with_format("torch"), split["test"].with_format("torch"), tokenizer)
+class RunSampler(Sampler[int]):
+    """Global sample indices of one epoch, ``epoch * len .. (epoch + 1) * len``; :meth:`set_start`
+    begins the next pass mid-epoch at once (what a resume asks; :class:`ResumableLoader` uses it)."""
 
-
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` that depends only on ``(seed, epoch)``: resumable on any world size."""
-
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples = num_samples
-        self.seed = seed
+    def __init__(self, epoch_size: int):
+        self.epoch_size = epoch_size
         self.epoch = 0
+        self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def set_start(self, samples: int) -> None:
+        self._start = samples
+
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+        start, self._start = self._start, 0
+        return iter(range(self.epoch * self.epoch_size + start, (self.epoch + 1) * self.epoch_size))
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.epoch_size
 
 
-def _own_generator(seed: int) -> torch.Generator:
-    # Each DataLoader iterator draws a base seed; from the global RNG that draw would make the global
-    # stream depend on how often loaders were (re)started, e.g. once more after a resume.
-    return torch.Generator().manual_seed(seed)
+# ------------------------------------------------------------------------------------ assembly
+@dataclass
+class TextData:
+    train: TrainBlocks
+    validation: ValidationBlocks
+    tokenizer: object
+    sources: list[Path]
 
 
-def build_train_dataloader(dataset, batch_size: int, seed: int) -> DataLoader:
+def parse_mix(items: list[str]) -> tuple[list[str], list[float]]:
+    """``["data/a:0.7", "data/b:0.3"]`` -> paths and weights.
+
+    Raises:
+        ConfigError: an item without a positive weight.
+    """
+    paths, weights = [], []
+    for item in items:
+        path, sep, weight = item.rpartition(":")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not path or not value > 0:
+            raise ConfigError(f"--data_mix {item!r}: expected PATH:WEIGHT with a weight > 0, e.g. data/web:0.7")
+        paths.append(path)
+        weights.append(value)
+    return paths, weights
+
+
+def build_datasets(args: DataArguments, seed: int, output_dir: str | Path, block_size: int,
+                   progress: bool = True) -> TextData:
+    """The training and validation blocks of this run (preparing raw data first if given).
+
+    Raises:
+        ConfigError/DataError: naming the flag and path.
+    """
+    from .tokenizer import load_tokenizer
+
+    weights = None
+    if args.data_mix:
+        paths, weights = parse_mix(args.data_mix)
+    elif args.prepared_data:
+        paths = list(args.prepared_data)
+    else:
+        paths = [prepare_raw(args, load_tokenizer(args.tokenizer_name or "byte"), output_dir, progress)]
+    sources = [TokenBlocks(Path(p), block_size, args.validation_split_percentage / 100) for p in paths]
+    tokenizer_files = {(s.tokenizer_dir / "tokenizer.json").read_bytes() for s in sources}
+    if len(tokenizer_files) > 1:
+        raise DataError(f"{', '.join(paths)}: prepared with different tokenizers; a mix needs one tokenizer")
+    tokenizer = load_tokenizer(str(sources[0].tokenizer_dir))
+    return TextData(TrainBlocks(sources, seed, weights), ValidationBlocks(sources), tokenizer, [Path(p) for p in paths])
+
+
+def _own_generator() -> torch.Generator:
+    # Each DataLoader iterator draws a base seed (for its workers); from the global RNG that draw
+    # would make the global stream depend on how often loaders were (re)started, e.g. after a resume.
+    return torch.Generator().manual_seed(0)
+
+
+def build_train_dataloader(dataset: TrainBlocks, batch_size: int, num_workers: int = 0) -> DataLoader:
     # drop_last keeps every batch full, so each step sees the same number of tokens on every rank.
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochShuffleSampler(len(dataset), seed),
-                      drop_last=True, generator=_own_generator(seed))
+    return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(len(dataset)), drop_last=True,
+                      num_workers=num_workers, persistent_workers=num_workers > 0, generator=_own_generator())
 
 
-def build_eval_dataloader(dataset, batch_size: int, seed: int = 0) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator(seed))
+def build_eval_dataloader(dataset, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator())

@@ -122,8 +122,11 @@ def ensure_new_folder(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
 
 
-def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int = SHARD_BYTES) -> list[str]:
-    """Write ``model`` (an ``MoEForCausalLM``, already in the wanted dtype) to the new folder ``out``.
+def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int = SHARD_BYTES,
+                 tokenizer=None) -> list[str]:
+    """Write ``model`` (an ``MoEForCausalLM``, already in the wanted dtype) to the new folder ``out``,
+    with ``tokenizer`` and a ``generation_config.json`` of its BOS/EOS/PAD when given, so that
+    ``AutoTokenizer`` + ``AutoModelForCausalLM`` on the folder generate text that stops at EOS.
 
     Raises:
         ValueError: unknown ``fmt``.
@@ -142,5 +145,11 @@ def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int 
         meta["rope_theta"] = model.config.rope_theta  # where transformers 4.x and most serving stacks read it
         write_json(out / "config.json", meta)
         write_hf_weights(out, qwen2_moe_tensors(model.state_dict(), model.config), max_shard_bytes)
+    if tokenizer is not None:
+        from transformers import GenerationConfig
+
+        tokenizer.save_pretrained(out)
+        GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
     fsync_tree(out)
     return sorted(p.name for p in out.iterdir())

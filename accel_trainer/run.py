@@ -14,29 +14,52 @@ from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
 from .checkpoint.io import read_json
 from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import build_datasets
+from .data import build_datasets, parse_mix
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .models import MoEConfig, MoEForCausalLM, count_parameters
 from .models.modeling_moe import grouped_mm_works
 from .telemetry import flops_per_token
+from .tokenizer import load_tokenizer, vocab_size_for
+from .tokens import TOKENIZER_DIR, read_prepared
 from .optim import OptimizerSettings, build_optimizers
 from .trainer import Trainer, build_accelerator
 
 
-def model_config_for(presets: dict[str, dict], preset: str, tokenizer) -> MoEConfig:
-    """The preset's config, checked against the tokenizer's vocabulary.
+def model_config_for(presets: dict[str, dict], preset: str, tokenizer, vocab_size: int | None = None) -> MoEConfig:
+    """The preset's config with the vocabulary of this run's tokenizer (``--vocab_size`` if given).
 
     Raises:
-        ConfigError: unknown ``--preset`` or a tokenizer with more ids than the model's vocabulary.
+        ConfigError: unknown ``--preset`` or a ``--vocab_size`` smaller than the tokenizer's ids.
     """
     if preset not in presets:
         raise ConfigError(f"--preset={preset!r}: unknown; choose one of {', '.join(presets)}")
-    config = MoEConfig(**presets[preset])
-    vocab = len(tokenizer)
-    if vocab > config.vocab_size:
-        raise ConfigError(f"--preset={preset!r} has vocab_size={config.vocab_size} but --tokenizer_name has "
-                          f"{vocab} ids; pick a preset with a larger vocabulary")
+    config = MoEConfig(**{**presets[preset], "vocab_size": vocab_size or vocab_size_for(tokenizer)})
+    if len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"--vocab_size={vocab_size}: the tokenizer has {len(tokenizer)} ids; give at least that "
+                          "many (or leave --vocab_size out to follow the tokenizer)")
     return config
+
+
+def run_tokenizer(args: DataArguments):
+    """The tokenizer of this run, known before any data work: prepared data's own, or ``--tokenizer_name``."""
+    folders = parse_mix(args.data_mix)[0] if args.data_mix else args.prepared_data
+    if folders:
+        return load_tokenizer(str(Path(folders[0]) / TOKENIZER_DIR)) if read_prepared(folders[0]) else None
+    return load_tokenizer(args.tokenizer_name or "byte")
+
+
+def block_size_for(config: MoEConfig, args: DataArguments, preset: str, defaults: dict | None) -> int:
+    """``--block_size``, else the recipe's default for the preset, else the model's context.
+
+    Raises:
+        ConfigError: longer than the model's context.
+    """
+    block = args.block_size or (defaults or {}).get(preset, {}).get("block_size") or config.max_position_embeddings
+    if block > config.max_position_embeddings:
+        raise ConfigError(f"--block_size={block}: longer than the model's context (preset {preset!r}: "
+                          f"max_position_embeddings={config.max_position_embeddings}); use --block_size "
+                          f"{config.max_position_embeddings} or less")
+    return block
 
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
@@ -89,21 +112,6 @@ def resume_policy(model_config, run_config: dict, print_fn=print):
     return check
 
 
-def check_before_building(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments) -> None:
-    """Flag checks that need the preset but no data: reported before anything is tokenised or built.
-
-    Raises:
-        ConfigError: unknown ``--preset``, or ``--block_size`` longer than the model's context.
-    """
-    if model_args.preset not in presets:
-        raise ConfigError(f"--preset={model_args.preset!r}: unknown; choose one of {', '.join(presets)}")
-    context = MoEConfig(**presets[model_args.preset]).max_position_embeddings
-    if data_args.block_size > context:
-        raise ConfigError(f"--block_size={data_args.block_size}: longer than the model's context (preset "
-                          f"{model_args.preset!r}: max_position_embeddings={context}); use --block_size {context} "
-                          "or less")
-
-
 def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArguments, accelerator) -> None:
     """--gradient_checkpointing and --torch_compile (each decoder layer compiled on its own)."""
     if args.gradient_checkpointing:
@@ -117,29 +125,37 @@ def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArgumen
 
 
 def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
-        train_args: TrainingArguments) -> Trainer:
-    """Build everything and train; returns the trainer (for tests and notebooks)."""
-    check_before_building(presets, model_args, data_args)
+        train_args: TrainingArguments, defaults: dict | None = None) -> Trainer:
+    """Build everything and train; returns the trainer (for tests and notebooks).
+
+    Args:
+        presets: model configs by name (the recipe's).
+        defaults: per preset, training defaults the recipe sets (e.g. ``{"tiny": {"block_size": 128}}``).
+    """
+    # What can be checked without data or a model is checked before any work.
+    tokenizer = run_tokenizer(data_args)
+    config = model_config_for(presets, model_args.preset, tokenizer, model_args.vocab_size)
+    block_size = block_size_for(config, data_args, model_args.preset, defaults)
     accelerator = build_accelerator(train_args)
-    lock = lock_run_dir(accelerator, train_args.output_dir)  # before any work: one run per output dir
+    lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     try:
-        return _run(accelerator, presets, model_args, data_args, train_args)
+        return _run(accelerator, config, block_size, model_args, data_args, train_args)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(accelerator, presets, model_args, data_args, train_args) -> Trainer:
-    run_config = to_dict(model_args, data_args, train_args)
+def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args, train_args) -> Trainer:
+    run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size}
     spec = train_args.resume_from_checkpoint
     if spec:  # a missing or incompatible checkpoint is reported before tokenising
         # Checksums only of what this reads (the tensors are verified when they are loaded).
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG})
         if folder is not None:
-            refuse_incompatible(folder, MoEConfig(**presets[model_args.preset]), run_config)
+            refuse_incompatible(folder, config, run_config)
     with accelerator.main_process_first():
-        data = build_datasets(data_args, seed=train_args.seed)
-    config = model_config_for(presets, model_args.preset, data.tokenizer)
+        data = build_datasets(data_args, train_args.seed, train_args.output_dir, block_size,
+                              progress=accelerator.is_main_process)
     model = MoEForCausalLM(config)
     counts = count_parameters(model, config)
     accelerator.print(f"model: preset {model_args.preset}, {counts['total'] / 1e6:.2f}M parameters "
@@ -155,7 +171,7 @@ def _run(accelerator, presets, model_args, data_args, train_args) -> Trainer:
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
                       before_resume=resume_policy(config, run_config, accelerator.print),
                       flops_per_token=flops_per_token(counts["active"], config.num_hidden_layers,
-                                                      config.num_attention_heads, config.head_dim, data_args.block_size))
+                                                      config.num_attention_heads, config.head_dim, block_size))
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position)

@@ -10,13 +10,16 @@ step) is not involved.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import Subset
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -75,10 +78,10 @@ class Trainer:
         self.run_config = run_config
         self.state = TrainState()
         world = accelerator.num_processes
-        train_loader = build_train_dataloader(data.train, args.per_device_train_batch_size, args.seed)
+        train_loader = build_train_dataloader(data.train, args.per_device_train_batch_size, args.dataloader_num_workers)
         # Evaluate a fixed subset so every evaluation sees the same blocks and iterates to the end.
         n_eval = min(len(data.validation), args.max_eval_batches * args.per_device_eval_batch_size * world)
-        eval_loader = build_eval_dataloader(data.validation.select(range(n_eval)), args.per_device_eval_batch_size)
+        eval_loader = build_eval_dataloader(Subset(data.validation, range(n_eval)), args.per_device_eval_batch_size)
         self.model, self.optimizer, train_loader, self.eval_loader = accelerator.prepare(
             model, optimizers, train_loader, eval_loader)
         self.optimizers = optimizers
@@ -92,7 +95,8 @@ class Trainer:
         self.samples_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
         self.checkpointer = Checkpointer(
             accelerator, args.output_dir, model=self.model, optimizer=optimizers.optimizers, dataloader=train_loader,
-            extra={"trainer_state": self.state}, config=run_config, save_total_limit=args.save_total_limit,
+            extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
+            save_total_limit=args.save_total_limit,
             keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save, save_strict=args.save_strict,
             handle_signals=True, before_resume=before_resume)
         self.train_loader = self.checkpointer.dataloader
@@ -105,6 +109,9 @@ class Trainer:
         self.interrupted_by: str | None = None
         self.diverged = False
         self.nonfinite_streak = 0
+        # An audit of the data order: every rank appends the blocks each step reads (tests use it).
+        log = os.environ.get("ACCEL_TRAINER_BLOCK_LOG")
+        self._block_log = open(f"{log}.rank{accelerator.process_index}", "a", buffering=1) if log else None
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
         self._step_tokens = 0       # local tokens of the step in flight, counted once it completes
         self._consistent = True     # False while an optimizer step is half-applied
@@ -276,6 +283,8 @@ class Trainer:
             total = loss.detach() if total is None else total + loss.detach()
             tokens += ids.numel()
             self.router.add(out)
+            if self._block_log is not None:
+                self._block_log.write(json.dumps({"step": self.state.global_step + 1, "blocks": batch["block"].tolist()}) + "\n")
         grad_norm = None
         if self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)

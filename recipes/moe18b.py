@@ -27,15 +27,17 @@ PRESETS = {
                  num_key_value_heads=4, moe_intermediate_size=512, num_experts=16, num_experts_per_tok=4,
                  shared_expert_intermediate_size=1024, max_position_embeddings=2048),
     # CPU smoke tests and the quick start: well under a second per step on 2 cores.
-    "tiny": dict(vocab_size=259, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(vocab_size=320, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, moe_intermediate_size=128, num_experts=4, num_experts_per_tok=2,
                  shared_expert_intermediate_size=128, max_position_embeddings=1024),
 }
+# Training defaults per preset (flags override them); the GPU presets train at their full context.
+DEFAULTS = {"tiny": {"block_size": 128}}
 
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, train_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
-    return exit_code_of(lambda: run(PRESETS, model_args, data_args, train_args))
+    return exit_code_of(lambda: run(PRESETS, model_args, data_args, train_args, defaults=DEFAULTS))
 
 
 if __name__ == "__main__":

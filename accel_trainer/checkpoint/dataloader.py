@@ -13,6 +13,7 @@ number means the same place on any number of processes.
 The order must be the same when the epoch is replayed: a sampler whose order is a function of the
 epoch (``set_epoch``: Accelerate's seedable sampler, ``DistributedSampler``, a sequential order) or
 one driven by its own ``generator``, whose state at the start of the epoch is saved and restored.
+A sampler with ``set_start(samples)`` (the trainer's) starts the next pass there directly: O(1).
 A ``RandomSampler`` without a generator (it would draw from the global RNG each epoch) is given
 one, seeded from ``torch.initial_seed()``.
 """
@@ -99,8 +100,16 @@ class ResumableLoader:
             raise AttributeError(name)
         return getattr(self.loader, name)
 
+    @property
+    def starts_anywhere(self) -> bool:
+        """Whether the sampler can begin a pass at any sample (``set_start``): then a resume skips
+        nothing, in O(1), and a position between batches needs no re-reading."""
+        return hasattr(self._sampler, "set_start")
+
     def batches_left(self) -> int:
         """Batches of the current epoch this process has not seen yet."""
+        if self.starts_anywhere:
+            return max(0, (len(self._sampler) - self.samples_in_epoch) // self.global_batch_size)
         return max(0, len(self.loader) - position_to_skip(self.samples_in_epoch, self.global_batch_size)[0])
 
     def __iter__(self):
@@ -111,7 +120,9 @@ class ResumableLoader:
             elif self._epoch_start_state is not None:  # replay this epoch's order
                 self._generator.set_state(self._epoch_start_state)
         loader = self.loader
-        if skip:
+        if self.starts_anywhere:
+            self._sampler.set_start(self.samples_in_epoch)
+        elif skip:
             from accelerate import skip_first_batches
 
             loader = skip_first_batches(self.loader, skip)
@@ -149,6 +160,8 @@ class ResumableLoader:
         self.epoch = int(state["epoch"])
         samples = int(state["samples_in_epoch"])
         _, remainder = position_to_skip(samples, self.global_batch_size)
+        if self.starts_anywhere:
+            remainder = 0
         if remainder:
             self.notes.append(f"data position: {samples} samples into epoch {self.epoch} is not a multiple of "
                               f"this run's global batch of {self.global_batch_size}; the last {remainder} "

@@ -50,7 +50,10 @@ LEGACY_RNG_PREFIX = "rng_state_"
 STATE_SUFFIXES = (".json", ".pt")
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 RESERVED_NAMES = {"model", "optimizer", "schedulers", "dataloader", "config", "run_config", "manifest",
-                  "scaler", "COMPLETE", "latest", "best"}
+                  "scaler", "COMPLETE", "latest", "best", "tokenizer", "tokenizer_config", "special_tokens_map",
+                  "generation_config"}
+# What a tokenizer's save_pretrained may write besides tokenizer*.json.
+TOKENIZER_FILES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 # Files pickled by torch.save (scanned for code before anything is loaded).
 PICKLED_SUFFIXES = (".bin", ".pt", ".pkl", ".pth")
 
@@ -92,6 +95,8 @@ def role_of(name: str) -> str:
         return "model shard (FSDP sharded state dict, torch.distributed.checkpoint)"
     if name.startswith(FSDP_OPTIMIZER_PREFIX):
         return "optimizer shard (FSDP sharded state dict, torch.distributed.checkpoint)"
+    if name.startswith("tokenizer") or name in TOKENIZER_FILES:
+        return "tokenizer (AutoTokenizer.from_pretrained loads it from the checkpoint folder)"
     if name.endswith(STATE_SUFFIXES) and "/" not in name:
         return f"named state '{name.rsplit('.', 1)[0]}'"
     return "written by Accelerate's save_state"

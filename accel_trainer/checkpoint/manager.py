@@ -89,6 +89,8 @@ class Checkpointer:
         extra: name -> anything with ``state_dict()``/``load_state_dict()`` (a loop's counters, an
             EMA, ...); JSON when the state is plain JSON, else ``torch.save`` read back weights-only.
         config: the run's configuration (a JSON-able dict), saved as ``run_config.json``.
+        tokenizer: saved into every checkpoint with its ``save_pretrained`` (so the folder loads with
+            ``AutoTokenizer`` and exports carry it).
         save_total_limit: keep this many most recent checkpoints (plus ``latest`` and ``best``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
         best_metric: the ``save(metrics=...)`` key that decides ``best``; ``greater_is_better`` its direction.
@@ -106,7 +108,7 @@ class Checkpointer:
     SIZE_SLACK_BYTES = 16 << 20
 
     def __init__(self, accelerator, output_dir: str | Path, *, model, optimizer=None, scheduler=None,
-                 dataloader=None, extra: dict | None = None, config: dict | None = None,
+                 dataloader=None, extra: dict | None = None, config: dict | None = None, tokenizer=None,
                  save_total_limit: int | None = None, keep_every_n_steps: int | None = None,
                  best_metric: str = "val_loss", greater_is_better: bool = False, async_save: bool = False,
                  save_strict: bool = False, handle_signals: bool = False,
@@ -124,6 +126,7 @@ class Checkpointer:
         self._raw_loader = dataloader
         self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
         self.config = config
+        self.tokenizer = tokenizer
         self.save_total_limit = save_total_limit
         self.keep_every_n_steps = keep_every_n_steps
         self.best_metric, self.greater_is_better = best_metric, greater_is_better
@@ -262,6 +265,8 @@ class Checkpointer:
             write_state(tmp, name, obj.state_dict())
         if self.config is not None:
             write_json(tmp / RUN_CONFIG, self.config)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp)
         model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
         if hasattr(model_config, "to_json_file"):  # transformers models: rebuildable from the folder
             model_config.to_json_file(tmp / MODEL_CONFIG)
