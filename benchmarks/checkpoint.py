@@ -30,10 +30,8 @@ import torch  # noqa: E402
 
 def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
     """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
-    import datasets
-
-    from accel_trainer.config import TrainingArguments
-    from accel_trainer.data import ByteTokenizer, TextData
+    from accel_trainer.config import DataArguments, TrainingArguments
+    from accel_trainer.data import build_datasets
     from accel_trainer.models import MoEConfig, MoEForCausalLM
     from accel_trainer.optim import OptimizerSettings, build_optimizers
     from accel_trainer.trainer import Trainer, build_accelerator
@@ -52,9 +50,9 @@ def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
     accelerator = build_accelerator(args)
     model = MoEForCausalLM(config)
     optimizers = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
-    blocks = datasets.Dataset.from_dict({"input_ids": [[i % 256] * 16 for i in range(8)]}).with_format("torch")
-    trainer = Trainer(accelerator, model, optimizers, TextData(blocks, blocks, ByteTokenizer()), args,
-                      run_config={"benchmark": True})
+    data = build_datasets(DataArguments(max_corpus_bytes=20_000), seed=0, output_dir=output_dir, block_size=16,
+                          progress=False)
+    trainer = Trainer(accelerator, model, optimizers, data, args, run_config={"benchmark": True})
     return trainer
 
 

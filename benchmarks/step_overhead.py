@@ -40,7 +40,8 @@ def main() -> None:
     out = tempfile.mkdtemp(prefix="overhead-")
     train_args = TrainingArguments(output_dir=out, max_steps=10**6, per_device_train_batch_size=8, eval_steps=0,
                                    logging_steps=10, report_to="none", disable_tqdm=True)
-    data = build_datasets(DataArguments(max_corpus_bytes=500_000, block_size=128), seed=0)
+    data = build_datasets(DataArguments(max_corpus_bytes=500_000), seed=0, output_dir=out, block_size=128,
+                          progress=False)
     settings = OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3)
     accelerator = build_accelerator(train_args)
 
@@ -54,7 +55,7 @@ def main() -> None:
     torch.manual_seed(0)
     bare_model = MoEForCausalLM(MoEConfig(**PRESETS["tiny"]))
     bare_opt = build_optimizers(bare_model, settings)
-    loader = build_train_dataloader(data.train, 8, seed=0)
+    loader = build_train_dataloader(data.train, 8)
 
     def bare_batches():
         while True:

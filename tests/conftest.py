@@ -73,8 +73,17 @@ def recipe_module():
 def straight_2proc(tmp_path_factory):
     """A 2-process reference run of RUN, shared by the resume and world-size tests."""
     out = tmp_path_factory.mktemp("straight2")
-    launch([*RUN, "--output_dir", str(out)], num_processes=2)
+    launch([*RUN, "--output_dir", str(out)], num_processes=2, env={"ACCEL_TRAINER_BLOCK_LOG": str(out / "blocks")})
     return out
+
+
+def blocks_per_step(prefix: Path) -> dict[int, list[int]]:
+    """The blocks every step read, over all ranks (from the trainer's ACCEL_TRAINER_BLOCK_LOG audit)."""
+    steps: dict[int, list[int]] = {}
+    for log in sorted(prefix.parent.glob(prefix.name + ".rank*")):
+        for record in read_jsonl(log):
+            steps.setdefault(record["step"], []).extend(record["blocks"])
+    return {step: sorted(blocks) for step, blocks in steps.items()}
 
 
 def run_pids(output_dir: Path) -> dict[int, int]:

@@ -65,3 +65,4 @@ def test_slurm_script_is_valid_bash_and_requeues_with_latest():
     text = script.read_text()
     assert "#SBATCH --signal=B:USR1@" in text and "scontrol requeue" in text
     assert "--resume_from_checkpoint latest" in text and "cluster_fsdp_multinode.yaml" in text
+    assert "--prepared_data $PREPARED_DATA" in text and "--data_mix $DATA_MIX" in text

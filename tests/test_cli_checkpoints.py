@@ -54,7 +54,7 @@ def test_list_shows_every_checkpoint_and_tags(run):
 
 def test_inspect_human_and_json(run):
     text = cli("inspect", run).stdout
-    for needle in ("step 8", "657,792 parameters (461,184 active per token)", "optimizer    muon:",
+    for needle in ("step 8", "673,408 parameters (476,800 active per token)", "optimizer    muon:",
                    "optimizer    adamw:", "1 process(es)", "model.safetensors", "optimizer.safetensors",
                    "dataloader.json", "trainer_state.json"):
         assert needle in text, needle
@@ -90,9 +90,13 @@ def test_diff_reports_weight_changes(run):
 
 HF_LOAD = """
 import sys, torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 model, info = AutoModelForCausalLM.from_pretrained(sys.argv[1], output_loading_info=True)
+tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+prompt = tokenizer("def main(", return_tensors="pt")
+generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
 assert "accel_trainer" not in sys.modules
+print("generated", repr(tokenizer.decode(generated[0])), model.generation_config.eos_token_id)
 ids = torch.arange(40).reshape(2, 20) % model.config.vocab_size
 print(type(model).__name__, {k: sorted(v) for k, v in info.items() if v})
 torch.save(model(ids).logits.detach(), sys.argv[2])
@@ -105,10 +109,12 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(run, tmp_path)
     printed = cli("export", run, out).stdout
     assert "qwen2_moe" in printed and "import accel_trainer" not in printed
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {p.name for p in out.iterdir()}
     proc = subprocess.run([sys.executable, "-c", HF_LOAD, str(out), str(tmp_path / "logits.pt")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "Qwen2MoeForCausalLM {}"  # nothing missing/unexpected
+    assert "generated 'def main(" in proc.stdout and proc.stdout.split()[-3] == "257"  # the byte tokenizer's EOS
     from accel_trainer import load_model_for_inference
 
     ours, _, _ = load_model_for_inference(run, device="cpu")
@@ -121,7 +127,7 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(run, tmp_path)
 def test_export_in_our_own_format_is_the_exact_weights(run, tmp_path):
     out = tmp_path / "native"
     cli("export", run, out, "--format", "accel_moe", "--dtype", "bf16")
-    import accel_trainer  # noqa: F401  (registers the model type with the Auto classes)
+    import accel_trainer.models  # noqa: F401  (registers the model type with the Auto classes)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out)

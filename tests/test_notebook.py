@@ -58,7 +58,7 @@ def test_resumed_run_continues_the_same_tensorboard_run(tmp_path):
     launch([*args[:-4], "--run_name", "other", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     state = json.loads((tmp_path / "checkpoints" / "step-6" / "trainer_state.json").read_text())
     assert state["trackers"]["run_name"] == "exp1"
-    runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name != "checkpoints"]
+    runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name not in ("checkpoints", "data")]
     assert [p.name for p in runs] == ["exp1"]
     assert len(list((tmp_path / "exp1").glob("events.out.tfevents.*"))) == 2
     events = EventAccumulator(str(tmp_path / "exp1"))

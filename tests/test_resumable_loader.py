@@ -22,12 +22,14 @@ def shuffled_loader():
 
 
 @pytest.fixture(scope="module")
-def trainer_data():
-    return build_datasets(DataArguments(max_corpus_bytes=60_000, block_size=32), seed=7).train
+def trainer_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer_data")
+    return build_datasets(DataArguments(max_corpus_bytes=60_000), seed=7, output_dir=out, block_size=32,
+                          progress=False).train
 
 
 def trainer_loader(data):
-    return Accelerator(cpu=True).prepare(build_train_dataloader(data, batch_size=4, seed=7))
+    return Accelerator(cpu=True).prepare(build_train_dataloader(data, batch_size=4))
 
 
 def draw(loader: ResumableLoader, n: int) -> list[torch.Tensor]:
