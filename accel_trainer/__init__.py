@@ -1,18 +1,32 @@
-"""accel_trainer: crash-proof LLM training on Hugging Face Accelerate."""
+"""accel_trainer: crash-proof LLM training on Hugging Face Accelerate.
+
+Names are imported on first use (``accel-trainer list`` starts without torch). Importing
+``accel_trainer.models`` registers the MoE model with transformers' Auto classes.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .models import MoEConfig, MoEForCausalLM  # noqa: E402  (registers the Auto classes)
-from .checkpoint import CheckpointError, Checkpointer, LoadReport, ResumableLoader, load_weights  # noqa: E402
-from .checkpoint import load_model_for_inference as _load_model_for_inference  # noqa: E402
+_WHERE = {"MoEConfig": ".models", "MoEForCausalLM": ".models", "CheckpointError": ".checkpoint",
+          "Checkpointer": ".checkpoint", "LoadReport": ".checkpoint", "ResumableLoader": ".checkpoint",
+          "load_weights": ".checkpoint"}
+
+__all__ = sorted([*_WHERE, "load_model_for_inference", "__version__"])
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
 
 
 def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None):
-    """:func:`accel_trainer.checkpoint.load_model_for_inference`; old single-file checkpoints whose
-    ``config`` names no model type are read as this package's :class:`MoEConfig`."""
-    return _load_model_for_inference(path, device=device, dtype=dtype, strict=strict, config=config,
-                                     legacy_config_class=MoEConfig)
+    """:func:`accel_trainer.checkpoint.load_model_for_inference` with this package's model registered;
+    old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`."""
+    from .checkpoint.inference import load_model_for_inference as load
+    from .models import MoEConfig
 
-
-__all__ = ["CheckpointError", "Checkpointer", "LoadReport", "MoEConfig", "MoEForCausalLM", "ResumableLoader",
-           "load_model_for_inference", "load_weights", "__version__"]
+    return load(path, device=device, dtype=dtype, strict=strict, config=config, legacy_config_class=MoEConfig)

@@ -7,7 +7,7 @@
     accel-trainer export  <ckpt> <out_dir> [--dtype bf16] [--format qwen2_moe|accel_moe]   HF model folder
     accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
     accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
-    accel-trainer params  <config.json|folder>         total/active parameter counts (meta device)
+    accel-trainer params  <config.json|ckpt>           total/active parameter counts (meta device)
     accel-trainer plan    --preset 18b --num_gpus 64 [--gradient_checkpointing] ...   per-GPU memory, checkpoint cost
     accel-trainer train-tokenizer --data_files ... --vocab_size 32768 --output_dir tok/   byte-level BPE
     accel-trainer prepare-data --data_files ... --tokenizer_name tok/ --output_dir data/x   token shards
@@ -71,16 +71,13 @@ def _cell(value, fmt: str = "") -> str:
 
 
 def _parameter_line(info: dict) -> str:
-    """Total (and, for our MoE models, active per token) parameters."""
-    config = info["model_config"] or {}
-    if config.get("model_type") == "accel_moe":
-        from .models import MoEConfig, parameter_counts
-
-        counts = parameter_counts(MoEConfig.from_dict(config))
-        return f"accel_moe: {counts['total']:,} parameters ({counts['active']:,} active per token)"
-    if info["parameters"] is None:
-        return f"{config.get('model_type', 'unknown')}: sharded weights (count them with accel-trainer params)"
-    return f"{config.get('model_type', 'unknown')}: {info['parameters']['total']:,} parameters"
+    """Total (and, for a mixture of experts, active per token) parameters."""
+    kind, counts = (info["model_config"] or {}).get("model_type", "unknown"), info["parameters"]
+    if counts is None:
+        return f"{kind}: no model weights in this checkpoint"
+    active = f" ({counts['active']:,} active per token)" if "active" in counts else ""
+    sharded = ", sharded (FSDP) weights" if info.get("sharded_weights") else ""
+    return f"{kind}: {counts['total']:,} parameters{active}{sharded}"
 
 
 def cmd_inspect(args) -> int:
@@ -302,9 +299,12 @@ def _add_text_source(p) -> None:
 
 def cmd_params(args) -> int:
     from .checkpoint.format import MODEL_CONFIG
+    from .checkpoint.layout import resolve_path
     from .models import MoEConfig, parameter_counts
 
     path = Path(args.config)
+    if path.is_dir() and not (path / MODEL_CONFIG).is_file():  # a run dir, or a checkpoint like the other verbs
+        path = resolve_path(path, flag=args.config, checksums={MODEL_CONFIG}).path
     if path.is_dir():
         path = path / MODEL_CONFIG
     if not path.is_file():
@@ -429,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer_name", default="byte", help="byte, a tokenizer folder, or a Hub name")
     p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenising processes")
     p.set_defaults(func=cmd_prepare_data)
-    p = sub.add_parser("params", help="count parameters of a model config.json")
-    p.add_argument("config", help="config.json or a folder holding one")
+    p = sub.add_parser("params", help="count parameters of a model config (meta device, nothing allocated)")
+    p.add_argument("config", help="config.json, a folder holding one, a checkpoint or a run dir (its latest)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_params)
     return parser

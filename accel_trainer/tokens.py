@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint.io import atomic_write_text, fsync_file, read_json
-from .checkpoint.tensor_files import hash_file
+from .checkpoint.checksums import hash_file
 from .config import ConfigError
 
 FORMAT = "accel_trainer.tokens/1"

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
     ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1"], "ours sync vs raw write+fsync"),
     ("step_overhead.py", ["--steps", "3", "--rounds", "1"], "ratio trainer/bare steps/s"),
     ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
+    ("cli_startup.py", ["--repeats", "1"], "accel-trainer inspect"),
     ("data.py", ["--corpus_bytes", "300000", "--num_proc", "1", "--vocab_size", "400", "--block_size", "256"],
      "skip_first_batches"),
 ])

@@ -151,6 +151,24 @@ def test_prune_dry_run_then_for_real(run, tmp_path):
     assert left == sorted({"step-8", best})
 
 
+def test_params_accepts_a_run_dir_and_a_checkpoint_like_the_other_verbs(run):
+    for target in (run, run / "checkpoints" / "step-4", run / "checkpoints" / "step-4" / "config.json"):
+        assert cli("params", target).stdout.startswith("total 673,408  active 476,800"), target
+
+
+def test_read_only_verbs_start_without_torch_or_transformers(run):
+    """What keeps `list|verify|inspect|prune` under 1.5 s (benchmarks/cli_startup.py measures it)."""
+    code = ("import sys, contextlib, io\nfrom accel_trainer.cli import main\n"
+            "for argv in sys.argv[1:]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        assert main(argv.split()) == 0, argv\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets') if m in sys.modules))")
+    verbs = [f"list {run}", f"verify {run}", f"inspect {run}", f"prune {run} --keep 1 --dry_run"]
+    proc = subprocess.run([sys.executable, "-c", code, *verbs], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("args", [("inspect", "/nonexistent"), ("list", "/nonexistent"), ("verify", "/nonexistent"),
                                   ("diff", "/nonexistent", "/nonexistent2"), ("export", "/nonexistent", "/tmp/x")])
 def test_bad_paths_are_one_line_and_non_zero(args):

@@ -106,3 +106,29 @@ def test_malicious_sharded_metadata_is_refused_and_runs_nothing(sharded_checkpoi
     with pytest.raises(CheckpointError, match=r"\.metadata: refused: global posix.system is not allowed"):
         read_weights(evil)
     assert not marker.exists()
+
+
+def test_diff_and_parameter_counts_read_sharded_weights(sharded_checkpoint, tmp_path):
+    """`accel-trainer diff`/`inspect` on FSDP checkpoints: shapes from the DCP metadata alone, and
+    change norms against a one-file copy of the same weights (zero) and a changed copy."""
+    from safetensors.torch import save_file
+
+    from accel_trainer.checkpoint.inspection import _tensor_count, diff
+
+    folder, _ = sharded_checkpoint
+    reference = torch.load(str(folder) + ".saved.pt", weights_only=True)
+    counts = _tensor_count(folder, {"num_experts": 4, "num_experts_per_tok": 2})
+    assert counts["total"] == sum(t.numel() for t in reference.values()) and counts["tensors"] == len(reference)
+    assert counts["active"] < counts["total"]
+    (tmp_path / "same").mkdir()
+    save_file({k: v.contiguous() for k, v in reference.items()}, tmp_path / "same" / "model.safetensors")
+    same = diff(folder, tmp_path / "same")
+    assert not same["only_in_a"] and not same["only_in_b"] and not same["shape_changes"]
+    assert len(same["tensor_changes"]) == len(reference)
+    assert all(c["change_norm"] == 0 for c in same["tensor_changes"])
+    (tmp_path / "changed").mkdir()
+    changed = {k: v.clone().contiguous() for k, v in reference.items()}
+    name = sorted(changed)[0]
+    changed[name] += 1
+    save_file(changed, tmp_path / "changed" / "model.safetensors")
+    assert diff(tmp_path / "changed", folder)["tensor_changes"][0]["tensor"] == name

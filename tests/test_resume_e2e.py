@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
-from accel_trainer.checkpoint.tensor_files import HASH, hash_file
+from accel_trainer.checkpoint.checksums import HASH, hash_file
 from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl, run_pids
 
 pytestmark = pytest.mark.slow

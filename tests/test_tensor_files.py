@@ -6,7 +6,8 @@ from safetensors.torch import load_file
 
 from accel_trainer.checkpoint import optimizer_files
 from accel_trainer.checkpoint.format import OPTIMIZER_TENSORS
-from accel_trainer.checkpoint.tensor_files import hash_file, write_safetensors
+from accel_trainer.checkpoint.checksums import hash_file
+from accel_trainer.checkpoint.tensor_files import write_safetensors
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.optim import OptimizerSettings, build_optimizers
 

@@ -1,13 +1,22 @@
 """Crash-proof checkpoints for any Accelerate loop: save, verify, resolve, resume, and load weights or
-whole models for inference. See :class:`Checkpointer`."""
+whole models for inference. See :class:`Checkpointer`.
 
-from .dataloader import ResumableLoader
-from .inference import load_model_for_inference
-from .io import CheckpointError
-from .layout import list_checkpoints, resolve, resolve_path
-from .manager import Checkpointer
-from .manifest import verify
-from .weights import LoadReport, load_weights
+Names are imported on first use, so tools that only read checkpoint metadata (``accel-trainer
+list``, ``verify``) start without loading torch.
+"""
 
-__all__ = ["Checkpointer", "CheckpointError", "LoadReport", "ResumableLoader", "list_checkpoints",
-           "load_model_for_inference", "load_weights", "resolve", "resolve_path", "verify"]
+import importlib
+
+_WHERE = {"Checkpointer": ".manager", "CheckpointError": ".io", "LoadReport": ".weights",
+          "ResumableLoader": ".dataloader", "list_checkpoints": ".layout", "load_model_for_inference": ".inference",
+          "load_weights": ".weights", "resolve": ".layout", "resolve_path": ".layout", "verify": ".manifest"}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value

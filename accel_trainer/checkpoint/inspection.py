@@ -84,11 +84,58 @@ def _optimizer_summary(folder: Path) -> list[dict]:
     return summary
 
 
-def _tensor_count(folder: Path) -> dict | None:
-    if not (folder / MODEL_WEIGHTS).is_file():
-        return None  # sharded (FSDP) checkpoints keep their weights in torch.distributed.checkpoint shards
-    header = safetensors_header(folder / MODEL_WEIGHTS)
-    return {"tensors": len(header), "total": sum(math.prod(info["shape"]) for info in header.values())}
+def _model_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Model tensor names and shapes from the safetensors header or, for a sharded (FSDP)
+    checkpoint, from its torch.distributed.checkpoint metadata; no tensor is read."""
+    if (folder / MODEL_WEIGHTS).is_file():
+        return {k: info["shape"] for k, info in safetensors_header(folder / MODEL_WEIGHTS).items()}
+    from .weights import sharded_model_shapes  # imports torch: only for sharded checkpoints
+
+    return sharded_model_shapes(folder)
+
+
+def _tensor_count(folder: Path, config: dict | None) -> dict | None:
+    """Parameter counts from the weights' metadata: total, and for a mixture of experts
+    (``num_experts``/``num_experts_per_tok`` in its config) the ones a token uses."""
+    shapes = _model_shapes(folder)
+    if shapes is None:
+        return None
+    counts = {"tensors": len(shapes), "total": sum(math.prod(shape) for shape in shapes.values())}
+    experts, active = (config or {}).get("num_experts"), (config or {}).get("num_experts_per_tok")
+    if experts and active:  # stacked expert weights: [num_experts, out, in]
+        stacked = sum(math.prod(s) for s in shapes.values() if len(s) == 3 and s[0] == experts)
+        counts["active"] = counts["total"] - stacked * (experts - active) // experts
+    return counts
+
+
+class _Tensors:
+    """One checkpoint's model tensors for ``diff``: read one at a time from safetensors, or, for a
+    sharded (FSDP) checkpoint, stitched in memory once by torch.distributed.checkpoint."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.shapes = folder, _model_shapes(folder)
+        if self.shapes is None:
+            raise CheckpointError(f"{folder}: no model weights here ({MODEL_WEIGHTS} or FSDP shards)")
+        self._file = self._full = None
+
+    def __enter__(self):
+        if (self.folder / MODEL_WEIGHTS).is_file():
+            from safetensors import safe_open
+
+            self._file = safe_open(self.folder / MODEL_WEIGHTS, "pt").__enter__()
+        else:
+            from .weights import _dcp_dir, consolidate_sharded, normalize_state_dict
+
+            self._full = normalize_state_dict(consolidate_sharded(_dcp_dir(self.folder)))
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.__exit__(*exc)
+        self._full = None
+
+    def get(self, key: str):
+        return self._file.get_tensor(key) if self._file is not None else self._full[key]
 
 
 def inspect(folder: str | Path) -> dict:
@@ -104,18 +151,20 @@ def inspect(folder: str | Path) -> dict:
         if "/" not in name and dot + suffix in STATE_SUFFIXES[:1] and name not in KNOWN_JSON:
             named_states[stem] = _optional_state(folder, stem)
     schedulers = _optional_state(folder, SCHEDULERS) or {}
+    model_config = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else None
     return {
         "path": str(folder), "format_version": manifest["format_version"], "step": manifest.get("step"),
         "saved_because": manifest.get("reasons", []), "metrics": manifest.get("metrics") or {},
         "best": manifest.get("best"), "data_position": position, "states": named_states,
-        "environment": manifest.get("environment", {}), "parameters": _tensor_count(folder),
+        "environment": manifest.get("environment", {}), "parameters": _tensor_count(folder, model_config),
         "files": {n: {"size": i["size"], "role": i["role"]} for n, i in manifest["files"].items()},
         "total_bytes": sum(i["size"] for i in manifest["files"].values()),
         "optimizers": _optimizer_summary(folder),
         "schedulers": {n: {"last_epoch": s.get("last_epoch"), "base_lrs": s.get("base_lrs"),
                            "last_lr": s.get("_last_lr")} for n, s in schedulers.items() if isinstance(s, dict)},
         "grad_scaler": SCALER in manifest["files"],
-        "model_config": read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else None,
+        "sharded_weights": not (folder / MODEL_WEIGHTS).is_file(),
+        "model_config": model_config,
         "run_config": read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else None,
     }
 
@@ -131,20 +180,17 @@ def _dict_diff(a: dict, b: dict, ignore: set[str] = frozenset()) -> list[str]:
 
 def diff(a: str | Path, b: str | Path) -> dict:
     """Config differences, architecture differences (keys/shapes) and per-tensor change norms."""
-    from safetensors import safe_open
-
     a, b = Path(a), Path(b)
     meta_keys = {"transformers_version", "architectures", "dtype", "torch_dtype"}
-    ha, hb = safetensors_header(a / MODEL_WEIGHTS), safetensors_header(b / MODEL_WEIGHTS)
-    only_a, only_b = sorted(set(ha) - set(hb)), sorted(set(hb) - set(ha))
-    shapes = [f"{k}: {ha[k]['shape']} -> {hb[k]['shape']}" for k in sorted(set(ha) & set(hb))
-              if ha[k]["shape"] != hb[k]["shape"]]
     changes = []
-    with safe_open(a / MODEL_WEIGHTS, "pt") as fa, safe_open(b / MODEL_WEIGHTS, "pt") as fb:
+    with _Tensors(a) as fa, _Tensors(b) as fb:
+        ha, hb = fa.shapes, fb.shapes
+        only_a, only_b = sorted(set(ha) - set(hb)), sorted(set(hb) - set(ha))
+        shapes = [f"{k}: {ha[k]} -> {hb[k]}" for k in sorted(set(ha) & set(hb)) if ha[k] != hb[k]]
         for key in sorted(set(ha) & set(hb)):
-            if ha[key]["shape"] != hb[key]["shape"]:
+            if ha[key] != hb[key]:
                 continue
-            ta, tb = fa.get_tensor(key).float(), fb.get_tensor(key).float()
+            ta, tb = fa.get(key).float(), fb.get(key).float()
             delta = (tb - ta).norm().item()
             base = ta.norm().item()
             changes.append({"tensor": key, "change_norm": delta, "relative": delta / base if base else math.inf})

@@ -14,8 +14,6 @@ import os
 import pickle
 from pathlib import Path
 
-import torch
-
 from .format import TMP_PREFIX, state_file
 
 class CheckpointError(RuntimeError):
@@ -107,6 +105,8 @@ def write_state(folder: Path, name: str, state) -> str:
     if file.endswith(".json"):
         write_json(folder / file, state)
     else:
+        import torch
+
         torch.save(state, folder / file)
     return file
 
@@ -138,6 +138,8 @@ def check_pickle_is_data(path: str | Path) -> None:
     Raises:
         CheckpointError: naming the file and the offending globals.
     """
+    import torch
+
     try:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as err:  # not a torch zip file at all
@@ -191,6 +193,8 @@ def safe_torch_load(path: str | Path, map_location="cpu", numpy: bool = False):
     ``numpy=True`` also allows numpy arrays, as in the RNG files Accelerate writes (read through
     Accelerate's own ``load``, which allows exactly those).
     """
+    import torch
+
     check_pickle_is_data(path)
     try:
         if numpy:

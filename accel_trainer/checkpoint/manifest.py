@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .format import COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, role_of
 from .io import CheckpointError, read_json, write_json
-from .tensor_files import HASH, hash_file
+from .checksums import HASH, hash_file
 
 MANIFEST_HASH = f"manifest_{HASH}"
 

@@ -14,29 +14,12 @@ import struct
 from pathlib import Path
 
 import torch
-import xxhash
+
+from .checksums import CHUNK, new_hasher
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
-HASH = "xxh3_128"
-CHUNK = 64 << 20
-
-
-def new_hasher():
-    return xxhash.xxh3_128()
-
-
-def hash_file(path: str | Path) -> str:
-    hasher = new_hasher()
-    with open(path, "rb", buffering=0) as f:
-        # Sized to the file: most checkpoint files are small JSON, and zeroing a 64 MiB buffer for
-        # each cost more than hashing them.
-        buf = bytearray(min(CHUNK, max(1, os.fstat(f.fileno()).st_size)))
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            hasher.update(view[:n])
-    return hasher.hexdigest()
 
 
 def _as_bytes(tensor: torch.Tensor) -> memoryview:

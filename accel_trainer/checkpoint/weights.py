@@ -128,6 +128,23 @@ def _dcp_dir(folder: Path) -> Path | None:
     return None
 
 
+def sharded_model_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Names and full shapes of the model tensors of a sharded (FSDP) checkpoint, from its
+    torch.distributed.checkpoint metadata alone (no shard is read); None when it has none."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    dcp_dir = _dcp_dir(folder)
+    if dcp_dir is None:
+        return None
+    check_dcp_metadata_is_data(dcp_dir / ".metadata")
+    metadata = {k: m for k, m in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata.items()
+                if isinstance(m, TensorStorageMetadata)}
+    wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
+    return {normalize_key(k[len("model."):] if wrapped else k): list(m.size) for k, m in metadata.items()
+            if not wrapped or k.startswith("model.")}
+
+
 def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
     """Full tensors from a sharded checkpoint written by N ranks (FSDP SHARDED_STATE_DICT), read in
     one process without a process group; shards are stitched by torch.distributed.checkpoint.
