@@ -4,7 +4,7 @@ Names are imported on first use (``accel-trainer list`` starts without torch). I
 ``accel_trainer.models`` registers the MoE model with transformers' Auto classes.
 """
 
-import importlib
+from .lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -15,12 +15,7 @@ _WHERE = {"MoEConfig": ".models", "MoEForCausalLM": ".models", "CheckpointError"
 __all__ = sorted([*_WHERE, "load_model_for_inference", "__version__"])
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE)
 
 
 def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None):

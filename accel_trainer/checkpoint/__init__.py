@@ -5,7 +5,7 @@ Names are imported on first use, so tools that only read checkpoint metadata (``
 list``, ``verify``) start without loading torch.
 """
 
-import importlib
+from accel_trainer.lazy import lazy_names
 
 _WHERE = {"Checkpointer": ".manager", "CheckpointError": ".io", "LoadReport": ".weights",
           "ResumableLoader": ".dataloader", "list_checkpoints": ".layout", "load_model_for_inference": ".inference",
@@ -14,9 +14,4 @@ _WHERE = {"Checkpointer": ".manager", "CheckpointError": ".io", "LoadReport": ".
 __all__ = sorted(_WHERE)
 
 
-def __getattr__(name: str):
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, _WHERE)
