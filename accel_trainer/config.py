@@ -7,10 +7,17 @@ every problem with the flag that caused it, so the CLI can print one clear messa
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-SCHEDULES = ("cosine", "wsd", "constant")
+SCHEDULES = ("cosine", "linear", "wsd", "constant")
+# The HF Trainer's names for the same schedules (ours decay to --min_lr_ratio of the peak).
+SCHEDULE_ALIASES = {"cosine_with_min_lr": "cosine", "constant_with_warmup": "constant", "warmup_stable_decay": "wsd"}
+DEFAULT_WARMUP_STEPS = 10
 
 
 class ConfigError(ValueError):
@@ -76,16 +83,21 @@ class TrainingArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak LR of AdamW (embeddings, head, norms, router)."})
     muon_learning_rate: float = field(default=0.02, metadata={"help": "Peak LR of Muon (hidden matrices, experts)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "Decoupled weight decay of the Muon matrices."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (as in the HF Trainer), on its matrices (embeddings, output head, router); norms are not decayed."})
+    muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon's decoupled weight decay (hidden matrices, experts)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine, wsd (warmup-stable-decay) or constant."})
-    warmup_steps: int = field(default=10, metadata={"help": "Linear warmup steps."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine (alias cosine_with_min_lr), linear, wsd (warmup-stable-decay) or constant (alias constant_with_warmup); each decays to --min_lr_ratio of the peak."})
+    warmup_steps: int | None = field(default=None, metadata={"help": f"Linear warmup steps (default {DEFAULT_WARMUP_STEPS}, or --warmup_ratio)."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of the schedule's steps (the HF Trainer's flag); instead of --warmup_steps."})
+    lr_schedule_steps: int | None = field(default=None, metadata={"help": "Steps the LR schedule spans (default: the run's total steps). On a resume with a larger --max_steps, pass the old total to keep the saved schedule instead of stretching it (the extra steps train at the final LR)."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
     mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU)."})
+    bf16: bool = field(default=False, metadata={"help": "Same as --mixed_precision bf16 (the HF Trainer's flag)."})
+    fp16: bool = field(default=False, metadata={"help": "Same as --mixed_precision fp16 (the HF Trainer's flag)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward instead of keeping its activations (less memory, ~1/3 more compute)."})
     torch_compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile (regional compilation)."})
     torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --torch_compile."})
@@ -120,7 +132,7 @@ class TrainingArguments:
             if getattr(self, name) < 1:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 1")
         for name in ("eval_steps", "save_steps", "warmup_steps", "max_nonfinite_steps", "dataloader_num_workers"):
-            if getattr(self, name) < 0:
+            if (getattr(self, name) or 0) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"--max_steps={self.max_steps}: must be > 0, or -1 to use --num_train_epochs")
@@ -129,12 +141,21 @@ class TrainingArguments:
         for name in ("learning_rate", "muon_learning_rate"):
             if not getattr(self, name) > 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be > 0")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            problems.append(f"--weight_decay={self.weight_decay} and --max_grad_norm={self.max_grad_norm}: must be >= 0")
+        for name in ("weight_decay", "muon_weight_decay", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
+        problems += self._aliases()
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         if self.lr_scheduler_type not in SCHEDULES:
-            problems.append(f"--lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(SCHEDULES)}")
+            problems.append(f"--lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(SCHEDULES)} "
+                            f"(or the HF names {', '.join(SCHEDULE_ALIASES)})")
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio={self.warmup_ratio}: must be in [0, 1)")
+        if self.warmup_ratio is not None and self.warmup_steps is not None:
+            problems.append(f"--warmup_steps={self.warmup_steps} and --warmup_ratio={self.warmup_ratio}: give one")
+        if self.lr_schedule_steps is not None and self.lr_schedule_steps < 1:
+            problems.append(f"--lr_schedule_steps={self.lr_schedule_steps}: must be >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"--min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if not 0 < self.decay_ratio <= 1:
@@ -155,21 +176,109 @@ class TrainingArguments:
             problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb, all or none")
         _raise_if(problems)
 
+    def _aliases(self) -> list[str]:
+        """--bf16/--fp16 set --mixed_precision; --lr_scheduler_type takes the HF Trainer's names."""
+        self.lr_scheduler_type = SCHEDULE_ALIASES.get(self.lr_scheduler_type, self.lr_scheduler_type)
+        wanted = [name for name in ("bf16", "fp16") if getattr(self, name)]
+        if len(wanted) == 2:
+            return ["--bf16 and --fp16: give one"]
+        if wanted and self.mixed_precision not in ("no", wanted[0]):
+            return [f"--{wanted[0]} and --mixed_precision={self.mixed_precision}: they disagree; give one"]
+        if wanted:
+            self.mixed_precision = wanted[0]
+        return []
+
+    def warmup_for(self, schedule_steps: int) -> int:
+        """Warmup steps of a schedule of ``schedule_steps``: --warmup_steps, or --warmup_ratio of it."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * schedule_steps)
+        return DEFAULT_WARMUP_STEPS
+
+    @property
+    def tracker_run_name(self) -> str:
+        """--run_name, else the output dir's name (what TensorBoard and W&B show)."""
+        return self.run_name or Path(self.output_dir).resolve().name
+
+
+# HF Trainer flags with no counterpart here, and what to use instead (shown when one is passed).
+HF_TRAINER_ADVICE = {
+    "eval_strategy": "evaluation runs every --eval_steps steps (0 disables it) and at the last step",
+    "evaluation_strategy": "evaluation runs every --eval_steps steps (0 disables it) and at the last step",
+    "save_strategy": "save with --save_steps N and/or --save_on_each_epoch; the last step and each new best "
+                     "val loss are always saved",
+    "logging_strategy": "log with --logging_steps N",
+    "load_best_model_at_end": "the best checkpoint is always kept as <output_dir>/checkpoints/best; load it with "
+                              "load_model_for_inference('<output_dir>/checkpoints/best') or --resume_from_checkpoint best",
+    "metric_for_best_model": "'best' is the lowest val loss (--eval_steps decides how often it is measured)",
+    "greater_is_better": "'best' is the lowest val loss",
+    "save_only_model": "checkpoints hold the whole state (that is what makes them resumable); "
+                       "`accel-trainer export <checkpoint> <dir>` writes the model alone",
+    "save_safetensors": "checkpoints are always safetensors (optimizer state too)",
+    "push_to_hub": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
+    "hub_model_id": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
+    "hub_token": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
+    "overwrite_output_dir": "a run continues its output dir with --resume_from_checkpoint latest; "
+                            "choose a new --output_dir to start over",
+    "do_train": "the recipe always trains (and evaluates every --eval_steps)",
+    "do_eval": "the recipe evaluates every --eval_steps steps",
+    "model_name_or_path": "the architecture is --preset; start from existing weights with --init_from <checkpoint "
+                          "or HF model folder>",
+    "config_name": "the architecture is --preset (see recipes/moe18b.py)",
+    "deepspeed": "choose DDP, FSDP or DeepSpeed with `accelerate launch --config_file accelerate_configs/<env>.yaml`",
+    "fsdp": "choose DDP, FSDP or DeepSpeed with `accelerate launch --config_file accelerate_configs/<env>.yaml`",
+    "optim": "the optimizers are fixed: Muon (hidden matrices, --muon_learning_rate) + AdamW (the rest, "
+             "--learning_rate)",
+    "lr_scheduler_kwargs": "use --min_lr_ratio and --decay_ratio",
+    "per_gpu_train_batch_size": "use --per_device_train_batch_size",
+    "max_seq_length": "use --block_size",
+    "dataset_text_field": "use --text_column",
+    "data_seed": "--seed seeds the data order too",
+    "logging_dir": "TensorBoard logs go under <output_dir>; metrics also to <output_dir>/metrics.jsonl",
+    "tf32": "TF32 matmuls follow torch's defaults here",
+    "gradient_checkpointing_kwargs": "--gradient_checkpointing recomputes each decoder layer (non-reentrant)",
+}
+
+
+def unknown_flags_message(unknown: list[str], known: list[str]) -> str:
+    """One line per unknown flag: the HF Trainer equivalent if there is one, else the closest flags."""
+    lines = []
+    for item in unknown:
+        if not item.startswith("-"):
+            continue  # the value of an unknown flag
+        flag = item.split("=", 1)[0]
+        name = flag.lstrip("-")
+        if name in HF_TRAINER_ADVICE:
+            lines.append(f"{flag}: not a flag here (an HF Trainer flag); {HF_TRAINER_ADVICE[name]}")
+            continue
+        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the flags"
+        lines.append(f"{flag}: unknown flag; {hint}")
+    if not lines:
+        lines.append(f"unexpected arguments {' '.join(unknown)} (every value follows its --flag)")
+    return "\n".join(lines)
+
 
 def parse_args(dataclass_types, args: list[str] | None = None):
     """Parse CLI flags into the given dataclasses; on a bad flag print one message and exit 2.
 
-    Unknown flags and values that fail ``__post_init__`` both exit with status 2 naming the flag,
-    never with a traceback.
+    Unknown flags (with what to use instead for HF Trainer flags, or the closest flags) and values
+    that fail ``__post_init__`` both exit with status 2 naming the flag, never with a traceback.
     """
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
     try:
-        # HfArgumentParser reports unknown flags as "Some specified arguments are not used".
-        return parser.parse_args_into_dataclasses(args=args)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")
+    if unknown:
+        known = [opt for action in parser._actions for opt in action.option_strings
+                 if opt.startswith("--") and "-" not in opt[2:]]  # not HfArgumentParser's dashed aliases
+        print(f"error: {unknown_flags_message(unknown, known)}", file=sys.stderr)
+        raise SystemExit(2)
+    return tuple(parsed)
 
 
 def to_dict(*configs) -> dict:

@@ -304,7 +304,8 @@ class OptimizerSettings:
 
     muon_lr: float
     adamw_lr: float
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0       # AdamW's, on its matrices only
+    muon_weight_decay: float = 0.0
     muon_momentum: float = 0.95
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -316,13 +317,19 @@ def build_optimizers(model: nn.Module, settings: OptimizerSettings) -> Optimizer
     muon_params, adamw_params = split_parameters(model)
     optimizers: dict[str, Optimizer] = {}
     if muon_params:
-        optimizers["muon"] = Muon(muon_params, lr=settings.muon_lr, weight_decay=settings.weight_decay,
+        optimizers["muon"] = Muon(muon_params, lr=settings.muon_lr, weight_decay=settings.muon_weight_decay,
                                   momentum=settings.muon_momentum)
     if adamw_params:
-        # No weight decay on AdamW's share: embeddings, norms and the router are not decayed.
+        # As the HF Trainer: weight decay on matrices (embeddings, head, router), never on norms and
+        # biases. Without decay there is one group (the layout of older checkpoints; either loads
+        # into the other, state being kept by parameter name).
+        decay = [(n, p) for n, p in adamw_params if p.ndim >= 2]
+        groups = ([{"params": decay, "weight_decay": settings.weight_decay},
+                   {"params": [(n, p) for n, p in adamw_params if p.ndim < 2], "weight_decay": 0.0}]
+                  if settings.weight_decay and decay else [{"params": adamw_params, "weight_decay": 0.0}])
         optimizers["adamw"] = torch.optim.AdamW(
-            adamw_params, lr=settings.adamw_lr, betas=(settings.adam_beta1, settings.adam_beta2),
-            eps=settings.adam_epsilon, weight_decay=0.0, foreach=False)
+            [g for g in groups if g["params"]], lr=settings.adamw_lr, betas=(settings.adam_beta1, settings.adam_beta2),
+            eps=settings.adam_epsilon, foreach=False)
     for opt in optimizers.values():
         for group in opt.param_groups:
             group["initial_lr"] = group["lr"]  # the peak LR, which the schedule multiplies
@@ -331,9 +338,11 @@ def build_optimizers(model: nn.Module, settings: OptimizerSettings) -> Optimizer
 
 def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int,
                   min_lr_ratio: float = 0.1, decay_ratio: float = 0.2) -> float:
-    """LR factor at ``step`` (0-based count of finished optimizer steps).
+    """LR factor at ``step`` (0-based count of finished optimizer steps); past ``total_steps`` the
+    final factor holds.
 
     ``cosine``: linear warmup, then cosine from 1 to ``min_lr_ratio`` at ``total_steps``.
+    ``linear``: linear warmup, then linear from 1 to ``min_lr_ratio`` at ``total_steps``.
     ``wsd``: linear warmup, constant, then linear decay to ``min_lr_ratio`` over the last
     ``decay_ratio`` of the steps. ``constant``: warmup then 1.
     """
@@ -345,9 +354,11 @@ def lr_multiplier(step: int, *, kind: str, warmup_steps: int, total_steps: int,
     progress = min(1.0, (step - warmup_steps) / progress_steps)
     if kind == "cosine":
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if kind == "linear":
+        return 1.0 - (1 - min_lr_ratio) * progress
     if kind == "wsd":
         decay_start = 1.0 - decay_ratio
         if progress <= decay_start:
             return 1.0
         return 1.0 - (1 - min_lr_ratio) * (progress - decay_start) / max(decay_ratio, 1e-12)
-    raise ValueError(f"lr_scheduler_type={kind!r}: expected 'cosine', 'wsd' or 'constant'")
+    raise ValueError(f"lr_scheduler_type={kind!r}: expected 'cosine', 'linear', 'wsd' or 'constant'")

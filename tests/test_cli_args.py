@@ -66,3 +66,76 @@ def test_console_script_params_and_env(tmp_path, recipe_module):
     missing = subprocess.run([sys.executable, "-m", "accel_trainer.cli", "params", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "no config.json at" in missing.stderr
+
+
+@pytest.mark.parametrize("flag,advice", [
+    ("--eval_strategy", "evaluation runs every --eval_steps steps"),
+    ("--save_strategy", "save with --save_steps N and/or --save_on_each_epoch"),
+    ("--load_best_model_at_end", "checkpoints/best"),
+    ("--push_to_hub", "accel-trainer export"),
+    ("--model_name_or_path", "--init_from"),
+])
+def test_hf_trainer_flags_say_what_to_use_instead(recipe, flag, advice):
+    code, err = recipe(flag, "steps")
+    assert code == 2 and "Traceback" not in err
+    assert f"{flag}: not a flag here (an HF Trainer flag)" in err and advice in err
+
+
+def test_a_mistyped_flag_gets_the_closest_ones(recipe):
+    code, err = recipe("--learnig_rate", "0.1", "--max_stepz", "5")
+    assert code == 2
+    assert "--learnig_rate: unknown flag; did you mean --learning_rate" in err
+    assert "--max_stepz: unknown flag; did you mean --max_steps" in err
+    assert "--max-steps" not in err  # HfArgumentParser's dashed aliases are not suggested
+
+
+def test_hf_aliases_bf16_fp16_warmup_ratio_and_schedule_names():
+    from accel_trainer.config import ConfigError, TrainingArguments
+
+    assert TrainingArguments(bf16=True).mixed_precision == "bf16"
+    assert TrainingArguments(fp16=True, mixed_precision="fp16").mixed_precision == "fp16"
+    with pytest.raises(ConfigError, match="--bf16 and --fp16: give one"):
+        TrainingArguments(bf16=True, fp16=True)
+    with pytest.raises(ConfigError, match="--bf16 and --mixed_precision=fp16: they disagree"):
+        TrainingArguments(bf16=True, mixed_precision="fp16")
+    assert TrainingArguments(lr_scheduler_type="cosine_with_min_lr").lr_scheduler_type == "cosine"
+    assert TrainingArguments(lr_scheduler_type="constant_with_warmup").lr_scheduler_type == "constant"
+    assert TrainingArguments(warmup_ratio=0.05).warmup_for(200) == 10
+    assert TrainingArguments(warmup_steps=3).warmup_for(200) == 3 and TrainingArguments().warmup_for(200) == 10
+    with pytest.raises(ConfigError, match="--warmup_steps=3 and --warmup_ratio=0.1: give one"):
+        TrainingArguments(warmup_steps=3, warmup_ratio=0.1)
+    with pytest.raises(ConfigError, match=r"--warmup_ratio=1.5: must be in \[0, 1\)"):
+        TrainingArguments(warmup_ratio=1.5)
+
+
+def test_linear_schedule_decays_to_the_min_ratio_and_holds():
+    from accel_trainer.optim import lr_multiplier
+
+    f = [lr_multiplier(s, kind="linear", warmup_steps=2, total_steps=12, min_lr_ratio=0.1) for s in range(14)]
+    assert f[:2] == [0.5, 1.0] and f[2] == 1.0 and f[7] == pytest.approx(0.55) and f[12] == f[13] == pytest.approx(0.1)
+
+
+def test_run_name_defaults_to_the_output_dirs_name():
+    from accel_trainer.config import TrainingArguments
+
+    assert TrainingArguments(output_dir="runs/exp7/").tracker_run_name == "exp7"
+    assert TrainingArguments(output_dir="runs/exp7", run_name="ablation").tracker_run_name == "ablation"
+
+
+def test_weight_decay_is_adamws_on_matrices_and_muon_has_its_own():
+    from accel_trainer.models import MoEConfig, MoEForCausalLM
+    from accel_trainer.optim import OptimizerSettings, build_optimizers
+
+    model = MoEForCausalLM(MoEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, moe_intermediate_size=16, num_experts=4,
+                                     num_experts_per_tok=2, shared_expert_intermediate_size=8))
+    opts = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.1,
+                                                     muon_weight_decay=0.01)).optimizers
+    decayed, plain = opts["adamw"].param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert "model.embed_tokens.weight" in decayed["param_names"]
+    assert all("norm" in n for n in plain["param_names"])
+    assert {g["weight_decay"] for g in opts["muon"].param_groups} == {0.01}
+    no_decay = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3)).optimizers
+    assert len(no_decay["adamw"].param_groups) == 1  # the layout older checkpoints have

@@ -165,3 +165,28 @@ def test_container_follows_its_children_when_they_load_state():
     opt.set_lr(0.5)
     assert opt.optimizers["adamw"].param_groups[0]["lr"] == pytest.approx(5e-4)
     assert all(p in opt.state for g in opt.optimizers["adamw"].param_groups for p in g["params"])
+
+
+def test_optimizer_state_loads_by_name_across_a_weight_decay_regrouping(tmp_path):
+    """A checkpoint of a run without AdamW weight decay (one group) resumes with --weight_decay (two
+    groups: matrices decayed, norms not), and back: state by parameter name, this run's groups apply."""
+    from safetensors.torch import save_file
+
+    from accel_trainer.checkpoint.optimizer_files import load_into, split_state, write_description
+
+    model = tiny_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    before = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3)).optimizers
+    model(input_ids=torch.randint(0, 64, (2, 8)), labels=torch.randint(0, 64, (2, 8))).loss.backward()
+    for opt in before.values():
+        opt.step()
+    tensors, description = split_state(before, names)
+    save_file(tensors, tmp_path / "optimizer.safetensors")
+    write_description(tmp_path, description)
+    after = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.1)).optimizers
+    load_into(tmp_path, after, names)
+    assert [g["weight_decay"] for g in after["adamw"].param_groups] == [0.1, 0.0]
+    old = {n: before["adamw"].state[p] for g in before["adamw"].param_groups for n, p in zip(g["param_names"], g["params"])}
+    new = {n: after["adamw"].state[p] for g in after["adamw"].param_groups for n, p in zip(g["param_names"], g["params"])}
+    assert old.keys() == new.keys()
+    assert all(torch.equal(old[n][k], new[n][k]) for n in old for k in ("exp_avg", "exp_avg_sq", "step"))

@@ -107,11 +107,14 @@ def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], devic
                 if values:
                     state[pid] = values
                 pid += 1
+        regrouped = [g.get("param_names", []) for g in saved["param_groups"]] != names
         groups, offset = [], 0
-        for saved_group, group_names, current in zip(saved["param_groups"], names, opt.param_groups):
-            # JSON gives back lists where the optimizer had tuples (betas): restore the type it uses.
-            group = {k: tuple(v) if isinstance(v, list) and isinstance(current.get(k), tuple) else v
-                     for k, v in saved_group.items()}
+        for gi, (group_names, current) in enumerate(zip(names, opt.param_groups)):
+            if regrouped:  # same parameters, grouped otherwise (say, a weight-decay split): this run's groups
+                group = {k: v for k, v in current.items() if k != "params"}
+            else:  # JSON gives back lists where the optimizer had tuples (betas): restore the type it uses.
+                group = {k: tuple(v) if isinstance(v, list) and isinstance(current.get(k), tuple) else v
+                         for k, v in saved["param_groups"][gi].items()}
             groups.append({**group, "params": list(range(offset, offset + len(group_names)))})
             offset += len(group_names)
         states[opt_name] = {"state": state, "param_groups": groups}
@@ -121,20 +124,29 @@ def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], devic
 
 def _check_matches(opt_name: str, opt, names: list[list[str]], saved: dict, tensors: dict) -> None:
     where = f"optimizer {opt_name!r}"
-    saved_groups = saved["param_groups"]
-    if len(names) != len(saved_groups):
-        raise CheckpointError(f"{where}: checkpoint has {len(saved_groups)} param groups, this run has {len(names)}. "
-                              "Pass --reset_optimizer (or exclude the optimizer) to start it fresh")
-    for gi, (now, group) in enumerate(zip(names, saved_groups)):
-        then = group.get("param_names", [])
+    params = {pname: p for group_names, group in zip(names, opt.param_groups)
+              for pname, p in zip(group_names, group["params"])}
+    saved_groups = [group.get("param_names", []) for group in saved["param_groups"]]
+    if len(names) != len(saved_groups) or names != saved_groups:
+        # State is kept by parameter name: the same parameters in other groups load (this run's
+        # groups and hyperparameters apply); otherwise compare the whole set.
+        now_all = [n for group in names for n in group]
+        then_all = [n for group in saved_groups for n in group]
+        if sorted(now_all) == sorted(then_all) and len(set(now_all)) == len(now_all):
+            names, saved_groups = [now_all], [now_all]
+        elif len(names) != len(saved_groups):
+            names, saved_groups = [now_all], [then_all]
+    for gi, (now, then) in enumerate(zip(names, saved_groups)):
         if now != then:
             gone, new = sorted(set(then) - set(now)), sorted(set(now) - set(then))
             raise CheckpointError(
                 f"{where} group {gi}: parameters differ from the checkpoint (only in checkpoint: {gone[:8]}, "
-                f"only in this run: {new[:8]}{', same names in another order' if not gone and not new else ''}). "
+                f"only in this run: {new[:8]}). "
                 "Pass --reset_optimizer (or exclude the optimizer) to keep the weights and start it fresh")
-        for pname, p in zip(now, opt.param_groups[gi]["params"]):
-            for key, value in tensors.get(pname, {}).items():
+    for group_names in names:
+        for pname in group_names:
+            p = params.get(pname)
+            for key, value in tensors.get(pname, {}).items() if p is not None else ():
                 if value.ndim > 0 and tuple(value.shape) != tuple(p.shape):
                     raise CheckpointError(f"{where}: state {key!r} of {pname} has shape {tuple(value.shape)} but the "
                                           f"parameter has {tuple(p.shape)}")
