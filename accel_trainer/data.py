@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,67 +27,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import ConfigError, DataArguments
+from .raw_text import load_raw_text, raw_source
 from .tokens import DataError, TokenBlocks, prepare
 
-EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
-                      ".jsonl": "json", ".parquet": "parquet"}
 MIX_PERIOD = 1000
 _MASK64 = (1 << 64) - 1
-
-
-# ----------------------------------------------------------------------------------- raw text
-def default_corpus_files() -> list[Path]:
-    """The Python standard library's own source: real text that every machine running us has."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-
-
-def load_raw_text(args: DataArguments):
-    """A ``datasets.Dataset`` of documents from the hub, local files, or the embedded corpus.
-
-    Raises:
-        ConfigError: naming the flag and path when a file is missing, of an unknown type, or lacks the column.
-    """
-    import datasets
-
-    if args.dataset_name:
-        raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
-    elif args.data_files:
-        missing = [f for f in args.data_files if not os.path.isfile(f)]
-        if missing:
-            raise ConfigError(f"--data_files: no such file(s): {', '.join(missing)}")
-        exts = {Path(f).suffix.lower() for f in args.data_files}
-        unknown = sorted(e for e in exts if e not in EXTENSION_BUILDERS)
-        builders = {EXTENSION_BUILDERS[e] for e in exts if e in EXTENSION_BUILDERS}
-        if unknown or len(builders) != 1:
-            raise ConfigError(f"--data_files: file types {sorted(exts)} are not one of the supported kinds "
-                              f"(.txt/.md, .json/.jsonl, .parquet; one kind per run)")
-        builder = builders.pop()
-        extra = {"sample_by": "document"} if builder == "text" else {}
-        raw = datasets.load_dataset(builder, data_files=list(args.data_files), split="train", **extra)
-    else:
-        texts, used = [], 0
-        for path in default_corpus_files():
-            if used >= args.max_corpus_bytes:
-                break
-            text = path.read_text(encoding="utf-8", errors="replace")[: args.max_corpus_bytes - used]
-            texts.append(text)
-            used += len(text)
-        if not texts:
-            raise ConfigError("no --data_files or --dataset_name given and the embedded corpus (the Python "
-                              "standard library source) was not found; pass --data_files")
-        raw = datasets.Dataset.from_dict({"text": texts})
-    if args.text_column not in raw.column_names:
-        raise ConfigError(f"--text_column={args.text_column!r}: not in the data's columns {raw.column_names}")
-    return raw
-
-
-def raw_source(args: DataArguments) -> dict:
-    """What raw data is: the flags that decide the documents and their tokens."""
-    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
-            "data_files": sorted(args.data_files) if args.data_files else None, "text_column": args.text_column,
-            "tokenizer_name": args.tokenizer_name or "byte",
-            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes}
 
 
 def prepare_raw(args: DataArguments, tokenizer, output_dir: str | Path, progress: bool = True) -> Path:
@@ -159,6 +101,15 @@ def mix_pattern(weights: list[float], period: int = MIX_PERIOD) -> list[int]:
     return pattern
 
 
+def too_little_data(source: TokenBlocks) -> str:
+    raw = (source.manifest.get("source") or {}).get("data_files")
+    origin = f" (prepared from --data_files {' '.join(raw)})" if raw else ""
+    total = source.manifest["total_tokens"]
+    return (f"{source.path}{origin}: too little data: {total:,} tokens make {source.num_blocks} block(s) of "
+            f"--block_size={source.block_size}, and training needs at least 2 (one to train on, one to validate); "
+            f"give more text or a smaller --block_size")
+
+
 class TrainBlocks(Dataset):
     """Training sample ``g`` (a global index over the whole run) -> its block's tokens.
 
@@ -170,9 +121,9 @@ class TrainBlocks(Dataset):
     def __init__(self, sources: list[TokenBlocks], seed: int, weights: list[float] | None = None):
         self.sources, self.seed, self.weights = sources, seed, weights
         sizes = [s.num_train for s in sources]
-        if not all(sizes):
-            empty = [str(s.path) for s in sources if not s.num_train]
-            raise DataError(f"{', '.join(empty)}: no training block of --block_size tokens")
+        for s in sources:
+            if not s.num_train:
+                raise DataError(too_little_data(s))
         self.starts = np.cumsum([0] + sizes)  # a global block id = source's start + its block
         self.epoch_size = int(self.starts[-1])
         self._perms: dict[tuple[int, int], Permutation] = {}

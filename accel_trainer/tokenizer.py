@@ -13,7 +13,6 @@ Special tokens written in a document's text are encoded as text, never as the sp
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from .config import ConfigError
@@ -46,8 +45,10 @@ def _wrap(backend):
     from transformers import PreTrainedTokenizerFast
 
     # split_special_tokens: "<|eos|>" in a document's text stays text (saved with the tokenizer).
+    # Left padding: a batch of prompts for a decoder-only model must end where generation starts.
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   clean_up_tokenization_spaces=False, split_special_tokens=True)
+                                   clean_up_tokenization_spaces=False, split_special_tokens=True,
+                                   padding_side="left")
 
 
 def byte_tokenizer():
@@ -96,8 +97,12 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     path = Path(name)
-    if not path.exists() and (os.environ.get("HF_HUB_OFFLINE") or "/" not in name and name.startswith((".", "~"))):
-        raise TokenizerError(f"--tokenizer_name={name!r}: no such folder, and the Hub is off (HF_HUB_OFFLINE)")
+    if not path.exists():
+        if name.startswith((".", "~", "/")) or name.count("/") > 1:
+            raise TokenizerError(f"--tokenizer_name={name!r}: no such folder")
+        from .raw_text import require_hub
+
+        require_hub("--tokenizer_name", name, TokenizerError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:

@@ -2,6 +2,7 @@
 at any position on any world size (levels 1 and 2: no training)."""
 
 import json
+import re
 import time
 
 import numpy as np
@@ -243,14 +244,11 @@ def test_raw_text_sources(tmp_path):
 
 
 def test_bad_data_files_name_the_flag_and_path(tmp_path):
-    with pytest.raises(ValueError, match="--data_files: no such file.*missing.txt"):
+    with pytest.raises(ValueError, match="--data_files: .*missing.txt: no such file"):
         load_raw_text(DataArguments(data_files=[str(tmp_path / "missing.txt")]))
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="--data_files: file types \\['.csv'\\]"):
         load_raw_text(DataArguments(data_files=[str(tmp_path / "x.csv")]))
-    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(ValueError, match="--text_column='text': not in the data's columns \\['body'\\]"):
-        load_raw_text(DataArguments(data_files=[str(tmp_path / "c.jsonl")]))
     with pytest.raises(ValueError, match="no such folder; make it with accel-trainer prepare-data"):
         TokenBlocks(tmp_path / "nope", 64, 0.05)
     with pytest.raises(ValueError, match="--data_mix 'a.txt': expected PATH:WEIGHT"):
@@ -271,3 +269,76 @@ def test_training_from_a_weighted_mix_of_prepared_data(corpus, tmp_path, recipe_
     saved = json.loads((tmp_path / "run" / "checkpoints" / "step-6" / "run_config.json").read_text())
     assert saved["data_mix"] == args[3:5] and not (tmp_path / "run" / "data").exists()  # nothing re-tokenised
     assert (tmp_path / "run" / "checkpoints" / "step-6" / "tokenizer.json").is_file()
+
+
+LATIN1 = "caf\u00e9 cr\u00e8me\n".encode("latin-1")
+BAD_FILES = {  # name: (bytes or None for a folder, what the one line must say)
+    "empty.txt": (b"", r"empty.txt is empty"),
+    "binary.txt": (b"ELF\x00\x01\x02" * 100, r"binary.txt holds binary data, not text \(a NUL byte at offset 3\)"),
+    "latin1.txt": (LATIN1 * 50, r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\); if it is Latin-1.*iconv"),
+    "bad.jsonl": (b'{"text": "a"}\n{"text": "b"}\n{"text": b}\n', r"bad.jsonl:3: invalid JSON \(Expecting value at column 10\)"),
+    "nocol.jsonl": (b'{"body": "x"}\n', r"nocol.jsonl:1: no 'text' key \(it has \['body'\]\); pass --text_column body"),
+    "array.json": (b'[{"text": "a"}, {"content": "b"}]', r"array.json record 1: no 'text' key"),
+    "dir": (None, r"dir is a directory; pass the files in it"),
+    "missing.txt": ("missing", r"missing.txt: no such file"),
+    "table.parquet": (b"not parquet at all", r"table.parquet is not a readable Parquet file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_each_bad_file_is_one_line_naming_it_and_the_reason(tmp_path, name):
+    from accel_trainer.tokens import DataError
+
+    content, message = BAD_FILES[name]
+    if content is None:
+        (tmp_path / name).mkdir()
+    elif content != "missing":
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"^--data_files: {re.escape(str(tmp_path))}/{message}") as err:
+        load_raw_text(DataArguments(data_files=[str(tmp_path / name)]))
+    assert "\n" not in str(err.value)
+
+
+def test_too_little_data_says_how_much_there_is_and_what_to_do(tmp_path):
+    from accel_trainer.tokens import DataError
+
+    (tmp_path / "two.txt").write_text("hi")
+    with pytest.raises(DataError, match=r"\(prepared from --data_files .*two.txt\): too little data: 3 tokens make "
+                                        r"0 block\(s\) of --block_size=64.*smaller --block_size"):
+        build_datasets(DataArguments(data_files=[str(tmp_path / "two.txt")]), 0, tmp_path / "out", 64, progress=False)
+
+
+def test_a_hub_name_without_network_fails_in_seconds(monkeypatch):
+    import time
+
+    from accel_trainer import raw_text
+    from accel_trainer.tokenizer import TokenizerError, load_tokenizer
+    from accel_trainer.tokens import DataError
+
+    monkeypatch.setattr(raw_text, "hub_offline", lambda: False)
+    monkeypatch.setattr(raw_text, "hub_reachable", lambda timeout=3.0: False)  # what no network gives
+    began = time.perf_counter()
+    with pytest.raises(DataError, match=r"--dataset_name='wikitext': the Hugging Face Hub is not reachable"):
+        load_raw_text(DataArguments(dataset_name="wikitext"))
+    with pytest.raises(TokenizerError, match=r"--tokenizer_name='gpt2': the Hugging Face Hub is not reachable"):
+        load_tokenizer("gpt2")
+    with pytest.raises(TokenizerError, match=r"--tokenizer_name='./tok': no such folder"):
+        load_tokenizer("./tok")
+    assert time.perf_counter() - began < 10
+
+
+def test_the_hub_probe_answers_from_the_endpoint_it_would_use(monkeypatch):
+    import socket
+
+    from huggingface_hub import constants
+
+    from accel_trainer.raw_text import hub_reachable
+    from conftest import free_port
+
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
+    assert hub_reachable(timeout=1.0) is False
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert hub_reachable(timeout=1.0) is True

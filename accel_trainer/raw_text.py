@@ -1,0 +1,215 @@
+"""Raw text in: local files, a Hub dataset, or the embedded corpus, checked before any work.
+
+Every file is checked up front so that a bad one fails in one line that names it and the reason
+(empty, binary, not UTF-8, a bad JSON line, a missing column), instead of an error from deep inside
+the ``datasets`` builders that names neither. A Hub name fails in seconds when the Hub cannot be
+reached (or with ``HF_HUB_OFFLINE`` set and nothing cached), not after a minute of retries.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import socket
+import sysconfig
+from pathlib import Path
+from urllib.parse import urlparse
+
+from .config import DataArguments
+from .tokens import DataError
+
+EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
+                      ".jsonl": "json", ".parquet": "parquet"}
+CHUNK = 1 << 20
+
+
+def default_corpus_files() -> list[Path]:
+    """The Python standard library's own source: real text that every machine running us has."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
+
+
+# ------------------------------------------------------------------------------------------ Hub
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as huggingface_hub reads it."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hub's endpoint (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_hub(flag: str, name: str, error=DataError) -> None:
+    """Fail in seconds, naming ``flag``, when ``name`` needs the Hub and the Hub cannot be reached
+    (with ``HF_HUB_OFFLINE`` set, the local cache is tried instead)."""
+    if not hub_offline() and not hub_reachable():
+        raise error(f"{flag}={name!r}: the Hugging Face Hub is not reachable from here (no network?). Get it on a "
+                    "machine with network (accel-trainer prepare-data for datasets, save_pretrained for tokenizers) "
+                    "and pass the folder, or set HF_HUB_OFFLINE=1 to use a copy in the local Hugging Face cache")
+
+
+# ---------------------------------------------------------------------------------- local files
+def check_data_files(files: list[str], text_column: str) -> str:
+    """Check every ``--data_files`` entry before any work; returns the ``datasets`` builder to read them.
+
+    Raises:
+        DataError: one line naming the file (and line or byte) and what is wrong.
+    """
+    for f in files:
+        path = Path(f)
+        if path.is_dir():
+            raise DataError(f"--data_files: {f} is a directory; pass the files in it (e.g. {f.rstrip('/')}/*.jsonl)")
+        if not path.is_file():
+            raise DataError(f"--data_files: {f}: no such file")
+    exts = {Path(f).suffix.lower() for f in files}
+    builders = {EXTENSION_BUILDERS.get(e) for e in exts}
+    if None in builders or len(builders) != 1:
+        raise DataError(f"--data_files: file types {sorted(exts)} are not one of the supported kinds "
+                        "(.txt/.md, .json/.jsonl, .parquet; one kind per run)")
+    builder = builders.pop()
+    if builder == "text" and text_column != "text":
+        raise DataError(f"--text_column={text_column!r}: text files have one column, 'text'; leave --text_column out")
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"--data_files: {f} is empty")
+        {"text": _check_text, "json": _check_json, "parquet": _check_parquet}[builder](f, text_column)
+    return builder
+
+
+def _check_text(f: str, _column: str) -> None:
+    decoder, offset = codecs.getincrementaldecoder("utf-8")("strict"), 0
+    with open(f, "rb") as stream:
+        while chunk := stream.read(CHUNK):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                raise DataError(f"--data_files: {f} holds binary data, not text (a NUL byte at offset {offset + nul})")
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DataError(_not_utf8(f, offset + err.start, chunk[err.start])) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"--data_files: {f} is not UTF-8 text (it ends inside a multi-byte character)") from None
+
+
+def _not_utf8(f: str, offset: int, byte: int) -> str:
+    return (f"--data_files: {f} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); if it is Latin-1 or "
+            f"cp1252, convert it first: iconv -f latin1 -t utf-8 {f} > {Path(f).stem}.utf8{Path(f).suffix}")
+
+
+def _check_json(f: str, column: str) -> None:
+    with open(f, "rb") as stream:
+        head = stream.read(CHUNK).lstrip()
+    if head.startswith(b"["):  # one JSON array of records
+        try:
+            records = json.loads(Path(f).read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"--data_files: {f} is not valid JSON ({err})") from None
+        for i, record in enumerate(records if isinstance(records, list) else [records]):
+            _check_record(f"{f} record {i}", record, column)
+        return
+    with open(f, "rb") as stream:  # JSON lines: one object per line
+        for number, raw in enumerate(stream, 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except UnicodeDecodeError as err:
+                raise DataError(f"--data_files: {f}:{number}: not UTF-8 ({err.reason})") from None
+            except json.JSONDecodeError as err:
+                hint = " (a file holding one JSON object over several lines is not supported: use one object per line)" \
+                    if number == 1 and raw.strip() == b"{" else ""
+                raise DataError(f"--data_files: {f}:{number}: invalid JSON ({err.msg} at column {err.colno}){hint}") \
+                    from None
+            _check_record(f"{f}:{number}", record, column)
+
+
+def _check_record(where: str, record, column: str) -> None:
+    if not isinstance(record, dict):
+        raise DataError(f"--data_files: {where}: expected a JSON object with a {column!r} key, got {type(record).__name__}")
+    if column not in record:
+        texts = [k for k, v in record.items() if isinstance(v, str)]
+        hint = f"; pass --text_column {texts[0]}" if len(texts) == 1 else ""
+        raise DataError(f"--data_files: {where}: no {column!r} key (it has {sorted(record)}){hint}")
+    if record[column] is not None and not isinstance(record[column], str):
+        raise DataError(f"--data_files: {where}: {column!r} is a {type(record[column]).__name__}, not text")
+
+
+def _check_parquet(f: str, column: str) -> None:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(f).names
+    except Exception as err:  # pyarrow raises its own ArrowInvalid / OSError kinds
+        raise DataError(f"--data_files: {f} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+    if column not in names:
+        raise DataError(f"--data_files: {f}: no {column!r} column (it has {names}); pass --text_column NAME")
+
+
+def _root_cause(err: BaseException) -> str:
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
+# ----------------------------------------------------------------------------------------- load
+def load_raw_text(args: DataArguments):
+    """A ``datasets.Dataset`` of documents from the Hub, local files, or the embedded corpus.
+
+    Raises:
+        DataError: one line naming the flag, file and reason.
+    """
+    import datasets
+
+    from .console import quiet_library_bars
+
+    quiet_library_bars("datasets")
+    if args.dataset_name:
+        require_hub("--dataset_name", args.dataset_name)
+        try:
+            raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
+        except Exception as err:
+            raise DataError(f"--dataset_name={args.dataset_name!r}: could not load it ({_root_cause(err)})") from None
+    elif args.data_files:
+        builder = check_data_files(list(args.data_files), args.text_column)
+        extra = {"sample_by": "document"} if builder == "text" else {}
+        try:
+            raw = datasets.load_dataset(builder, data_files=list(args.data_files), split="train", **extra)
+        except Exception as err:  # what the checks above did not foresee, still in one line
+            raise DataError(f"--data_files: could not read {', '.join(args.data_files)} ({_root_cause(err)})") from None
+    else:
+        texts, used = [], 0
+        for path in default_corpus_files():
+            if used >= args.max_corpus_bytes:
+                break
+            text = path.read_text(encoding="utf-8", errors="replace")[: args.max_corpus_bytes - used]
+            texts.append(text)
+            used += len(text)
+        if not texts:
+            raise DataError("no --data_files or --dataset_name given and the embedded corpus (the Python "
+                            "standard library source) was not found; pass --data_files")
+        raw = datasets.Dataset.from_dict({"text": texts})
+    if args.text_column not in raw.column_names:
+        raise DataError(f"--text_column={args.text_column!r}: not in the data's columns {raw.column_names}")
+    return raw
+
+
+def raw_source(args: DataArguments) -> dict:
+    """What raw data is: the flags that decide the documents and their tokens."""
+    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "data_files": sorted(args.data_files) if args.data_files else None, "text_column": args.text_column,
+            "tokenizer_name": args.tokenizer_name or "byte",
+            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes}
