@@ -170,6 +170,7 @@ def cmd_export(args) -> int:
     import torch
 
     from .checkpoint.inference import load_model_for_inference
+    from .console import quiet_library_bars
     from .export import ensure_new_folder, export_model
 
     out = Path(args.out_dir)
@@ -179,6 +180,7 @@ def cmd_export(args) -> int:
         raise SystemExit(f"accel-trainer export: {err}") from None
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     folder = _checkpoint(args.checkpoint)
+    quiet_library_bars("transformers")
     model, config, step = load_model_for_inference(folder, device="cpu", dtype=dtypes[args.dtype])
     tokenizer = None
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
@@ -255,6 +257,7 @@ def _data_args(args):
 
 
 def cmd_train_tokenizer(args) -> int:
+    from .console import interactive
     from .data import load_raw_text
     from .tokenizer import train_tokenizer
 
@@ -263,7 +266,8 @@ def cmd_train_tokenizer(args) -> int:
         raise SystemExit(f"accel-trainer train-tokenizer: {out} exists and is not empty; choose a new --output_dir")
     raw = load_raw_text(_data_args(args))
     texts = (raw[i: i + 1000][args.text_column] for i in range(0, len(raw), 1000))
-    tokenizer = train_tokenizer((t for batch in texts for t in batch), args.vocab_size, num_texts=len(raw))
+    tokenizer = train_tokenizer((t for batch in texts for t in batch), args.vocab_size, num_texts=len(raw),
+                                show_progress=interactive())
     tokenizer.save_pretrained(out)
     sample = "def hello(world):\n    return 42"
     print(f"trained a byte-level BPE of {len(tokenizer):,} ids on {len(raw):,} documents into {out} "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
+import os
 from pathlib import Path
 
 import torch
@@ -11,7 +13,7 @@ from .checkpoint import CheckpointError
 from .checkpoint.lock import lock_run_dir
 from .checkpoint.manager import resolve_on_main
 from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
-from .checkpoint.io import read_json
+from .checkpoint.io import read_json, write_json
 from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import build_datasets, parse_mix
@@ -64,7 +66,7 @@ def block_size_for(config: MoEConfig, args: DataArguments, preset: str, defaults
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
-              "reset_optimizer", "reset_data_position"}
+              "reset_optimizer", "reset_data_position", "bf16", "fp16"}
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
              "validation_split_percentage", "max_corpus_bytes", "seed")
@@ -112,6 +114,25 @@ def resume_policy(model_config, run_config: dict, print_fn=print):
     return check
 
 
+def main_process_first(accelerator, work):
+    """``work()`` on the main process, then on the others (which find its results, e.g. prepared data,
+    on disk). Bad input found by the main process is raised on every process, so each exits with
+    status 2 and the same one line, instead of the others failing in the barrier with a traceback."""
+    from accelerate.utils import broadcast_object_list
+
+    result, error = None, None
+    if accelerator.is_main_process:
+        try:
+            result = work()
+        except (ConfigError, CheckpointError) as err:
+            error = (type(err).__name__, str(err))
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise (CheckpointError if error[0] == "CheckpointError" else ConfigError)(error[1])
+    return result if accelerator.is_main_process else work()
+
+
 def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArguments, accelerator) -> None:
     """--gradient_checkpointing and --torch_compile (each decoder layer compiled on its own)."""
     if args.gradient_checkpointing:
@@ -138,6 +159,7 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
     block_size = block_size_for(config, data_args, model_args.preset, defaults)
     accelerator = build_accelerator(train_args)
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
+    write_exit_status(train_args.output_dir, None, "running")
     try:
         return _run(accelerator, config, block_size, model_args, data_args, train_args)
     finally:
@@ -153,9 +175,8 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG})
         if folder is not None:
             refuse_incompatible(folder, config, run_config)
-    with accelerator.main_process_first():
-        data = build_datasets(data_args, train_args.seed, train_args.output_dir, block_size,
-                              progress=accelerator.is_main_process)
+    data = main_process_first(accelerator, lambda: build_datasets(
+        data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
     model = MoEForCausalLM(config)
     counts = count_parameters(model, config)
     accelerator.print(f"model: preset {model_args.preset}, {counts['total'] / 1e6:.2f}M parameters "
@@ -166,7 +187,7 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
     apply_memory_and_speed_features(model, train_args, accelerator)
     optimizers = build_optimizers(model, OptimizerSettings(
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
-        weight_decay=train_args.weight_decay, adam_beta1=train_args.adam_beta1,
+        weight_decay=train_args.weight_decay, muon_weight_decay=train_args.muon_weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
                       before_resume=resume_policy(config, run_config, accelerator.print),
@@ -179,24 +200,73 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
     return trainer
 
 
-def exit_code_of(job) -> int:
-    """Run ``job``; turn bad input (flags, checkpoints) into one line on stderr and exit status 2,
-    a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
-    non-finite losses into 3 (after its checkpoint of the last good state)."""
+EXIT_STATUS = "exit_status.json"
+# What each exit status means, for the status file (restart scripts decide on the code).
+EXIT_MEANINGS = {0: "finished", 1: "crashed (an unexpected error; see the log)", 2: "bad input (flags, data or "
+                 "checkpoint): fix the command, a retry would fail the same way", 3: "stopped after non-finite "
+                 "losses or gradients (checkpoint of the last good step saved)"}
+
+
+def write_exit_status(output_dir: str | None, code: int | None, reason: str, step: int | None = None) -> None:
+    """``<output_dir>/exit_status.json``: the run's own exit status and reason, for restart scripts
+    behind ``accelerate launch`` (which turns every failure into exit status 1). ``code`` None means
+    running: a file still saying so after the process ended means it was killed (kill -9, OOM killer)."""
+    from accelerate import PartialState
+
+    if not output_dir or not PartialState().is_main_process:
+        return
+    meaning = "running" if code is None else EXIT_MEANINGS.get(code, "stopped by a signal (emergency checkpoint saved)"
+                                                               if code > 128 else "failed")
+    record = {"exit_code": code, "meaning": meaning, "reason": reason, "step": step, "pid": os.getpid(),
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = Path(output_dir) / EXIT_STATUS
+    try:
+        if code is not None and _another_live_run(path):
+            return  # a run refused because another one trains here must not overwrite that one's status
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path.with_name(f".{EXIT_STATUS}.tmp"), record)
+        os.replace(path.with_name(f".{EXIT_STATUS}.tmp"), path)
+    except OSError:
+        pass  # a status file must never be why a run fails
+
+
+def _another_live_run(path: Path) -> bool:
+    try:
+        record = read_json(path)
+        pid = record.get("pid")
+        if record.get("exit_code") is not None or not isinstance(pid, int) or pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+        return True
+    except (CheckpointError, OSError, AttributeError):
+        return False
+
+
+def exit_code_of(job, output_dir: str | None = None) -> int:
+    """Run ``job``; turn bad input (flags, data, checkpoints) into one line on stderr and exit status
+    2, a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
+    non-finite losses into 3 (after its checkpoint of the last good state). The status and its
+    reason also go to ``<output_dir>/exit_status.json``."""
     import sys
 
     from accelerate import PartialState
 
+    step = None
     try:
         trainer = job()
     except (ConfigError, CheckpointError) as err:
         if PartialState().is_main_process:
             print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code, reason = 2, str(err)
+    except BaseException as err:
+        write_exit_status(output_dir, 1, f"{type(err).__name__}: {err}")
+        raise
     else:
         signum = trainer.checkpointer.stop_signal
         code = 3 if trainer.diverged else 128 + int(signum) if trainer.interrupted_by and signum else 0
+        reason, step = trainer.interrupted_by or "finished", trainer.state.global_step
         del trainer
+    write_exit_status(output_dir, code, reason, step)
     _free_process_groups(PartialState())
     return code
 

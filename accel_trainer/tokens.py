@@ -94,6 +94,8 @@ def prepare(dataset, column: str, tokenizer, output_dir: str | Path, source: dic
     """
     from tqdm.auto import tqdm
 
+    from .console import interactive
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / COMPLETE_MANIFEST).is_file():
@@ -104,7 +106,7 @@ def prepare(dataset, column: str, tokenizer, output_dir: str | Path, source: dic
     dtype = np.dtype(plan["dtype"])
     todo = [i for i in range(len(plan["shards"])) if not _shard_done(out, i)]
     began, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=plan["num_documents"], unit="doc", desc=f"tokenising into {out}", disable=not progress,
+    bar = tqdm(total=plan["num_documents"], unit="doc", desc=f"tokenising into {out}", disable=not progress or not interactive(),
                initial=plan["num_documents"] - sum(b - a for i, (a, b) in enumerate(plan["shards"]) if i in todo))
     import multiprocessing
 

@@ -19,6 +19,7 @@ class TrainState:
         nonfinite_steps: steps skipped because the loss or the gradient was not finite.
         ema_loss: exponential moving average of the (all-process mean) training loss; a device
             tensor while training (no host sync per step), a float in ``state_dict()``.
+        schedule_steps: the steps the LR schedule spanned when saved (a resume that changes it says so).
         trackers: what a resumed run needs to continue the same tracker runs: ``run_name`` (the
             TensorBoard folder), ``wandb_run_id``.
     """
@@ -27,6 +28,7 @@ class TrainState:
     tokens_seen: int = 0
     nonfinite_steps: int = 0
     ema_loss: float | torch.Tensor | None = None
+    schedule_steps: int | None = None
     trackers: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:

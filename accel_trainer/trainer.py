@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from contextlib import nullcontext
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
 from .config import ConfigError, TrainingArguments
+from .console import final_report, interactive, progress_line, progress_postfix
 from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
 from .optim import OptimizersContainer, lr_multiplier
@@ -101,13 +102,12 @@ class Trainer:
             handle_signals=True, before_resume=before_resume)
         self.train_loader = self.checkpointer.dataloader
         self.total_steps = self.plan_total_steps()
-        self.lr_schedule = partial(lr_multiplier, kind=args.lr_scheduler_type, warmup_steps=args.warmup_steps,
-                                   min_lr_ratio=args.min_lr_ratio, decay_ratio=args.decay_ratio)
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.throughput = Throughput(world, flops_per_token, peak_tflops(accelerator.device, args.peak_tflops))
         self.router = RouterStats()
         self.interrupted_by: str | None = None
         self.diverged = False
+        self.last_eval: tuple[int, float] | None = None
         self.nonfinite_streak = 0
         # An audit of the data order: every rank appends the blocks each step reads (tests use it).
         log = os.environ.get("ACCEL_TRAINER_BLOCK_LOG")
@@ -142,10 +142,36 @@ class Trainer:
         if self.state.ema_loss is not None:  # the float32 device tensor it was, so the EMA goes on bitwise
             self.state.ema_loss = torch.tensor(self.state.ema_loss, dtype=torch.float32, device=self.accelerator.device)
         self.metrics.truncate_after(step)
+        self.report_schedule_change(step)
         best = self.checkpointer.best
         best = "none yet" if best is None else f"{best['value']:.4f} (step {best['step']})"
         self.accelerator.print(f"continuing at step {step + 1}: epoch {self.train_loader.epoch}, "
                                f"{self.state.tokens_seen:,} tokens seen, best val loss {best}")
+
+    @property
+    def schedule_steps(self) -> int:
+        """Steps the LR schedule spans: --lr_schedule_steps, else the run's total."""
+        return self.args.lr_schedule_steps or self.total_steps
+
+    def lr_factor(self, step: int, schedule_steps: int | None = None) -> float:
+        """The multiplier of every group's peak LR at ``step`` (a pure function of the step)."""
+        steps, a = schedule_steps or self.schedule_steps, self.args
+        return lr_multiplier(step, kind=a.lr_scheduler_type, warmup_steps=a.warmup_for(steps), total_steps=steps,
+                             min_lr_ratio=a.min_lr_ratio, decay_ratio=a.decay_ratio)
+
+    def report_schedule_change(self, step: int) -> None:
+        """Say so when a resume stretches (or shrinks) the LR schedule: the LR then jumps."""
+        saved, now = self.state.schedule_steps, self.schedule_steps
+        self.state.schedule_steps = now
+        if saved is None or saved == now or math.isclose(self.lr_factor(step, saved), self.lr_factor(step, now)):
+            return
+        self.accelerator.print(
+            f"the LR schedule now spans {now} steps instead of the checkpoint's {saved} (--max_steps or "
+            f"--num_train_epochs changed), so the {self.args.lr_scheduler_type} schedule is re-stretched: at step "
+            f"{step + 1} the LR is {self.lr_factor(step, now):.3g} of its peak instead of "
+            f"{self.lr_factor(step, saved):.3g}. To keep the saved schedule pass --lr_schedule_steps {saved} (the "
+            "extra steps train at its final LR); to extend runs freely use --lr_scheduler_type wsd, whose LR stays "
+            "at the peak until the last --decay_ratio of the steps")
 
     def start_trackers(self) -> None:
         """Start Accelerate's trackers; a resumed run continues the runs its checkpoint names.
@@ -154,7 +180,7 @@ class Trainer:
         the interrupted run had logged are replaced, not duplicated; W&B resumes the same run id.
         """
         saved = self.state.trackers
-        run_name = saved.get("run_name") or self.args.run_name or "accel_trainer"
+        run_name = saved.get("run_name") or self.args.tracker_run_name
         if saved.get("run_name") and self.args.run_name and self.args.run_name != saved["run_name"]:
             self.accelerator.print(f"--run_name={self.args.run_name!r}: continuing the checkpoint's tracker run "
                                    f"{saved['run_name']!r} instead")
@@ -184,10 +210,12 @@ class Trainer:
         args, state = self.args, self.state
         self.start_trackers()
         self.print_run_summary()
+        state.schedule_steps = self.schedule_steps
         progress = tqdm(total=self.total_steps, initial=state.global_step, desc="training", dynamic_ncols=True,
-                        disable=args.disable_tqdm or not self.accelerator.is_local_main_process)
+                        disable=args.disable_tqdm or not self.accelerator.is_local_main_process or not interactive())
         self.model.train()
         batches = self.micro_batches()
+        began, tokens_before = time.perf_counter(), state.tokens_seen
         try:
             self.throughput.start(state.global_step, state.tokens_seen)
             while state.global_step < self.total_steps:
@@ -213,7 +241,18 @@ class Trainer:
             self.metrics.close()
             self.accelerator.end_training()
         self.checkpointer.close()  # training ends only once the last checkpoint is on disk
+        self.accelerator.print(self.final_report(time.perf_counter() - began, state.tokens_seen - tokens_before))
         return state
+
+    def final_report(self, seconds: float, tokens_this_run: int) -> str:
+        tensorboard = next((t.logging_dir for t in self.accelerator.trackers if t.name == "tensorboard"), None)
+        ema = self.state.ema_loss
+        return final_report(
+            step=self.state.global_step, total_steps=self.total_steps, stopped_by=self.interrupted_by,
+            seconds=seconds, tokens_seen=self.state.tokens_seen, tokens_this_run=tokens_this_run,
+            ema_loss=None if ema is None else float(ema), last_eval=self.last_eval, best=self.checkpointer.best,
+            latest_step=self.checkpointer.last_saved_step, output_dir=self.args.output_dir,
+            metrics_file=self.metrics.path, tensorboard_dir=tensorboard)
 
     def save(self, reasons: list[str], metrics: dict | None = None, wait: bool = False) -> Path | None:
         """Checkpoint the current step (a collective call); ``metrics`` decide ``best``."""
@@ -297,7 +336,7 @@ class Trainer:
         self._consistent = False
         self._step_tokens = tokens if applied else 0
         if applied:
-            self.optimizers.set_lr(self.lr_schedule(self.state.global_step, total_steps=self.total_steps))
+            self.optimizers.set_lr(self.lr_factor(self.state.global_step))
             self.optimizer.step()  # with fp16, the scaler may skip it (overflow); the LR follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, applied
@@ -321,11 +360,14 @@ class Trainer:
         step, last = state.global_step, state.global_step >= self.total_steps
         progress.update(1)
         metrics, reasons = {}, []
-        if step % args.logging_steps == 0 or last:
+        logging = step % args.logging_steps == 0 or last
+        if logging:
             metrics.update(self.train_metrics(mean_loss, grad_norm))
-            progress.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics.get('lr/adamw', 0):.2e}")
         if args.eval_steps and (step % args.eval_steps == 0 or last):
             metrics["val_loss"] = self.evaluate()
+            self.last_eval = (step, metrics["val_loss"])
+        if logging:
+            self.show_progress(progress, metrics)
         if metrics:
             if "tokens_seen" not in metrics:  # not setdefault: its argument would all-reduce every time
                 metrics["tokens_seen"] = self.sync_tokens()
@@ -340,6 +382,13 @@ class Trainer:
             self.save(reasons, metrics)
 
     # ------------------------------------------------------------------------------------ helpers
+    def show_progress(self, progress, metrics: dict) -> None:
+        """The bar's postfix on a terminal; a plain line per logging step in a log file."""
+        if not progress.disable:
+            progress.set_postfix(progress_postfix(metrics))
+        elif not self.args.disable_tqdm:
+            self.accelerator.print(progress_line(self.state.global_step, self.total_steps, metrics))
+
     def train_metrics(self, mean_loss: torch.Tensor, grad_norm) -> dict:
         """The logging step's metrics: loss, LRs, progress, and the telemetry of the interval since the
         last logging step (throughput, MFU, peak memory, router balance)."""

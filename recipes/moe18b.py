@@ -37,7 +37,8 @@ DEFAULTS = {"tiny": {"block_size": 128}}
 
 def main(argv: list[str] | None = None) -> int:
     model_args, data_args, train_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
-    return exit_code_of(lambda: run(PRESETS, model_args, data_args, train_args, defaults=DEFAULTS))
+    return exit_code_of(lambda: run(PRESETS, model_args, data_args, train_args, defaults=DEFAULTS),
+                        output_dir=train_args.output_dir)
 
 
 if __name__ == "__main__":
