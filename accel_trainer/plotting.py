@@ -7,23 +7,14 @@ from pathlib import Path
 from .metrics import read_metrics
 
 
-def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write a PNG with train/val loss and the LR of every optimizer against step and tokens.
-
-    Args:
-        output_dir: a run's output dir (or its ``metrics.jsonl``).
-        out: the PNG path; default ``<output_dir>/metrics.png``.
-
-    Returns:
-        The PNG's path.
+def metrics_figure(output_dir: str | Path):
+    """A matplotlib ``Figure`` of train/val loss and the LR of every optimizer against step and tokens;
+    nothing is written (a notebook shows it, :func:`plot_metrics` saves it).
 
     Raises:
         ValueError: no metrics.jsonl, or it holds no loss records.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display needed
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend is chosen or changed
 
     output_dir = Path(output_dir)
     source = output_dir if output_dir.suffix == ".jsonl" else output_dir / "metrics.jsonl"
@@ -35,7 +26,8 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
     if not train:
         raise ValueError(f"{source}: no records with a 'loss' to plot")
     lr_keys = sorted({k for r in train for k in r if k.startswith("lr/")})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
+    fig = Figure(figsize=(12, 8), constrained_layout=True)
+    axes = fig.subplots(2, 2)
     for col, (x_key, x_label) in enumerate((("step", "step"), ("tokens_seen", "tokens seen"))):
         ax = axes[0][col]
         ax.plot([r[x_key] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)
@@ -52,7 +44,24 @@ def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set(xlabel=x_label, ylabel="learning rate", title=f"LR per optimizer vs {x_label}")
         if lr_keys:
             ax.legend()
-    out = Path(out) if out else (source.parent / "metrics.png")
+    return fig
+
+
+def plot_metrics(output_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write :func:`metrics_figure` as a PNG.
+
+    Args:
+        output_dir: a run's output dir (or its ``metrics.jsonl``).
+        out: the PNG path; default ``<output_dir>/metrics.png``.
+
+    Returns:
+        The PNG's path.
+
+    Raises:
+        ValueError: no metrics.jsonl, or it holds no loss records.
+    """
+    fig = metrics_figure(output_dir)
+    output_dir = Path(output_dir)
+    out = Path(out) if out else (output_dir.parent if output_dir.suffix == ".jsonl" else output_dir) / "metrics.png"
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out

@@ -97,6 +97,10 @@ prompt = tokenizer("def main(", return_tensors="pt")
 generated = model.generate(**prompt, max_new_tokens=8, do_sample=False)
 assert "accel_trainer" not in sys.modules
 print("generated", repr(tokenizer.decode(generated[0])), model.generation_config.eos_token_id)
+eos = tokenizer.eos_token_id  # made the likeliest token: generation must stop right after it
+stopped = model.generate(**prompt, max_new_tokens=8, do_sample=False, sequence_bias={(eos,): 1e4})
+print("stopped after", stopped.shape[1] - prompt["input_ids"].shape[1], "at", int(stopped[0, -1]) == eos)
+print("byte ids", tokenizer("h\u00e9llo", add_special_tokens=False)["input_ids"] == list("h\u00e9llo".encode()))
 ids = torch.arange(40).reshape(2, 20) % model.config.vocab_size
 print(type(model).__name__, {k: sorted(v) for k, v in info.items() if v})
 torch.save(model(ids).logits.detach(), sys.argv[2])
@@ -114,7 +118,8 @@ def test_export_loads_in_plain_transformers_with_the_same_outputs(run, tmp_path)
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "Qwen2MoeForCausalLM {}"  # nothing missing/unexpected
-    assert "generated 'def main(" in proc.stdout and proc.stdout.split()[-3] == "257"  # the byte tokenizer's EOS
+    assert "generated 'def main(" in proc.stdout and " 257\n" in proc.stdout  # the byte tokenizer's EOS
+    assert "stopped after 1 at True" in proc.stdout and "byte ids True" in proc.stdout
     from accel_trainer import load_model_for_inference
 
     ours, _, _ = load_model_for_inference(run, device="cpu")

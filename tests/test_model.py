@@ -166,3 +166,52 @@ def test_checkpoint_names_and_stacked_expert_shapes_are_unchanged():
         "model.layers.0.mlp.shared_expert.up_proj.weight": (8, 32),
         "model.layers.0.mlp.shared_expert.down_proj.weight": (32, 8), "model.norm.weight": (32,),
         "lm_head.weight": (64, 32)}
+
+
+def _greedy_without_cache(model, ids, n):
+    with torch.no_grad():
+        for _ in range(n):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_generate_with_a_kv_cache_equals_recomputing_everything():
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 64, (2, 7))  # 0 is the pad id: generate would mask it
+    gen = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True)
+    out = gen.sequences
+    with torch.no_grad():  # each step's logits (from the cache) are those of the whole prefix recomputed
+        for i, logits in enumerate(gen.logits):
+            torch.testing.assert_close(logits, model(input_ids=out[:, : 7 + i]).logits[:, -1], rtol=1e-4, atol=1e-5)
+    assert torch.equal(out, _greedy_without_cache(model, ids, 12))
+    # The cache is used: a step after a 7-token prompt sees one new token and 8 cached positions.
+    step = model(input_ids=ids, use_cache=True)
+    cache = step.cache if "cache" in step else step.past_key_values
+    assert cache.get_seq_length() == 7
+    nxt = model(input_ids=out[:, 7:8], cache=cache) if "cache" in step else model(input_ids=out[:, 7:8],
+                                                                                 past_key_values=cache)
+    torch.testing.assert_close(nxt.logits[:, -1], model(input_ids=out[:, :8]).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config()).eval()
+    short, long = torch.randint(1, 64, (1, 4)), torch.randint(1, 64, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    mask = (torch.arange(9) >= torch.tensor([[5], [0]])).long()
+    out = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    for row, prompt in ((0, short), (1, long)):
+        alone = model.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert torch.equal(out[row, -alone.shape[1]:], alone[0]), row
+
+
+def test_generate_stops_at_eos_and_pads_the_finished_rows():
+    torch.manual_seed(0)
+    model = MoEForCausalLM(tiny_config()).eval()
+    ids = torch.randint(1, 60, (1, 5))
+    eos = int(_greedy_without_cache(model, ids, 3)[0, 6])  # the 2nd generated token, taken as EOS
+    out = model.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=63)
+    assert out.shape[1] <= 5 + 2 and int(out[0, -1]) == eos

@@ -6,6 +6,9 @@ Tokens are dispatched by sorting their (token, expert) assignments by expert; ea
 every expert is then one grouped matmul (``F.grouped_mm``) over the sorted rows, with the experts'
 row offsets computed on the device: no host sync in the forward or the backward. Where grouped_mm
 refuses the device or dtype, a loop over experts is used instead (chosen once per device and dtype).
+
+Generation goes through transformers' ``GenerationMixin`` (``model.generate(...)``) with a KV cache
+(``DynamicCache``); training passes neither a cache nor a mask and takes SDPA's causal fast path.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .configuration_moe import MoEConfig
 
 
+# Where outputs carry the KV cache that `generate` passes back: `cache` in recent transformers,
+# `past_key_values` before (recent versions rename the old name with a deprecation warning).
+CACHE_KEY = "cache" if hasattr(ModelOutput, "_replace_old_cache_name") else "past_key_values"
+
+
 @dataclass
 class MoECausalLMOutput(ModelOutput):
     """Forward result: ``loss`` = ``lm_loss`` + ``router_aux_loss_coef`` * ``aux_loss`` when labels are
-    given; ``expert_load`` [layers, experts] counts the token slots routed to each expert (for telemetry)."""
+    given; ``expert_load`` [layers, experts] counts the token slots routed to each expert (for telemetry).
+    With a KV cache, the cache is added under the key this transformers version reads (see forward)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -34,13 +44,29 @@ class MoECausalLMOutput(ModelOutput):
     expert_load: torch.Tensor | None = None
 
 
-def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype,
+                   positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of positions ``0..seq_len-1`` ([seq, head_dim]), or of ``positions`` ([batch, seq] ->
+    [batch, 1, seq, head_dim], one row per sequence: left-padded prompts, decoding after a cache)."""
     # Computed per forward instead of cached in a buffer: it is cheap next to attention, and a
     # non-persistent buffer would be left uninitialised when the model is built on the meta device.
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    if positions is None:
+        angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    else:
+        angles = (positions.to(torch.float32)[..., None] * inv_freq)[:, None]
     emb = torch.cat((angles, angles), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def attention_bias(attention_mask: torch.Tensor, query_len: int, dtype) -> torch.Tensor:
+    """Additive mask [batch, 1, query, key] from a 2D padding mask over all keys (cached + new): a
+    query sees the unpadded keys up to its own position. A padded query row keeps a finite minimum,
+    not -inf, so that SDPA returns numbers there (they are never used) instead of NaN."""
+    key_len = attention_mask.shape[-1]
+    causal = torch.ones(query_len, key_len, dtype=torch.bool, device=attention_mask.device).tril(key_len - query_len)
+    allowed = causal[None, None] & attention_mask[:, None, None, :].bool()
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -49,8 +75,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -59,13 +86,18 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: Cache | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(bsz, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        # Without a mask the queries are the last `seq` of the keys: causal when they are all of them
+        # (training, a prompt), everything when there is one (a decoding step).
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
                                              enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, -1))
 
@@ -201,15 +233,15 @@ class DecoderLayer(GradientCheckpointingLayer):
     """Attention then MoE feed-forward, each pre-normed with a residual; recomputed in the backward
     when activation checkpointing is on (``model.gradient_checkpointing_enable()``)."""
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MoEFeedForward(config)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask, cache=cache)
         mlp_out, aux_loss, load = self.mlp(self.post_attention_layernorm(x))
         return x + mlp_out, aux_loss, load
 
@@ -239,26 +271,47 @@ class MoEModel(MoEPreTrainedModel):
     def __init__(self, config: MoEConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_init()
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the final hidden states, the mean balance loss, and the expert load [layers, experts]."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the final hidden states, the mean balance loss, and the expert load [layers, experts].
+
+        Args:
+            attention_mask: [batch, cached + new tokens], 1 for tokens, 0 for padding (generation).
+            position_ids: [batch, new tokens]; default: from ``attention_mask``, else after the cache.
+            cache: the KV cache, updated in place.
+        """
         x = self.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.head_dim, self.config.rope_theta,
-                                  x.device, x.dtype)
+        seq = input_ids.shape[1]
+        past = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq:]
+        elif position_ids is None and past:
+            position_ids = torch.arange(past, past + seq, device=x.device).expand(x.shape[0], seq)
+        cos, sin = rotary_cos_sin(seq, self.config.head_dim, self.config.rope_theta, x.device, x.dtype, position_ids)
+        mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            mask = attention_bias(attention_mask, seq, x.dtype)
+        elif attention_mask is not None:  # a ready 4D mask (static caches)
+            mask = attention_mask
+        elif past and seq > 1:  # new tokens after a cache: causal with an offset
+            mask = attention_bias(torch.ones(x.shape[0], past + seq, device=x.device), seq, x.dtype)
         aux_total = x.new_zeros((), dtype=torch.float32)
         loads = []
         for layer in self.layers:
-            x, aux_loss, load = layer(x, cos, sin)
+            x, aux_loss, load = layer(x, cos, sin, mask=mask, cache=cache)
             aux_total = aux_total + aux_loss
             loads.append(load)
         return self.norm(x), aux_total / len(self.layers), torch.stack(loads)
 
 
-class MoEForCausalLM(MoEPreTrainedModel):
-    """Causal LM head on :class:`MoEModel`. ``labels`` are the input ids; the shift happens inside."""
+class MoEForCausalLM(MoEPreTrainedModel, GenerationMixin):
+    """Causal LM head on :class:`MoEModel`. ``labels`` are the input ids; the shift happens inside.
+    ``generate()`` is transformers' (greedy, sampling, beam search, stopping at EOS) with a KV cache."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -277,15 +330,28 @@ class MoEForCausalLM(MoEPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> MoECausalLMOutput:
-        hidden, aux_loss, expert_load = self.model(input_ids)
-        logits = self.lm_head(hidden)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                cache: Cache | None = None, past_key_values: Cache | None = None, use_cache: bool | None = None,
+                logits_to_keep: int = 0, **kwargs) -> MoECausalLMOutput:
+        """``cache``/``past_key_values`` (transformers' new and old names) carry the KV cache between
+        calls; ``use_cache=True`` without one starts a fresh cache; ``logits_to_keep=N`` computes the
+        logits of the last N positions only (what generation needs)."""
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        hidden, aux_loss, expert_load = self.model(input_ids, attention_mask=attention_mask,
+                                                   position_ids=position_ids, cache=cache)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = lm_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                       labels[:, 1:].reshape(-1), ignore_index=-100)
             loss = lm_loss + self.config.router_aux_loss_coef * aux_loss
-        return MoECausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss, expert_load=expert_load)
+        out = MoECausalLMOutput(loss=loss, logits=logits, lm_loss=lm_loss, aux_loss=aux_loss, expert_load=expert_load)
+        if cache is not None:  # not a dataclass field: its name depends on the transformers version
+            out[CACHE_KEY] = cache
+        return out
 
 
 def count_parameters(model: nn.Module, config: MoEConfig) -> dict[str, int]:
