@@ -24,6 +24,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import ConfigError  # the one error type for bad input (light: no torch)
+
 
 def _fmt_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -122,14 +124,14 @@ def cmd_verify(args) -> int:
 
     path = Path(args.path)
     if not path.exists():
-        raise SystemExit(f"accel-trainer verify: {path} does not exist")
+        raise ConfigError(f"{path} does not exist")
     if (path / COMPLETE).exists() or STEP_RE.match(path.name):
         folders = [path]
     else:
         root = checkpoints_dir(path) if (path / "checkpoints").is_dir() else path
         folders = [folder for _, folder in step_folders(root)]
         if not folders:
-            raise SystemExit(f"accel-trainer verify: no step-N checkpoints under {root}")
+            raise ConfigError(f"no step-N checkpoints under {root}")
     bad = 0
     for folder in folders:
         problems = verify(folder, checksums=True)
@@ -177,7 +179,7 @@ def cmd_export(args) -> int:
     try:
         ensure_new_folder(out)  # before the (possibly long) load
     except FileExistsError as err:
-        raise SystemExit(f"accel-trainer export: {err}") from None
+        raise ConfigError(str(err)) from None
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     folder = _checkpoint(args.checkpoint)
     quiet_library_bars("transformers")
@@ -203,7 +205,7 @@ def cmd_prune(args) -> int:
 
     root = checkpoints_dir(args.output_dir)
     if not root.is_dir():
-        raise SystemExit(f"accel-trainer prune: {args.output_dir}: no checkpoints/ folder")
+        raise ConfigError(f"{args.output_dir}: no checkpoints/ folder")
     rule = dict(keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
     lock = None if args.dry_run else RunLock.acquire(args.output_dir)  # not while a run writes there
     doomed = plan_retention(root, **rule)
@@ -226,11 +228,11 @@ def cmd_plot(args) -> int:
         from .plotting import plot_metrics
         import matplotlib  # noqa: F401
     except ImportError:
-        raise SystemExit("accel-trainer plot: needs matplotlib; pip install 'accel_trainer[plot]'") from None
+        raise ConfigError("needs matplotlib; pip install 'accel_trainer[plot]'") from None
     try:
         out = plot_metrics(args.output_dir, args.out)
     except ValueError as err:
-        raise SystemExit(f"accel-trainer plot: {err}") from None
+        raise ConfigError(str(err)) from None
     print(f"wrote {out}")
     return 0
 
@@ -263,7 +265,7 @@ def cmd_train_tokenizer(args) -> int:
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
-        raise SystemExit(f"accel-trainer train-tokenizer: {out} exists and is not empty; choose a new --output_dir")
+        raise ConfigError(f"{out} exists and is not empty; choose a new --output_dir")
     raw = load_raw_text(_data_args(args))
     texts = (raw[i: i + 1000][args.text_column] for i in range(0, len(raw), 1000))
     tokenizer = train_tokenizer((t for batch in texts for t in batch), args.vocab_size, num_texts=len(raw),
@@ -312,11 +314,11 @@ def cmd_params(args) -> int:
     if path.is_dir():
         path = path / MODEL_CONFIG
     if not path.is_file():
-        raise SystemExit(f"accel-trainer params: no {MODEL_CONFIG} at {args.config}")
+        raise ConfigError(f"no {MODEL_CONFIG} at {args.config}")
     try:
         config = MoEConfig.from_dict(json.loads(path.read_text()))
     except (ValueError, TypeError) as err:
-        raise SystemExit(f"accel-trainer params: {path}: not a valid model config ({err})")
+        raise ConfigError(f"{path}: not a valid model config ({err})")
     counts = parameter_counts(config)
     print(json.dumps(counts) if args.json else
           f"total {counts['total']:,}  active {counts['active']:,}  routed experts {counts['experts']:,}")
@@ -331,7 +333,7 @@ def load_presets(recipe: str | None) -> dict:
                                                 Path(__file__).resolve().parents[1] / "recipes" / "moe18b.py"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
-        raise SystemExit(f"accel-trainer plan: no recipe at {candidates[0]}; pass --recipe path/to/recipe.py "
+        raise ConfigError(f"no recipe at {candidates[0]}; pass --recipe path/to/recipe.py "
                          "or --config path/to/config.json")
     spec = importlib.util.spec_from_file_location("_recipe", path)
     module = importlib.util.module_from_spec(spec)
@@ -349,7 +351,7 @@ def cmd_plan(args) -> int:
     else:
         presets = load_presets(args.recipe)
         if args.preset not in presets:
-            raise SystemExit(f"accel-trainer plan: --preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
+            raise ConfigError(f"--preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
         config, name = MoEConfig(**presets[args.preset]), f"preset {args.preset}"
     block = args.block_size or config.max_position_embeddings
     options = dict(gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
@@ -442,7 +444,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint.io import CheckpointError
-    from .config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -175,8 +175,10 @@ def test_read_only_verbs_start_without_torch_or_transformers(run):
 
 
 @pytest.mark.parametrize("args", [("inspect", "/nonexistent"), ("list", "/nonexistent"), ("verify", "/nonexistent"),
-                                  ("diff", "/nonexistent", "/nonexistent2"), ("export", "/nonexistent", "/tmp/x")])
+                                  ("diff", "/nonexistent", "/nonexistent2"), ("export", "/nonexistent", "/tmp/x"),
+                                  ("params", "/nonexistent"), ("prune", "/nonexistent", "--keep", "1")])
 def test_bad_paths_are_one_line_and_non_zero(args):
     proc = cli(*args, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"accel-trainer {args[0]}: ")
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -342,3 +342,12 @@ def test_the_hub_probe_answers_from_the_endpoint_it_would_use(monkeypatch):
         server.listen()
         monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
         assert hub_reachable(timeout=1.0) is True
+
+
+def test_accel_trainer_data_commands_report_bad_files_in_one_line(tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes(LATIN1)
+    for verb in ("prepare-data", "train-tokenizer"):
+        code = cli_main([verb, "--data_files", str(tmp_path / "latin1.txt"), "--output_dir", str(tmp_path / verb)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"accel-trainer {verb}: --data_files: ") and "not UTF-8" in err
+        assert len(err.strip().splitlines()) == 1
