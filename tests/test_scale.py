@@ -41,6 +41,22 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_checkpointing_works_in_a_fresh_process_where_the_kernel_probe_runs_inside_a_layer(dtype):
+    """Found on the first GPU run: the grouped-matmul probe ran inside the first checkpointed layer and
+    its saved tensors counted there, so every fresh --gradient_checkpointing run died at step 1."""
+    from accel_trainer.models import modeling_moe
+
+    modeling_moe._GROUPED_MM_WORKS.clear()  # as in a fresh process: the first forward probes the kernel
+    _, checkpointed = model_pair()
+    enable_activation_checkpointing(checkpointed)
+    ids = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        loss = checkpointed(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(p.grad is not None for p in checkpointed.model.layers.parameters())
+
+
 def test_regional_compilation_matches_eager_and_keeps_the_names():
     eager, compiled = model_pair()
     assert compile_decoder_layers(compiled, backend="aot_eager") == 2

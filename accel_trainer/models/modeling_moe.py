@@ -133,11 +133,16 @@ _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``F.grouped_mm`` runs forward and backward on this device type and dtype; tried once
-    per pair, so the kernel is chosen once, not per step."""
+    per pair, so the kernel is chosen once, not per step.
+
+    The first call can come from inside an activation-checkpointed layer's forward: the probe's own
+    saved tensors must not count there, or the recomputation (which skips the probe) saves fewer
+    tensors than the forward did and torch.utils.checkpoint refuses the backward. Identity
+    saved-tensor hooks, innermost, keep the probe out of the checkpoint's bookkeeping."""
     key = (device.type, dtype)
     if key not in _GROUPED_MM_WORKS:
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
                 a = torch.ones(4, 8, device=device, dtype=dtype, requires_grad=True)
                 b = torch.ones(2, 8, 8, device=device, dtype=dtype, requires_grad=True)
                 offsets = torch.tensor([1, 4], device=device, dtype=torch.int32)
