@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks of the open issues in one short script (CI has no GPU; run this where one is):
+#   bash scripts/gpu_check.sh DATA_DIR OUT_DIR
+# DATA_DIR holds tok/ (a 32,768-id BPE from `accel-trainer train-tokenizer`) and stdlib/ (prepared
+# with it by `accel-trainer prepare-data`), so nothing is tokenised or downloaded on the GPU machine.
+# Each step has its own time limit and prints one result line; the summary is OUT_DIR/summary.txt.
+set -u
+DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+PRESET=${PRESET:-4090} STEPS=${STEPS:-150} BLOCK=${BLOCK:-2048}  # smaller for a CPU dry run of this script
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+steps() {  # tokens/s, MFU and peak memory of a run, from its metrics.jsonl (steps after the first log)
+  $PY - "$1" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys, statistics
+rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
+rows = [r for r in rows if r.get("tokens_per_second")][1:]
+def med(key):
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(values) if values else float("nan")
+mem = max((r.get("memory/peak_allocated_gib") or 0) for r in rows) if rows else float("nan")
+print(f"   {sys.argv[1]}: tokens/s {med('tokens_per_second'):,.0f}  step {med('step_time'):.3f} s  "
+      f"MFU {med('mfu'):.3f}  peak alloc {mem:.1f} GiB  last loss {rows[-1]['loss'] if rows else 'n/a'}")
+EOF
+}
+
+log "device: $(nvidia-smi -L | head -1); torch $($PY -c 'import torch; print(torch.__version__)')"
+
+log "GPU tests (fp16 scaler once per step; fp16 scaler state round trip)"
+timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_optim.py tests/test_resume_e2e.py -k fp16 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+
+log "MoE layer at the 18b shape, bf16: grouped vs loop vs dense"
+timeout 90 $PY benchmarks/moe.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --expert 1536 \
+  --experts 64 --top_k 6 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+
+COMMON=(--preset $PRESET --prepared_data "$DATA/stdlib" --mixed_precision bf16 --per_device_train_batch_size 8
+        --block_size $BLOCK --max_steps $STEPS --logging_steps 25 --eval_steps 0 --save_steps 0 --disable_tqdm)
+for variant in eager gradient_checkpointing torch_compile; do
+  flags=(); [ "$variant" != eager ] && flags=(--$variant)
+  log "$PRESET preset, bf16, batch 8 x $BLOCK, $STEPS steps: $variant"
+  timeout 150 $PY recipes/moe18b.py "${COMMON[@]}" "${flags[@]}" --output_dir "$OUT/run_$variant" \
+    >"$OUT/run_$variant.log" 2>&1; echo "   exit $?" | tee -a "$OUT/summary.txt"
+  steps "$OUT/run_$variant"
+done
+
+log "Accelerate FSDP2 path, one process: save every 20 steps, kill -9 after step-40, resume"
+F=(--preset $PRESET --prepared_data "$DATA/stdlib" --per_device_train_batch_size 4 --block_size 512
+   --logging_steps 1 --eval_steps 0 --save_steps 20 --lr_schedule_steps 100 --disable_tqdm --output_dir "$OUT/fsdp")
+LAUNCH=($PY -m accelerate.commands.launch --config_file accelerate_configs/container_multigpu.yaml
+        --num_processes 1 recipes/moe18b.py)
+setsid "${LAUNCH[@]}" "${F[@]}" --max_steps 100 >"$OUT/fsdp_first.log" 2>&1 &
+pid=$!
+for _ in $(seq 240); do
+  # killed a few steps after step-40 was saved, so the resumed run repeats steps the first one logged
+  grep -qs "step-40" "$OUT/fsdp/checkpoints/latest" && [ "$(wc -l <"$OUT/fsdp/metrics.jsonl")" -ge 45 ] && break
+  sleep 0.5
+done
+# torchrun starts the worker in a session of its own: kill every process of this run, as a node loss would.
+pkill -9 -f -- "--output_dir $OUT/fsdp"; wait $pid 2>/dev/null; sleep 1
+echo "   killed; latest -> $(cat "$OUT/fsdp/checkpoints/latest" 2>/dev/null)" | tee -a "$OUT/summary.txt"
+cp "$OUT/fsdp/metrics.jsonl" "$OUT/fsdp_killed_metrics.jsonl" 2>/dev/null
+timeout 120 "${LAUNCH[@]}" "${F[@]}" --max_steps 60 --resume_from_checkpoint latest >"$OUT/fsdp_resume.log" 2>&1
+echo "   resume exit $?; $(grep -m1 -i "resum" "$OUT/fsdp_resume.log")" | tee -a "$OUT/summary.txt"
+$PY - "$OUT" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, sys
+read = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r}
+killed, resumed = read(sys.argv[1] + "/fsdp_killed_metrics.jsonl"), read(sys.argv[1] + "/fsdp/metrics.jsonl")
+both = sorted(s for s in killed if s > 40 and s in resumed)
+diff = max((abs(killed[s] - resumed[s]) for s in both), default=float("nan"))
+print(f"   steps run twice (killed run, resumed run): {both[:1]}..{both[-1:]} max |loss diff| {diff:.2e}; "
+      f"resumed run reached step {max(resumed, default=0)}")
+EOF
+$PY -m accel_trainer.cli verify "$OUT/fsdp" 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+rm -rf "$OUT"/*/checkpoints "$OUT"/run_*/runs  # keep logs and metrics only (what comes back is capped)
