@@ -95,7 +95,8 @@ class TrainingArguments:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
-    mixed_precision: str = field(default="no", metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU)."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU). Default: what `accelerate launch` was configured with (e.g. accelerate_configs/*.yaml), else no."})
+    full_determinism: bool = field(default=False, metadata={"help": "Deterministic kernels (the HF Trainer's flag: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): bit-exact runs and resumes on GPU, somewhat slower. CPU runs are deterministic without it."})
     bf16: bool = field(default=False, metadata={"help": "Same as --mixed_precision bf16 (the HF Trainer's flag)."})
     fp16: bool = field(default=False, metadata={"help": "Same as --mixed_precision fp16 (the HF Trainer's flag)."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward instead of keeping its activations (less memory, ~1/3 more compute)."})
@@ -145,7 +146,7 @@ class TrainingArguments:
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         problems += self._aliases()
-        if self.mixed_precision not in MIXED_PRECISION:
+        if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         if self.lr_scheduler_type not in SCHEDULES:
             problems.append(f"--lr_scheduler_type={self.lr_scheduler_type!r}: choose one of {', '.join(SCHEDULES)} "
@@ -182,7 +183,7 @@ class TrainingArguments:
         wanted = [name for name in ("bf16", "fp16") if getattr(self, name)]
         if len(wanted) == 2:
             return ["--bf16 and --fp16: give one"]
-        if wanted and self.mixed_precision not in ("no", wanted[0]):
+        if wanted and self.mixed_precision not in (None, wanted[0]):
             return [f"--{wanted[0]} and --mixed_precision={self.mixed_precision}: they disagree; give one"]
         if wanted:
             self.mixed_precision = wanted[0]

@@ -139,7 +139,7 @@ def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArgumen
         enable_activation_checkpointing(model)
     if args.torch_compile:
         # The experts' kernel is chosen eagerly, before tracing (see MoEFeedForward.experts_kernel).
-        grouped_mm_works(accelerator.device, torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32)
+        grouped_mm_works(accelerator.device, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
         n = compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         accelerator.print(f"--torch_compile: {n} decoder layers compiled one by one ({args.torch_compile_backend}); "
                           "the first steps include the compilation")

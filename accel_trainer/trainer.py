@@ -39,15 +39,25 @@ FLAG_HYPERPARAMETERS = ("initial_lr", "weight_decay", "momentum", "nesterov", "n
 def build_accelerator(args: TrainingArguments) -> Accelerator:
     """An Accelerator for these arguments, seeded; call before building the model so init matches on all ranks.
 
+    ``args.mixed_precision`` None takes the launcher's setting (``accelerate launch`` exports the
+    config file's ``mixed_precision``); it is then set to the precision the run uses, so that the
+    saved run config and the resume diff record what ran.
+
     Raises:
         ConfigError: ``--mixed_precision=fp16`` without a CUDA device.
     """
-    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+    precision = args.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("--mixed_precision=fp16 needs a CUDA GPU (the grad scaler is GPU-only here); "
                           "use --mixed_precision bf16 or no on CPU")
     trackers = {"none": None, "all": "all"}.get(args.report_to, [args.report_to])
+    if args.full_determinism:  # before the first CUDA kernel: cuBLAS reads its workspace setting once
+        from transformers.trainer_utils import enable_full_determinism
+
+        enable_full_determinism(args.seed)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers,
                               project_dir=args.output_dir, step_scheduler_with_optimizer=False)
+    args.mixed_precision = str(accelerator.mixed_precision)
     set_seed(args.seed)
     return accelerator
 

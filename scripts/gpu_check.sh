@@ -8,6 +8,7 @@ set -u
 DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
+STAGES=${STAGES:-"tests moe runs fsdp"}  # a subset reruns part of it
 PRESET=${PRESET:-4090} STEPS=${STEPS:-150} BLOCK=${BLOCK:-2048}  # smaller for a CPU dry run of this script
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 steps() {  # tokens/s, MFU and peak memory of a run, from its metrics.jsonl (steps after the first log)
@@ -26,16 +27,23 @@ EOF
 
 log "device: $(nvidia-smi -L | head -1); torch $($PY -c 'import torch; print(torch.__version__)')"
 
-log "GPU tests (fp16 scaler once per step; fp16 scaler state round trip)"
-timeout 120 $PY -m pytest -q -x -p no:cacheprovider tests/test_optim.py tests/test_resume_e2e.py -k fp16 2>&1 | tail -3 | tee -a "$OUT/summary.txt"
+stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
+if stage tests; then
+log "GPU tests: fp16 scaler once per step; bit-exact resume with --full_determinism (fp16, bf16)"
+timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_optim.py tests/test_resume_e2e.py \
+  -k "fp16 or gpu" 2>&1 | tail -25 | tee -a "$OUT/summary.txt"
+fi
+
+if stage moe; then
 log "MoE layer at the 18b shape, bf16: grouped vs loop vs dense"
 timeout 90 $PY benchmarks/moe.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --expert 1536 \
   --experts 64 --top_k 6 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+fi
 
 COMMON=(--preset $PRESET --prepared_data "$DATA/stdlib" --mixed_precision bf16 --per_device_train_batch_size 8
         --block_size $BLOCK --max_steps $STEPS --logging_steps 25 --eval_steps 0 --save_steps 0 --disable_tqdm)
-for variant in eager gradient_checkpointing torch_compile; do
+stage runs && for variant in eager gradient_checkpointing torch_compile; do
   flags=(); [ "$variant" != eager ] && flags=(--$variant)
   log "$PRESET preset, bf16, batch 8 x $BLOCK, $STEPS steps: $variant"
   timeout 150 $PY recipes/moe18b.py "${COMMON[@]}" "${flags[@]}" --output_dir "$OUT/run_$variant" \
@@ -43,9 +51,10 @@ for variant in eager gradient_checkpointing torch_compile; do
   steps "$OUT/run_$variant"
 done
 
-log "Accelerate FSDP2 path, one process: save every 20 steps, kill -9 after step-40, resume"
+stage fsdp || exit 0
+log "Accelerate FSDP2 path (bf16 from the config file), one process, --full_determinism: save every 20 steps, kill -9 after step-40, resume"
 F=(--preset $PRESET --prepared_data "$DATA/stdlib" --per_device_train_batch_size 4 --block_size 512
-   --logging_steps 1 --eval_steps 0 --save_steps 20 --lr_schedule_steps 100 --disable_tqdm --output_dir "$OUT/fsdp")
+   --logging_steps 1 --eval_steps 0 --save_steps 20 --lr_schedule_steps 100 --full_determinism --disable_tqdm --output_dir "$OUT/fsdp")
 LAUNCH=($PY -m accelerate.commands.launch --config_file accelerate_configs/container_multigpu.yaml
         --num_processes 1 recipes/moe18b.py)
 setsid "${LAUNCH[@]}" "${F[@]}" --max_steps 100 >"$OUT/fsdp_first.log" 2>&1 &
@@ -60,7 +69,7 @@ pkill -9 -f -- "--output_dir $OUT/fsdp"; wait $pid 2>/dev/null; sleep 1
 echo "   killed; latest -> $(cat "$OUT/fsdp/checkpoints/latest" 2>/dev/null)" | tee -a "$OUT/summary.txt"
 cp "$OUT/fsdp/metrics.jsonl" "$OUT/fsdp_killed_metrics.jsonl" 2>/dev/null
 timeout 120 "${LAUNCH[@]}" "${F[@]}" --max_steps 60 --resume_from_checkpoint latest >"$OUT/fsdp_resume.log" 2>&1
-echo "   resume exit $?; $(grep -m1 -i "resum" "$OUT/fsdp_resume.log")" | tee -a "$OUT/summary.txt"
+echo "   resume exit $?; $(grep -m1 "^accel_trainer:" "$OUT/fsdp_resume.log")" | tee -a "$OUT/summary.txt"
 $PY - "$OUT" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 read = lambda p: {r["step"]: r["loss"] for r in map(json.loads, open(p)) if "loss" in r}

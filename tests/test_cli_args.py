@@ -139,3 +139,27 @@ def test_weight_decay_is_adamws_on_matrices_and_muon_has_its_own():
     assert {g["weight_decay"] for g in opts["muon"].param_groups} == {0.01}
     no_decay = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3)).optimizers
     assert len(no_decay["adamw"].param_groups) == 1  # the layout older checkpoints have
+
+
+@pytest.mark.parametrize("flag, env, expected", [(None, "bf16", "bf16"), ("no", "bf16", "no"), (None, None, "no")])
+def test_mixed_precision_follows_the_accelerate_config_unless_the_flag_is_given(tmp_path, monkeypatch, flag, env,
+                                                                                expected):
+    """`accelerate launch --config_file accelerate_configs/<env>.yaml` exports the file's mixed_precision;
+    a flag default of "no" used to override it (found on the first GPU run: the FSDP config's bf16
+    trained in fp32). The effective value is written back, so run_config records what ran."""
+    from accelerate.state import AcceleratorState
+
+    from accel_trainer.config import TrainingArguments
+    from accel_trainer.trainer import build_accelerator
+
+    if env is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", mixed_precision=flag)
+    AcceleratorState._reset_state(True)
+    try:
+        accelerator = build_accelerator(args)
+        assert (str(accelerator.mixed_precision), args.mixed_precision) == (expected, expected)
+    finally:
+        AcceleratorState._reset_state(True)
