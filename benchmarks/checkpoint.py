@@ -6,6 +6,9 @@
 Prints a table and the ratios the project targets:
   durable sync save  >= 0.9 x raw write+fsync, and faster than save_state + os.sync()
   async save         training blocked <= 0.1 s per GiB of state
+  sharded (FSDP2, 2 CPU ranks under torchrun): training blocked per GiB, async vs sync, next to
+                     the non-sharded async save (sharded async <= 0.1 s per GiB; its staging copy
+                     goes to pinned memory on a GPU)
   cold resume/load   >= 1.5 GB/s; peak extra RSS <= state size + largest tensor
 """
 
@@ -28,13 +31,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 
-def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
-    """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
-    from accel_trainer.config import DataArguments, TrainingArguments
-    from accel_trainer.data import build_datasets
-    from accel_trainer.models import MoEConfig, MoEForCausalLM
-    from accel_trainer.optim import OptimizerSettings, build_optimizers
-    from accel_trainer.trainer import Trainer, build_accelerator
+def model_config(size_gb: float):
+    """An MoE config whose weights + Muon/AdamW state take about ``size_gb`` GiB."""
+    from accel_trainer.models import MoEConfig
 
     # Small sizes (smoke runs) shrink the whole model, not only its depth.
     hidden, vocab, experts, inter = (1024, 16384, 8, 1024) if size_gb >= 0.5 else (256, 2048, 4, 256)
@@ -44,6 +43,18 @@ def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
     config = MoEConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
                        num_key_value_heads=4, moe_intermediate_size=inter, num_experts=experts,
                        num_experts_per_tok=2, shared_expert_intermediate_size=0)
+    return config
+
+
+def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
+    """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
+    from accel_trainer.config import DataArguments, TrainingArguments
+    from accel_trainer.data import build_datasets
+    from accel_trainer.models import MoEForCausalLM
+    from accel_trainer.optim import OptimizerSettings, build_optimizers
+    from accel_trainer.trainer import Trainer, build_accelerator
+
+    config = model_config(size_gb)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
                              report_to="none", disable_tqdm=True, eval_steps=0, async_save=async_save,
                              warmup_steps=0)
@@ -149,7 +160,7 @@ def measure_saves(trainer, work: Path, repeats: int) -> dict:
 
     def ours(r):
         trainer.state.global_step = 100 + r
-        results["ours sync (durable)"].append(timed(lambda: trainer.checkpointer.save(["periodic"])))
+        results["ours sync (durable)"].append(timed(lambda: trainer.save(["periodic"])))
 
     methods = [raw, plain, torch_save, ours]
     for r in range(repeats):
@@ -167,7 +178,7 @@ def measure_async(size_gb: float, work: Path, repeats: int) -> dict:
     for r in range(repeats + 1):  # the first save touches fresh staging buffers; report the reused ones
         trainer.state.global_step = 200 + r
         start = time.perf_counter()
-        trainer.checkpointer.save(["periodic"])
+        trainer.save(["periodic"])
         t_blocked = time.perf_counter() - start
         trainer.checkpointer.wait()
         t_complete = time.perf_counter() - start
@@ -177,6 +188,67 @@ def measure_async(size_gb: float, work: Path, repeats: int) -> dict:
         os.sync()
     trainer.checkpointer.close()
     return {"ours async: training blocked": blocked, "ours async: until complete on disk": complete}
+
+
+def sharded_child(size_gb: float, work: Path, repeats: int) -> None:
+    """Under torchrun: an FSDP2-sharded model (fully_shard) with Muon/AdamW state, saved through the
+    Checkpointer synchronously and asynchronously; rank 0 prints the medians as JSON."""
+    import torch.distributed as dist
+    from accelerate import Accelerator
+    from torch.distributed.fsdp import fully_shard
+
+    from accel_trainer.checkpoint import Checkpointer
+    from accel_trainer.models import MoEForCausalLM
+    from accel_trainer.optim import OptimizerSettings, build_optimizers
+
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = MoEForCausalLM(model_config(size_gb))
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    optimizers = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizers.step()
+    local = sum(t.to_local().numel() * t.element_size() for t in
+                [*model.state_dict().values(), *(v for s in optimizers.state_dict()["state"].values()
+                                                 for v in s.values() if torch.is_tensor(v) and v.dim())]
+                if hasattr(t, "to_local"))
+    total = torch.tensor([local])
+    dist.all_reduce(total)
+    out = {"state_bytes": int(total.item())}
+    for mode in ("sync", "async"):
+        ckpt = Checkpointer(accelerator, work / f"sharded_{mode}", model=model, optimizer=optimizers.optimizers,
+                            async_save=mode == "async", lock=False)
+        blocked, complete = [], []
+        for r in range(repeats + 1):  # the first async save allocates its staging buffers
+            dist.barrier()
+            start = time.perf_counter()
+            ckpt.save(300 + r)
+            t_blocked = time.perf_counter() - start
+            ckpt.wait()
+            t_complete = time.perf_counter() - start
+            if r > 0:
+                blocked.append(t_blocked)
+                complete.append(t_complete)
+        ckpt.close()
+        out[mode] = {"blocked": statistics.median(blocked), "complete": statistics.median(complete)}
+    if dist.get_rank() == 0:
+        print("SHARDED " + json.dumps(out), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_sharded(size_gb: float, work: Path, repeats: int, ranks: int = 2) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
+                           "--master_port", str(29400 + os.getpid() % 1000), __file__, "--_sharded",
+                           "--size_gb", str(size_gb), "--repeats", str(repeats), "--dir", str(work)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    found = [line for line in proc.stdout.splitlines() if line.startswith("SHARDED ")]
+    if proc.returncode or not found:
+        raise SystemExit(f"sharded benchmark failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}")
+    return json.loads(found[0][len("SHARDED "):])
 
 
 def child_load(kind: str, path: str, size_gb: float, work: str) -> None:
@@ -218,7 +290,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per method (the median is reported)")
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--_sharded", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args._sharded:
+        sharded_child(args.size_gb, Path(args.dir), args.repeats)
+        return
     if args._child:
         child_load(args._child[0], args._child[1], args.size_gb, args.dir)
         return
@@ -231,6 +307,7 @@ def main() -> None:
               f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.0f}M parameters")
         results = measure_saves(trainer, work, args.repeats)
         results.update(measure_async(args.size_gb, work, args.repeats))
+        sharded = measure_sharded(args.size_gb, work, args.repeats)
         latest = trainer.checkpointer.root / (trainer.checkpointer.root / "latest").read_text().strip()
         ckpt_bytes = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
         cold_read = measure_load("read", latest, args.size_gb, work)
@@ -248,6 +325,11 @@ def main() -> None:
         print(f"{'load_model_for_inference (cold)':<40}{inference['seconds']:>10.3f}"
               f"{model_bytes / inference['seconds'] / 1e9:>8.2f}")
 
+        sharded_gib = sharded["state_bytes"] / 2**30
+        print(f"\nsharded (FSDP2, 2 CPU ranks, {sharded_gib:.2f} GiB of state in all){'blocked s':>12}{'complete s':>12}")
+        for mode in ("sync", "async"):
+            print(f"{'ours sharded ' + mode:<53}{sharded[mode]['blocked']:>10.3f}{sharded[mode]['complete']:>12.3f}")
+
         raw = med["raw write+fsync"]
         blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
         rows = [
@@ -256,6 +338,9 @@ def main() -> None:
              / med["ours sync (durable)"], "> 1.00"),
             ("ours sync vs torch.save + fsync (speed-up)", med["torch.save + fsync"] / med["ours sync (durable)"], ""),
             ("async: training blocked, s per GiB", blocked_per_gib, "<= 0.10"),
+            ("sharded sync: training blocked, s per GiB", sharded["sync"]["blocked"] / sharded_gib, ""),
+            ("sharded async: training blocked, s per GiB", sharded["async"]["blocked"] / sharded_gib, "<= 0.10"),
+            ("sharded: blocked sync / async (speed-up)", sharded["sync"]["blocked"] / sharded["async"]["blocked"], ""),
             ("resume cold, GB/s", ckpt_bytes / resume["seconds"] / 1e9, ">= 1.5"),
             ("resume cold vs raw cold read (bandwidth)", cold_read["seconds"] / resume["seconds"], ""),
             ("resume peak RSS growth / (state + largest)", resume["rss_growth_bytes"] / (total + largest), "<= 1.00"),

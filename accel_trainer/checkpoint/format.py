@@ -42,6 +42,8 @@ RUN_CONFIG = "run_config.json"
 SCALER = "scaler.pt"
 RNG_PREFIX = "random_states_"
 FSDP_MODEL_DIR = "pytorch_model_fsdp_0"
+# Ours for a DTensor-sharded (FSDP2) model: model + named optimizers, one DCP file per rank.
+SHARDED_DIR = "sharded"
 FSDP_OPTIMIZER_PREFIX = "optimizer_"
 # Version 1 only (our own RNG copy, next to Accelerate's).
 LEGACY_RNG_PREFIX = "rng_state_"
@@ -91,6 +93,10 @@ def role_of(name: str) -> str:
         return "RNG of one rank (python, numpy, torch, cuda), written by Accelerate"
     if name.startswith(LEGACY_RNG_PREFIX):
         return "RNG of one rank (format 1)"
+    if name == f"{SHARDED_DIR}/.metadata":
+        return "index of the sharded model and optimizer state (torch.distributed.checkpoint)"
+    if name.startswith(f"{SHARDED_DIR}/"):
+        return "one rank's shards of the model and optimizer state (torch.distributed.checkpoint)"
     if name.startswith(FSDP_MODEL_DIR.rsplit("_", 1)[0]):
         return "model shard (FSDP sharded state dict, torch.distributed.checkpoint)"
     if name.startswith(FSDP_OPTIMIZER_PREFIX):

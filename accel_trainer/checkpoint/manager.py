@@ -47,6 +47,7 @@ from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_da
 from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
+from .sharded import SHARDED_DIR, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
 from .weights import load_weights_in_place, normalize_key, normalize_state_dict
 
@@ -94,7 +95,8 @@ class Checkpointer:
         save_total_limit: keep this many most recent checkpoints (plus ``latest`` and ``best``).
         keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
         best_metric: the ``save(metrics=...)`` key that decides ``best``; ``greater_is_better`` its direction.
-        async_save: write the big tensor files in a background thread (non-sharded runs).
+        async_save: write the big tensor files in a background thread; for a sharded (FSDP2) model
+            each rank stages its shards and writes them in the background (see :mod:`sharded`).
         save_strict: a save that does not fit or fails raises :class:`CheckpointError`; by default it
             is skipped with a warning and training goes on (the checkpoints already there stay intact).
         handle_signals: turn SIGTERM/SIGINT/SIGUSR1 into :meth:`stop_requested` (see there).
@@ -133,8 +135,11 @@ class Checkpointer:
         self.best: dict | None = None  # {"metric", "value", "step"} of the best checkpoint saved
         self.last_saved_step: int | None = None
         self.before_resume = before_resume
-        self.owns_tensors = getattr(accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
-        self.async_save = async_save and self.owns_tensors
+        # A DTensor-sharded model (FSDP2) and its optimizers go through DCP by name (:mod:`sharded`);
+        # other engine-managed states (DeepSpeed, FSDP1) stay with Accelerate, saved synchronously.
+        self.sharded = is_sharded(accelerator.unwrap_model(model))
+        self.owns_tensors = not self.sharded and getattr(accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
+        self.async_save = async_save and (self.owns_tensors or self.sharded)
         self.save_strict = save_strict
         self._sequence: int | None = None
         self._staging = StagingBuffers()
@@ -143,6 +148,7 @@ class Checkpointer:
         self._model_loaded = self._hook_took_model = False
         self._model_tensors: dict[str, torch.Tensor] | None = None
         self._lock = lock_run_dir(accelerator, output_dir) if lock else None  # after every check that may raise
+        self._shards = ShardedState(accelerator.unwrap_model(model), self.optimizers) if self.sharded else None
         self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
         if self._stop is not None:
             self._stop.install()
@@ -201,7 +207,15 @@ class Checkpointer:
                   "best": best or self.best, "sequence": self._next_sequence()}
         background = self.async_save and not wait
         notes = []
-        if acc.is_main_process:
+        if self.sharded:  # every rank takes part in the commit (it reports its files to rank 0)
+            if background:
+                self._pending = (self._executor.submit(self._finish_sharded, tmp, final, record, big), tmp, self.best)
+            else:
+                try:
+                    notes = self._finish_sharded(tmp, final, record, big)
+                except Exception as err:
+                    problem = not_saved(step, err, tmp)
+        elif acc.is_main_process:
             if background:
                 self._pending = (self._executor.submit(self._finish, tmp, final, record, big), tmp, self.best)
             else:
@@ -236,7 +250,7 @@ class Checkpointer:
         big = {}
         self._model_tensors, self._hook_took_model = None, False
         try:
-            with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors):
+            with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors or self.sharded):
                 acc.save_state(str(tmp), safe_serialization=True)
             if acc.is_main_process:
                 if self.owns_tensors and not self._hook_took_model:  # a model Accelerate did not prepare
@@ -248,6 +262,8 @@ class Checkpointer:
                     big = {MODEL_WEIGHTS: self._model_tensors, OPTIMIZER_TENSORS: opt_tensors}
                     if stage:
                         big = {name: self._staging.stage(name, t) for name, t in big.items()}
+            if self.sharded:  # every rank: its shards now (sync), or staged and written in the background
+                big = {SHARDED_DIR: self._shards.save(tmp / SHARDED_DIR, background=stage)}
         finally:
             self._model_tensors = None
         # Each rank makes its own file durable (on node-local disks this is the only fsync it gets).
@@ -283,11 +299,42 @@ class Checkpointer:
             digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
             fsync_tree(tmp)
             digests = digests.result()
+        return self._commit(tmp, final, record, digests)
+
+    def _commit(self, tmp: Path, final: Path, record: dict, digests: dict) -> list[str]:
+        """Main process, every file durable in ``tmp``: manifest, marker, rename, pointers, retention."""
         manifest = write_manifest(tmp, accelerator=self.accelerator, known=digests, **record)
         write_complete_marker(tmp, manifest)
         fsync_dir(tmp)
         replaced = self._rename_into_place(tmp, final)
         return self._after_commit(final, record, replaced)
+
+    def _finish_sharded(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
+        """Every rank (maybe in its background thread): wait for its shards, hash them, report to
+        rank 0, which commits only when every rank's files are written; all learn the outcome."""
+        problem, digests = None, {}
+        try:
+            if big.get(SHARDED_DIR) is not None:
+                big[SHARDED_DIR].result()  # this rank's files (fsynced by DCP's writer) and the metadata
+            digests = self._shards.own_digests(tmp / SHARDED_DIR)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        reports = self._shards.gather((problem, digests))
+        outcome = None
+        if reports is not None:  # rank 0
+            failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p]
+            if failed:
+                outcome = ("error", "; ".join(failed)[:2000])
+            else:
+                try:
+                    fsync_tree(tmp)
+                    outcome = ("ok", self._commit(tmp, final, record, {k: v for _, d in reports for k, v in d.items()}))
+                except Exception as err:
+                    outcome = ("error", f"{type(err).__name__}: {err}")
+        outcome = self._shards.broadcast(outcome)
+        if outcome[0] == "error":
+            raise CheckpointError(outcome[1])
+        return outcome[1] if self.accelerator.is_main_process else []
 
     def _rename_into_place(self, tmp: Path, final: Path) -> Path | None:
         """The commit point: ``tmp`` becomes ``final``. The same step saved again (an emergency save
@@ -398,6 +445,8 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
+            if self._shards is not None:
+                self._shards.close()
             if self._stop is not None:
                 self._stop.uninstall()
             for handle in self._hooks:
@@ -429,11 +478,12 @@ class Checkpointer:
         Accelerate saves and loads every prepared optimizer, scheduler and dataloader by position
         (``optimizer.bin``, ``scheduler.bin``, ...) and has no public switch to leave some out, so
         for this call its private lists hold only what we do not save ourselves. Under FSDP the
-        sharded optimizer stays with Accelerate. Pinned by
+        sharded optimizer stays with Accelerate (FSDP1), and a DTensor-sharded model (FSDP2) is ours
+        too: its model and optimizers are hidden and go through :mod:`sharded`. Pinned by
         ``tests/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
         """
         acc = self.accelerator
-        saved = acc._optimizers, acc._schedulers, acc._dataloaders
+        saved = acc._optimizers, acc._schedulers, acc._dataloaders, acc._models
         ours_params = {id(p) for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]}
         ours_schedulers = {id(s) for s in self.schedulers.values()}
         try:
@@ -443,9 +493,12 @@ class Checkpointer:
             acc._schedulers = [s for s in saved[1]
                                if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
             acc._dataloaders = [d for d in saved[2] if d is not self._raw_loader]
+            if self.sharded:
+                ours = acc.unwrap_model(self.model)
+                acc._models = [m for m in saved[3] if acc.unwrap_model(m) is not ours]
             yield
         finally:
-            acc._optimizers, acc._schedulers, acc._dataloaders = saved
+            acc._optimizers, acc._schedulers, acc._dataloaders, acc._models = saved
 
     def _model_index(self, models: list) -> int | None:
         """Where our model is among Accelerate's (given wrapped or not)."""
@@ -502,11 +555,20 @@ class Checkpointer:
         if unknown:
             raise ValueError(f"resume(exclude=...): {sorted(unknown)} name no part; use {list(PARTS)} or an extra name")
         self._model_loaded = False
-        with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors or "optimizer" in exclude):
+        sharded_folder = (folder / SHARDED_DIR / ".metadata").is_file()
+        if self.sharded and not sharded_folder:
+            raise CheckpointError(f"{folder}: saved by a run whose model was not sharded; this sharded (FSDP2) run "
+                                  "resumes sharded checkpoints only. Start from its weights with --init_from "
+                                  f"{folder} (the optimizer starts fresh)")
+        with self._accelerate_skips_what_we_save(
+                hide_optimizers=self.owns_tensors or self.sharded or "optimizer" in exclude):
             acc.load_state(str(folder))
-        if self.owns_tensors and not self._model_loaded:  # a model Accelerate did not prepare
+        if sharded_folder:  # any world size, sharded or not: DCP reshards (or gathers) by name
+            shards = self._shards or ShardedState(acc.unwrap_model(self.model), self.optimizers)
+            shards.load(folder / SHARDED_DIR, optimizers=bool(self.optimizers) and "optimizer" not in exclude)
+        elif self.owns_tensors and not self._model_loaded:  # a model Accelerate did not prepare
             load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(self.model))
-        if self.owns_tensors and self.optimizers and "optimizer" not in exclude:
+        if self.owns_tensors and not sharded_folder and self.optimizers and "optimizer" not in exclude:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
             optimizer_files.load_into(folder, self.optimizers, self._parameter_names(), device)
         if self.schedulers and "scheduler" not in exclude:
@@ -541,8 +603,10 @@ class Checkpointer:
                 check_dcp_metadata_is_data(path)
         i = self._model_index(models)
         if self.owns_tensors and i is not None:
-            load_weights_in_place(Path(input_dir) / MODEL_WEIGHTS, self.accelerator.unwrap_model(models.pop(i)))
-            self._model_loaded = True
+            model = self.accelerator.unwrap_model(models.pop(i))
+            if not (Path(input_dir) / SHARDED_DIR).is_dir():  # else resume() loads it from the shards
+                load_weights_in_place(Path(input_dir) / MODEL_WEIGHTS, model)
+                self._model_loaded = True
 
     def _restore_rng(self, folder: Path, step: int) -> None:
         acc = self.accelerator

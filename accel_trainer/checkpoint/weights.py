@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .format import FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS
+from .format import FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS, SHARDED_DIR
 from .io import CheckpointError, check_dcp_metadata_is_data, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
 
 def _dcp_dir(folder: Path) -> Path | None:
     """The torch.distributed.checkpoint folder of a checkpoint, if it has one."""
-    for candidate in (folder / FSDP_MODEL_DIR, folder):
+    for candidate in (folder / SHARDED_DIR, folder / FSDP_MODEL_DIR, folder):
         if (candidate / ".metadata").is_file():
             return candidate
     return None
