@@ -46,15 +46,48 @@ def _checkpoint(path: str, checksums=False) -> Path:
     return found
 
 
+def _storage_options(args) -> dict:
+    from .checkpoint.remote import parse_storage_options
+
+    return parse_storage_options(getattr(args, "storage_options", None))
+
+
+def _list_remote(args) -> int:
+    from .checkpoint.format import COMPLETE
+    from .checkpoint.remote import RemoteTier
+
+    tier = RemoteTier(args.output_dir, _storage_options(args))
+    listing = tier.listing()
+    pointers = {p: tier.read_pointer(p) for p in ("latest", "best")}
+    rows = []
+    for name in sorted(listing, key=lambda n: int(n.split("-")[1])):
+        manifest = {}
+        if COMPLETE in listing[name]:
+            try:
+                manifest = json.loads(tier.cat(name, "manifest.json"))
+            except Exception:  # shown as not valid below
+                manifest = {}
+        rows.append({"name": name, "epoch": None, "complete": COMPLETE in listing[name], "problem": None,
+                     "size_bytes": sum(listing[name].values()), "metrics": manifest.get("metrics", {}),
+                     "tags": [p for p, t in pointers.items() if t == name]})
+    return _print_rows(rows, args.json, tier.display())
+
+
 def cmd_list(args) -> int:
     from .checkpoint.inspection import list_run
+    from .checkpoint.remote import is_url
 
-    rows = list_run(args.output_dir)
-    if args.json:
+    if is_url(args.output_dir):
+        return _list_remote(args)
+    return _print_rows(list_run(args.output_dir), args.json, f"{args.output_dir}/checkpoints")
+
+
+def _print_rows(rows: list[dict], as_json: bool, where: str) -> int:
+    if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no checkpoints under {args.output_dir}/checkpoints")
+        print(f"no checkpoints under {where}")
         return 0
     print(f"{'checkpoint':<14}{'epoch':>6}{'tokens':>14}{'val_loss':>10}{'size':>11}  tags")
     for r in rows:
@@ -84,8 +117,10 @@ def _parameter_line(info: dict) -> str:
 
 def cmd_inspect(args) -> int:
     from .checkpoint.inspection import inspect
+    from .checkpoint.remote import fetch, is_url
 
-    info = inspect(_checkpoint(args.checkpoint))
+    local = fetch(args.checkpoint, _storage_options(args)) if is_url(args.checkpoint) else None
+    info = inspect(local or _checkpoint(args.checkpoint))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -121,7 +156,10 @@ def cmd_verify(args) -> int:
     from .checkpoint.format import COMPLETE, STEP_RE
     from .checkpoint.layout import checkpoints_dir, step_folders
     from .checkpoint.manifest import verify
+    from .checkpoint.remote import is_url
 
+    if is_url(args.path):
+        return _verify_remote(args)
     path = Path(args.path)
     if not path.exists():
         raise ConfigError(f"{path} does not exist")
@@ -374,20 +412,47 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _verify_remote(args) -> int:
+    from .checkpoint.format import STEP_RE
+    from .checkpoint.remote import RemoteTier
+
+    url, only = args.path.rstrip("/"), None
+    if STEP_RE.match(url.rsplit("/", 1)[-1]):
+        url, only = url.rsplit("/", 1)
+        url = url[: -len("/checkpoints")] if url.endswith("/checkpoints") else url
+    tier = RemoteTier(url, _storage_options(args))
+    listing = tier.listing()
+    names = [only] if only else sorted(listing, key=lambda n: int(n.split("-")[1]))
+    if not names:
+        raise ConfigError(f"no step-N checkpoints under {tier.display()}")
+    bad = 0
+    for name in names:
+        problems, _ = tier.problems(name, listing.get(name, {}), checksums=True)
+        bad += bool(problems)
+        print(f"{'FAIL' if problems else 'OK  '}  {tier.display(name)}")
+        for problem in problems:
+            print(f"      {problem}")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel-trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("list", help="every checkpoint of a run")
+    remote = "JSON options of the remote filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}'"
+    p = sub.add_parser("list", help="every checkpoint of a run (a folder or s3://bucket/prefix)")
     p.add_argument("output_dir")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--storage_options", help=remote)
     p.set_defaults(func=cmd_list)
-    p = sub.add_parser("inspect", help="what is inside a checkpoint")
+    p = sub.add_parser("inspect", help="what is inside a checkpoint (remote ones are downloaded to a cache)")
     p.add_argument("checkpoint")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--storage_options", help=remote)
     p.set_defaults(func=cmd_inspect)
     p = sub.add_parser("verify", help="completeness and checksums (exit 0 only when valid)")
-    p.add_argument("path", help="a step-N folder or a run's output dir (all its checkpoints)")
+    p.add_argument("path", help="a step-N folder or a run's output dir (all its checkpoints), local or s3://...")
+    p.add_argument("--storage_options", help=remote)
     p.set_defaults(func=cmd_verify)
     p = sub.add_parser("diff", help="config, architecture and weight differences of two checkpoints")
     p.add_argument("a")

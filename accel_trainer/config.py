@@ -7,6 +7,7 @@ every problem with the flag that caused it, so the CLI can print one clear messa
 from __future__ import annotations
 
 import dataclasses
+import json
 import difflib
 import math
 import sys
@@ -115,7 +116,9 @@ class TrainingArguments:
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
     save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises (single process)."})
     save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails (default: warn, skip it, train on)."})
-    async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a background thread."})
+    async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a background thread (sharded FSDP2 runs: each rank's shards)."})
+    checkpoint_upload_to: str | None = field(default=None, metadata={"help": "Also upload every complete checkpoint, in the background, to this fsspec URL (s3://bucket/prefix; pip install 'accel_trainer[s3]'); --resume_from_checkpoint latest then looks there too."})
+    storage_options: str | None = field(default=None, metadata={"help": "JSON options for --checkpoint_upload_to's filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}'. Credentials come from AWS_* variables or config files; any given here are never saved or logged."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
     init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})
     reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore weights/counters but start the optimizer fresh."})
@@ -146,6 +149,16 @@ class TrainingArguments:
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         problems += self._aliases()
+        if self.storage_options:
+            from .checkpoint.io import CheckpointError
+            from .checkpoint.remote import parse_storage_options
+
+            try:
+                parse_storage_options(self.storage_options)
+            except CheckpointError as err:
+                problems.append(str(err))
+            if not self.checkpoint_upload_to:
+                problems.append("--storage_options: only used with --checkpoint_upload_to; give that too")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
         if self.lr_scheduler_type not in SCHEDULES:
@@ -287,5 +300,9 @@ def to_dict(*configs) -> dict:
     out = {}
     for cfg in configs:
         out.update(dataclasses.asdict(cfg))
+    if out.get("storage_options"):  # saved with checkpoints and sent to trackers: never credentials
+        from .checkpoint.remote import parse_storage_options, redact
+
+        out["storage_options"] = json.dumps(redact(parse_storage_options(out["storage_options"])))
     return out
 

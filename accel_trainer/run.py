@@ -14,6 +14,7 @@ from .checkpoint.lock import lock_run_dir
 from .checkpoint.manager import resolve_on_main
 from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
 from .checkpoint.io import read_json, write_json
+from .checkpoint.remote import RemoteTier, parse_storage_options
 from .checkpoint.weights import load_weights
 from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import build_datasets, parse_mix
@@ -172,7 +173,10 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
     spec = train_args.resume_from_checkpoint
     if spec:  # a missing or incompatible checkpoint is reported before tokenising
         # Checksums only of what this reads (the tensors are verified when they are loaded).
-        folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG})
+        remote = (RemoteTier(train_args.checkpoint_upload_to, parse_storage_options(train_args.storage_options))
+                  if train_args.checkpoint_upload_to else None)
+        folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG},
+                                 remote=remote)
         if folder is not None:
             refuse_incompatible(folder, config, run_config)
     data = main_process_first(accelerator, lambda: build_datasets(

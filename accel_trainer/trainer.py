@@ -24,6 +24,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
+from .checkpoint.remote import parse_storage_options
 from .config import ConfigError, TrainingArguments
 from .console import final_report, interactive, progress_line, progress_postfix
 from .data import TextData, build_eval_dataloader, build_train_dataloader
@@ -109,7 +110,8 @@ class Trainer:
             extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
             save_total_limit=args.save_total_limit,
             keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save, save_strict=args.save_strict,
-            handle_signals=True, before_resume=before_resume)
+            handle_signals=True, before_resume=before_resume, upload_to=args.checkpoint_upload_to,
+            storage_options=parse_storage_options(args.storage_options))
         self.train_loader = self.checkpointer.dataloader
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)

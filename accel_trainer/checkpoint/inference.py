@@ -46,13 +46,14 @@ def _config_from(folder_or_extras, source: Path, legacy_config_class):
 
 def load_model_for_inference(path: str | Path, device: str | torch.device | None = None,
                              dtype: torch.dtype | None = None, strict: bool = False, config=None,
-                             legacy_config_class=None):
+                             legacy_config_class=None, storage_options: dict | None = None):
     """Rebuild the model from a checkpoint and load its weights, ready for ``model(input_ids)``.
 
     Args:
         path: a ``step-N`` folder, a run's output dir (its latest valid checkpoint), ``<output_dir>/best``
             (or ``/latest``), a Hugging Face model folder, or an old single-file PyTorch checkpoint
-            (``{"model_state_dict", "config", "step"|"global_step", ...}``).
+            (``{"model_state_dict", "config", "step"|"global_step", ...}``); or a remote run
+            (``s3://bucket/prefix``, ``.../best``, ``.../checkpoints/step-N``), downloaded once to a cache.
         device: where to put the model (default: CUDA if available, else CPU). Checkpoints written on
             GPU or by several processes load anywhere.
         dtype: e.g. ``torch.bfloat16``; default keeps the saved dtype.
@@ -60,6 +61,7 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
         config: a ``PretrainedConfig`` to use instead of the checkpoint's own.
         legacy_config_class: the config class of old single-file checkpoints whose ``config`` dict
             names no ``model_type``.
+        storage_options: for a remote ``path`` (s3fs: ``{"endpoint_url": ...}``).
 
     Returns:
         ``(model, config, step)`` with the model in eval mode; ``step`` is None when unknown. The
@@ -70,6 +72,10 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     """
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    from .remote import fetch, is_url
+
+    if is_url(str(path)):
+        path = fetch(str(path), storage_options)
     # Every file must be present with its size; checksums are read only for what this loads.
     target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})", checksums=READ_FOR_INFERENCE).path
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -233,18 +233,22 @@ def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]
     return removed
 
 
-def plan_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
-    """The checkpoints :func:`select_for_deletion` picks on disk; never the ``latest`` or ``best`` target."""
+def plan_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None,
+                   keep: set[str] = frozenset()) -> list[Path]:
+    """The checkpoints :func:`select_for_deletion` picks on disk; never the ``latest`` or ``best``
+    target, nor a folder named in ``keep`` (e.g. one still uploading)."""
     found = {step_of(folder): folder for folder in reversed(by_recency(root))}
     protected = {step_of(p) for p in (read_pointer(root, n) for n in POINTERS) if p}
+    protected |= {step for step, folder in found.items() if folder.name in keep}
     doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
                                  keep_every_n_steps=keep_every_n_steps)
     return [found[s] for s in doomed]
 
 
-def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None) -> list[Path]:
+def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None,
+                    keep: set[str] = frozenset()) -> list[Path]:
     """Delete what :func:`plan_retention` picks."""
-    doomed = plan_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps)
+    doomed = plan_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps, keep=keep)
     for folder in doomed:
         # Rename first so a half-deleted folder never looks like a checkpoint, then delete.
         trash = root / f"{TMP_PREFIX}delete-{folder.name}"

@@ -47,6 +47,7 @@ from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_da
 from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
+from .remote import RemoteTier, Uploader, resolve_with_remote
 from .sharded import SHARDED_DIR, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
 from .weights import load_weights_in_place, normalize_key, normalize_state_dict
@@ -104,6 +105,9 @@ class Checkpointer:
             output dir refuses to start instead of destroying this one's checkpoints.
         before_resume: a policy called with the resolved checkpoint folder before anything is loaded
             (e.g. refuse another architecture); it raises :class:`CheckpointError` to refuse.
+        upload_to: an fsspec URL (``s3://bucket/prefix``): every complete checkpoint is also uploaded
+            there in the background (see :mod:`remote`), and :meth:`resume` looks there too.
+        storage_options: for that filesystem (s3fs: ``{"endpoint_url": ...}``); never saved or printed.
     """
 
     # Headroom on top of the tensor bytes: JSON, RNG files, safetensors headers, filesystem blocks.
@@ -114,7 +118,8 @@ class Checkpointer:
                  save_total_limit: int | None = None, keep_every_n_steps: int | None = None,
                  best_metric: str = "val_loss", greater_is_better: bool = False, async_save: bool = False,
                  save_strict: bool = False, handle_signals: bool = False,
-                 before_resume: Callable[[Path], None] | None = None, lock: bool = True):
+                 before_resume: Callable[[Path], None] | None = None, lock: bool = True,
+                 upload_to: str | None = None, storage_options: dict | None = None):
         self.accelerator = accelerator
         self.root = checkpoints_dir(output_dir)
         self.model = model
@@ -149,6 +154,17 @@ class Checkpointer:
         self._model_tensors: dict[str, torch.Tensor] | None = None
         self._lock = lock_run_dir(accelerator, output_dir) if lock else None  # after every check that may raise
         self._shards = ShardedState(accelerator.unwrap_model(model), self.optimizers) if self.sharded else None
+        self.remote = RemoteTier(upload_to, storage_options) if upload_to else None
+        self._uploader = None
+        if self.remote is not None and accelerator.is_main_process:
+            try:
+                self.remote.check()
+            except CheckpointError as err:
+                if save_strict:
+                    raise CheckpointError(f"--checkpoint_upload_to: {err} (--save_strict)") from None
+                accelerator.print(f"WARNING: --checkpoint_upload_to: {err}; checkpoints stay local until it works "
+                                  "(each save tries again)")
+            self._uploader = Uploader(self.remote, save_total_limit, keep_every_n_steps, report=accelerator.print)
         self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
         if self._stop is not None:
             self._stop.install()
@@ -182,6 +198,7 @@ class Checkpointer:
         """
         acc = self.accelerator
         self.wait()
+        self._raise_if_upload_failed()
         reasons = [reason] if isinstance(reason, str) else list(reason)
         best = None
         if self.improves_best(metrics):
@@ -356,15 +373,19 @@ class Checkpointer:
         """Pointers and retention. Each is tried even if another failed; failures are returned, not
         raised: the checkpoint is saved, and resolution finds it without the pointers."""
         problems = []
-        for pointer in ("latest", "best") if "best" in record["reasons"] else ("latest",):
+        pointers = ("latest", "best") if "best" in record["reasons"] else ("latest",)
+        for pointer in pointers:
             try:
                 write_pointer(self.root, pointer, final)
             except OSError as err:
                 problems.append(f"moving '{pointer}' to {final.name} failed ({err.strerror or err})")
+        if self._uploader is not None:
+            self._uploader.submit(final, list(pointers))
         try:
             if replaced is not None:
                 shutil.rmtree(replaced)
-            apply_retention(self.root, keep_last=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps)
+            apply_retention(self.root, keep_last=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
+                            keep=self._uploader.pending() if self._uploader is not None else set())
         except OSError as err:
             problems.append(f"removing old checkpoints failed ({err.strerror or err}; the next save retries)")
         return problems
@@ -438,10 +459,25 @@ class Checkpointer:
             return
         self._report_after_commit(tmp.parent / tmp.name[len(TMP_PREFIX):], notes)
 
+    def _raise_if_upload_failed(self) -> None:
+        if self.save_strict and self._uploader is not None and self._uploader.failures:
+            raise CheckpointError(self._uploader.failures[0] + " (--save_strict)")
+
+    def wait_for_uploads(self) -> None:
+        """Block until every checkpoint saved so far is uploaded (or its upload failed)."""
+        if self._uploader is not None:
+            self._uploader.wait()
+
     def close(self) -> None:
-        """Wait for the save in flight, then release the signal handlers and Accelerate hooks."""
+        """Wait for the save in flight and the uploads, then release the signal handlers and hooks."""
         try:
             self.wait()
+            if self._uploader is not None:
+                pending = sorted(self._uploader.pending())
+                if pending:
+                    self.accelerator.print(f"checkpoint: waiting for the upload of {', '.join(pending)} to {self.remote}")
+                self._uploader.close()
+                self._raise_if_upload_failed()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
@@ -483,7 +519,8 @@ class Checkpointer:
         ``tests/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
         """
         acc = self.accelerator
-        saved = acc._optimizers, acc._schedulers, acc._dataloaders, acc._models
+        saved = acc._optimizers, acc._schedulers, acc._dataloaders
+        models = acc._models if self.sharded else None
         ours_params = {id(p) for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]}
         ours_schedulers = {id(s) for s in self.schedulers.values()}
         try:
@@ -495,10 +532,12 @@ class Checkpointer:
             acc._dataloaders = [d for d in saved[2] if d is not self._raw_loader]
             if self.sharded:
                 ours = acc.unwrap_model(self.model)
-                acc._models = [m for m in saved[3] if acc.unwrap_model(m) is not ours]
+                acc._models = [m for m in models if acc.unwrap_model(m) is not ours]
             yield
         finally:
-            acc._optimizers, acc._schedulers, acc._dataloaders, acc._models = saved
+            acc._optimizers, acc._schedulers, acc._dataloaders = saved
+            if models is not None:
+                acc._models = models
 
     def _model_index(self, models: list) -> int | None:
         """Where our model is among Accelerate's (given wrapped or not)."""
@@ -521,7 +560,7 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------ loading
     def resolve(self, spec: str) -> Path | None:
         """The folder ``spec`` names, verified (checksums included), the same on every rank."""
-        return resolve_on_main(self.accelerator, spec, self.root.parent)
+        return resolve_on_main(self.accelerator, spec, self.root.parent, remote=self.remote)
 
     def resume(self, spec: str = "latest", exclude: tuple[str, ...] = ()) -> int:
         """Restore everything from ``spec``: ``latest`` (the newest valid checkpoint, falling back past
@@ -620,13 +659,16 @@ class Checkpointer:
             warnings.warn(f"rank {acc.process_index}: {note}", stacklevel=3)
 
 
-def resolve_on_main(accelerator, spec: str, output_dir: str | Path, checksums: bool | set[str] = True) -> Path | None:
+def resolve_on_main(accelerator, spec: str, output_dir: str | Path, checksums: bool | set[str] = True,
+                    remote: RemoteTier | None = None) -> Path | None:
     """:func:`layout.resolve` on the main process, its answer (or error) shared with every rank, so
-    that all load the same folder (a collective call). None: ``latest`` with nothing saved yet."""
+    that all load the same folder (a collective call). None: ``latest`` with nothing saved yet.
+    With ``remote``, the object store is looked at too and a newer checkpoint there is downloaded."""
     answer = [None, None]
     if accelerator.is_main_process:
         try:
-            found = resolve(spec, output_dir, checksums=checksums)
+            found = (resolve(spec, output_dir, checksums=checksums) if remote is None else
+                     resolve_with_remote(spec, output_dir, remote, checksums=checksums, report=accelerator.print))
             answer = [None if found.path is None else str(found.path), None]
         except CheckpointError as err:
             answer = [None, str(err)]

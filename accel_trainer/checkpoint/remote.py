@@ -1,0 +1,479 @@
+"""Object storage (``s3://...`` or any fsspec URL) as a second checkpoint tier.
+
+The local ``step-N`` stays the fast tier; every complete one is uploaded in the background to
+``<url>/checkpoints/step-N/``, the same layout. Object stores have no rename, so the commit there is
+an order of writes, each done only after the one before succeeded:
+
+  1. every data file (in parallel), then their sizes listed back and compared with the manifest;
+  2. ``manifest.json``; 3. ``COMPLETE`` (the manifest's checksum and file count);
+  4. the ``latest`` (and ``best``) pointer objects.
+
+A reader trusts only a ``step-N`` whose ``COMPLETE`` matches its manifest and whose files have the
+sizes it lists; an upload killed at any instant leaves the remote ``latest`` on an older complete
+checkpoint. Re-uploading a step first deletes its ``COMPLETE``. Deleting one (retention) deletes
+its ``COMPLETE`` first, so a half-deleted checkpoint is never trusted either.
+
+Credentials and endpoints come from s3fs/botocore's usual sources (``AWS_*`` variables, config
+files, instance roles) or ``storage_options`` (e.g. ``{"endpoint_url": ...}``); nothing of them is
+written into a checkpoint or a log.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .checksums import CHUNK, HASH, new_hasher
+from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, STEP_RE, TMP_PREFIX
+from .io import CheckpointError, fsync_tree
+from .manifest import MANIFEST_HASH, verify
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
+
+
+class RemoteError(CheckpointError):
+    """The object store could not be reached or did not accept or return what it should."""
+
+
+def is_url(spec) -> bool:
+    return isinstance(spec, str) and "://" in spec and not spec.startswith("file://")
+
+
+def redact(storage_options: dict | None) -> dict | None:
+    """``storage_options`` fit for a log or a saved config: credentials replaced by ``***``."""
+    if not storage_options:
+        return storage_options
+    return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) else
+            redact(v) if isinstance(v, dict) else v for k, v in storage_options.items()}
+
+
+def parse_storage_options(text: str | None, flag: str = "--storage_options") -> dict:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{flag}: not JSON ({err.msg} at character {err.pos}); e.g. "
+                              "'{\"endpoint_url\": \"http://127.0.0.1:9000\"}'") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{flag}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:300]
+
+
+class RemoteTier:
+    """The checkpoints of one run under an fsspec URL.
+
+    Args:
+        url: e.g. ``s3://bucket/prefix`` (the run's remote "output dir": checkpoints go to
+            ``<url>/checkpoints/``).
+        storage_options: passed to the fsspec filesystem (s3fs: ``endpoint_url``, ``key``, ...).
+        retries: attempts per request before giving up; waits ``backoff * 2**i`` seconds between.
+        workers: files uploaded or downloaded at once.
+    """
+
+    def __init__(self, url: str, storage_options: dict | None = None, retries: int = 4, backoff: float = 0.5,
+                 workers: int = 8):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        try:
+            # skip_instance_cache: listings cached by another instance would hide other writers' objects.
+            self.fs, base = fsspec.url_to_fs(self.url, skip_instance_cache=True, **(storage_options or {}))
+        except (ImportError, ValueError) as err:
+            hint = " (pip install 'accel_trainer[s3]')" if self.url.startswith("s3") else ""
+            raise RemoteError(f"{self.url}: cannot open this storage: {_reason(err)}{hint}") from None
+        self.base = base.rstrip("/")
+        self.root = f"{self.base}/{CHECKPOINTS}"
+        self.retries, self.backoff, self.workers = retries, backoff, workers
+
+    def __str__(self) -> str:
+        return self.url
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def display(self, *parts: str) -> str:
+        return "/".join([self.url, CHECKPOINTS, *parts])
+
+    def _retry(self, what: str, fn):
+        """``fn()``, retried with exponential backoff; a :class:`RemoteError` naming ``what`` at the end.
+        Missing objects are not retried (FileNotFoundError goes up as it is)."""
+        for attempt in range(self.retries):
+            try:
+                return fn()
+            except FileNotFoundError:
+                raise
+            except Exception as err:  # network, credentials, throttling: all are worth another try
+                if attempt == self.retries - 1:
+                    raise RemoteError(f"{what}: {_reason(err)}") from None
+                time.sleep(self.backoff * 2**attempt)
+
+    # ----------------------------------------------------------------------------- small objects
+    def check(self) -> None:
+        """Raise :class:`RemoteError` unless the location can be listed (credentials, bucket, network)."""
+        try:
+            self._retry(f"cannot reach {self.url}", lambda: self.fs.ls(self.base, refresh=True))
+        except FileNotFoundError:  # nothing under the prefix yet: fine if its bucket exists
+            top = self.base.split("/")[0]
+            if top and top != self.base and not self._retry(f"cannot reach {self.url}", lambda: self.fs.exists(top)):
+                raise RemoteError(f"{self.url}: the bucket {top!r} does not exist (or these credentials cannot "
+                                  "see it); create it or fix --checkpoint_upload_to") from None
+
+    def cat(self, *parts: str) -> bytes:
+        return self._retry(f"reading {self.display(*parts)}", lambda: self.fs.cat_file(self.path(*parts)))
+
+    def pipe(self, data: bytes, *parts: str) -> None:
+        self._retry(f"writing {self.display(*parts)}", lambda: self.fs.pipe_file(self.path(*parts), data))
+
+    def read_pointer(self, name: str) -> str | None:
+        try:
+            target = self.cat(name).decode("utf-8").strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return target if STEP_RE.match(target) else None
+
+    def write_pointer(self, name: str, step_name: str) -> None:
+        self.pipe(f"{step_name}\n".encode(), name)
+
+    def listing(self) -> dict[str, dict[str, int]]:
+        """step folder -> {relative file name: size}, one recursive listing of ``checkpoints/``."""
+        try:
+            self.fs.invalidate_cache()  # other writers (another run, a cleanup) change what is there
+            found = self._retry(f"listing {self.display()}",
+                                lambda: self.fs.find(self.root, detail=True, withdirs=False))
+        except FileNotFoundError:
+            return {}
+        steps: dict[str, dict[str, int]] = {}
+        for full, info in found.items():
+            rel = full[len(self.root) + 1:] if full.startswith(self.root + "/") else None
+            if rel and "/" in rel and STEP_RE.match(rel.split("/", 1)[0]):
+                step, name = rel.split("/", 1)
+                steps.setdefault(step, {})[name] = int(info.get("size") or 0)
+        return steps
+
+    # ---------------------------------------------------------------------------------- verify
+    def problems(self, step_name: str, files: dict[str, int] | None = None, checksums: bool = False) -> tuple[list[str], dict | None]:
+        """What makes remote ``step_name`` untrustworthy (empty: valid), and its manifest."""
+        files = self.listing().get(step_name, {}) if files is None else files
+        where = self.display(step_name)
+        if COMPLETE not in files:
+            return [f"{where}: no {COMPLETE} object (the upload did not finish)"], None
+        try:
+            marker = json.loads(self.cat(step_name, COMPLETE))
+            raw = self.cat(step_name, MANIFEST)
+            manifest = json.loads(raw)
+        except (FileNotFoundError, ValueError, UnicodeDecodeError) as err:
+            return [f"{where}: unreadable {MANIFEST}/{COMPLETE} ({_reason(err)})"], None
+        hasher = new_hasher()
+        hasher.update(raw)
+        if not isinstance(marker, dict) or marker.get(MANIFEST_HASH) != hasher.hexdigest() \
+                or marker.get("files") != len(manifest.get("files", {})):
+            return [f"{where}/{MANIFEST}: does not match its {COMPLETE} (changed or partly uploaded)"], manifest
+        out = []
+        for name, info in manifest["files"].items():
+            if name not in files:
+                out.append(f"{where}/{name}: missing")
+            elif files[name] != info.get("size"):
+                out.append(f"{where}/{name}: size {files[name]} bytes, manifest says {info.get('size')}")
+            elif checksums and self._hash(step_name, name) != info.get(HASH):
+                out.append(f"{where}/{name}: checksum mismatch (the object changed after it was uploaded)")
+        return out, manifest
+
+    def _hash(self, step_name: str, name: str) -> str:
+        def run():
+            hasher = new_hasher()
+            with self.fs.open(self.path(step_name, name), "rb", block_size=CHUNK) as f:
+                while chunk := f.read(CHUNK):
+                    hasher.update(chunk)
+            return hasher.hexdigest()
+        return self._retry(f"reading {self.display(step_name, name)}", run)
+
+    def complete_steps(self) -> list[tuple[int, int, str]]:
+        """``(sequence, step, name)`` of every remote step with a ``COMPLETE`` object, newest first
+        (by save sequence, as locally; the manifest is read for it)."""
+        out = []
+        for name, files in self.listing().items():
+            if COMPLETE in files:
+                try:
+                    sequence = json.loads(self.cat(name, MANIFEST)).get("sequence", 0)
+                except (FileNotFoundError, ValueError, UnicodeDecodeError, CheckpointError):
+                    sequence = -1
+                out.append((sequence if isinstance(sequence, int) else -1, int(STEP_RE.match(name).group(1)), name))
+        return sorted(out, reverse=True)
+
+    def latest_valid(self, checksums: bool = False) -> tuple[str | None, int | None, list[str]]:
+        """The newest remote checkpoint that verifies: (name, sequence, what was skipped and why)."""
+        listing, skipped = self.listing(), []
+        for sequence, _, name in self.complete_steps():
+            problems, _ = self.problems(name, listing.get(name), checksums=checksums)
+            if not problems:
+                return name, sequence, skipped
+            skipped.append(problems[0])
+        return None, None, skipped
+
+    # ---------------------------------------------------------------------------------- upload
+    def upload(self, folder: Path) -> int:
+        """Upload the complete local checkpoint ``folder`` by the commit order above; returns bytes.
+
+        Raises:
+            RemoteError: a request failed after its retries, or the sizes listed back differ.
+        """
+        manifest = json.loads((folder / MANIFEST).read_text())
+        name = folder.name
+        try:
+            self._retry(f"deleting {self.display(name, COMPLETE)}", lambda: self.fs.rm_file(self.path(name, COMPLETE)))
+        except FileNotFoundError:
+            pass  # the usual case: never uploaded before
+        files = list(manifest["files"])
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="upload") as pool:
+            list(pool.map(lambda f: self._retry(f"uploading {folder / f} to {self.display(name, f)}",
+                                                lambda: self.fs.put_file(str(folder / f), self.path(name, f))), files))
+        listed = self.listing().get(name, {})
+        wrong = [f"{f}: {listed.get(f, 'missing')} bytes, expected {manifest['files'][f]['size']}"
+                 for f in files if listed.get(f) != manifest["files"][f]["size"]]
+        if wrong:
+            raise RemoteError(f"{self.display(name)}: uploaded objects differ from the local files: {'; '.join(wrong[:3])}")
+        for last in (MANIFEST, COMPLETE):
+            self._retry(f"uploading {self.display(name, last)}",
+                        lambda: self.fs.put_file(str(folder / last), self.path(name, last)))
+        return sum(info["size"] for info in manifest["files"].values())
+
+    def delete(self, name: str) -> None:
+        """Remove a remote checkpoint: its ``COMPLETE`` first, so no reader trusts what is left."""
+        try:
+            self._retry(f"deleting {self.display(name, COMPLETE)}", lambda: self.fs.rm_file(self.path(name, COMPLETE)))
+        except FileNotFoundError:
+            pass
+        try:
+            self._retry(f"deleting {self.display(name)}", lambda: self.fs.rm(self.path(name), recursive=True))
+        except FileNotFoundError:
+            pass
+
+    def apply_retention(self, keep_last: int | None, keep_every_n_steps: int | None, keep: set[str]) -> list[str]:
+        """Keep the ``keep_last`` newest remote checkpoints, the ``latest``/``best`` targets, ``keep``
+        (uploads in progress) and every multiple of ``keep_every_n_steps``; delete the other complete ones."""
+        from .layout import select_for_deletion
+
+        if not keep_last:
+            return []
+        found = {step: name for _, step, name in reversed(self.complete_steps())}
+        protected = {int(STEP_RE.match(t).group(1)) for t in (self.read_pointer(p) for p in (LATEST, "best")) if t}
+        protected |= {int(STEP_RE.match(n).group(1)) for n in keep if STEP_RE.match(n)}
+        doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
+                                     keep_every_n_steps=keep_every_n_steps)
+        for step in doomed:
+            self.delete(found[step])
+        return [found[s] for s in doomed]
+
+    # -------------------------------------------------------------------------------- download
+    def download(self, name: str, dest_root: Path, progress: bool = True) -> Path:
+        """Copy remote ``name`` into ``dest_root/name`` (via a temporary folder, then verified with
+        every checksum and renamed); returns the local folder.
+
+        Raises:
+            RemoteError: the remote checkpoint is not valid, a transfer failed, or the copy does not verify.
+        """
+        from tqdm.auto import tqdm
+
+        problems, manifest = self.problems(name)
+        if problems:
+            raise RemoteError("; ".join(problems))
+        final = dest_root / name
+        tmp = dest_root / f"{TMP_PREFIX}download-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        names = [*manifest["files"], MANIFEST, COMPLETE]
+        total = sum(info["size"] for info in manifest["files"].values())
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not progress) as bar:
+            def get(f):
+                (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+                self._retry(f"downloading {self.display(name, f)}",
+                            lambda: self.fs.get_file(self.path(name, f), str(tmp / f)))
+                bar.update(manifest["files"].get(f, {}).get("size", 0))
+            with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="download") as pool:
+                list(pool.map(get, names))
+        fsync_tree(tmp)
+        problems = verify(tmp)
+        if problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RemoteError(f"{self.display(name)}: the downloaded copy does not verify: {problems[0]}")
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        return final
+
+
+class Uploader:
+    """Uploads committed local checkpoints in one background thread, in order; the newest wins
+    when saves come faster than uploads (a queued step that is neither ``best`` nor the last is dropped).
+
+    Args:
+        tier: where to.
+        keep_last, keep_every_n_steps: remote retention (as locally).
+        report: called with one line per upload or failure.
+    """
+
+    def __init__(self, tier: RemoteTier, keep_last: int | None, keep_every_n_steps: int | None, report=print):
+        self.tier, self.keep_last, self.keep_every_n_steps, self.report = tier, keep_last, keep_every_n_steps, report
+        self._queue: deque[tuple[Path, list[str]]] = deque()
+        self._in_flight: str | None = None
+        self._cond = threading.Condition()
+        self._closed = False
+        self.failures: list[str] = []
+        self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, folder: Path, pointers: list[str]) -> None:
+        with self._cond:
+            kept = deque(item for item in self._queue if "best" in item[1])
+            dropped = [item[0].name for item in self._queue if "best" not in item[1]]
+            self._queue = kept
+            self._queue.append((folder, list(pointers)))
+            self._cond.notify_all()
+        if dropped:
+            self.report(f"checkpoint upload: {', '.join(dropped)} not uploaded (superseded by {folder.name} "
+                        "before its turn; uploads are slower than saves)")
+
+    def pending(self) -> set[str]:
+        """Step folders queued or uploading: local retention keeps them."""
+        with self._cond:
+            return {folder.name for folder, _ in self._queue} | ({self._in_flight} if self._in_flight else set())
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                folder, pointers = self._queue.popleft()
+                self._in_flight = folder.name
+            try:
+                start = time.perf_counter()
+                size = self.tier.upload(folder)
+                for pointer in pointers:
+                    self.tier.write_pointer(pointer, folder.name)
+                self.tier.apply_retention(self.keep_last, self.keep_every_n_steps, keep=self.pending())
+                seconds = time.perf_counter() - start
+                self.report(f"checkpoint: uploaded {folder.name} to {self.tier.display(folder.name)} "
+                            f"({size / 2**20:.1f} MiB in {seconds:.1f} s)")
+            except Exception as err:  # never stops training: the local checkpoint stays
+                message = (f"checkpoint upload of {folder.name} to {self.tier} failed ({_reason(err)}); the local "
+                           f"checkpoint is kept and training continues; the next save uploads again")
+                self.failures.append(message)
+                self.report(f"WARNING: {message}")
+            finally:
+                with self._cond:
+                    self._in_flight = None
+                    self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Block until every queued upload is done (or failed)."""
+        with self._cond:
+            while self._queue or self._in_flight:
+                self._cond.wait()
+
+    def close(self) -> None:
+        self.wait()
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, checksums: bool | set[str] = True,
+                        report=print, progress: bool = True):
+    """:func:`layout.resolve` over both tiers: ``latest`` is the newest valid checkpoint of either
+    (by save sequence, then step; the local copy wins a tie); ``best``/``step-N`` missing locally
+    come from the remote. A remote one is downloaded into the local ``checkpoints/`` first.
+
+    Raises:
+        CheckpointError: as :func:`layout.resolve`, or a download that failed.
+    """
+    from .layout import Resolved, checkpoints_dir, resolve, save_sequence, step_of
+
+    root = checkpoints_dir(output_dir)
+    if spec not in ("latest", "best") and not STEP_RE.match(spec):
+        return resolve(spec, output_dir, checksums)  # a path: the local tier only
+    local, local_error = None, None
+    try:
+        local = resolve(spec, output_dir, checksums)
+    except CheckpointError as err:
+        local_error = err
+    if spec == "latest":
+        local_key = (save_sequence(local.path) or 0, step_of(local.path)) if local and local.path else None
+        listing = tier.listing()
+        for sequence, step, name in tier.complete_steps():
+            if local_key is not None and local_key >= (sequence, step):
+                break  # the local tier has this one (or a newer one)
+            problems, _ = tier.problems(name, listing.get(name))
+            try:
+                if problems:
+                    raise RemoteError(problems[0])
+                report(f"checkpoint: {tier.display(name)} is newer than any local checkpoint: downloading it")
+                return Resolved(tier.download(name, root, progress=progress))
+            except RemoteError as err:  # damaged or unreachable: the next older one, as locally
+                report(f"WARNING: 'latest' skips the remote {name}: {err}")
+        if local_error is not None:
+            raise local_error
+        return local
+    if local_error is None:
+        return local
+    name = tier.read_pointer("best") if spec == "best" else spec
+    if name is None or tier.problems(name)[0]:
+        raise local_error
+    report(f"checkpoint: {tier.display(name)} is not in the local checkpoints: downloading it")
+    return Resolved(tier.download(name, root, progress=progress))
+
+
+def cache_dir(url: str) -> Path:
+    """Where remote checkpoints read by ``load_model_for_inference``/``accel-trainer inspect`` are kept
+    (``$ACCEL_TRAINER_CACHE`` or ``~/.cache/accel_trainer``), one folder per URL."""
+    import hashlib
+    import os
+
+    base = Path(os.environ.get("ACCEL_TRAINER_CACHE", Path.home() / ".cache" / "accel_trainer"))
+    return base / "remote" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+
+
+def fetch(spec: str, storage_options: dict | None = None, progress: bool = True) -> Path:
+    """A local copy of a remote checkpoint: ``<url>`` (its newest valid one), ``<url>/best``,
+    ``<url>/latest`` or ``<url>/checkpoints/step-N``; downloaded once into :func:`cache_dir`.
+
+    Raises:
+        RemoteError/CheckpointError: unreachable, nothing valid there, or a copy that does not verify.
+    """
+    from .manifest import verify as verify_local
+
+    url, name = spec.rstrip("/"), None
+    last = url.rsplit("/", 1)[-1]
+    if STEP_RE.match(last) or last in (LATEST, "best"):
+        url, name = url.rsplit("/", 1)
+        if url.endswith(f"/{CHECKPOINTS}"):
+            url = url[: -len(CHECKPOINTS) - 1]
+    tier = RemoteTier(url, storage_options)
+    if name in (None, LATEST):
+        name, _, skipped = tier.latest_valid()
+        if name is None:
+            detail = f": {'; '.join(skipped)}" if skipped else ""
+            raise RemoteError(f"{tier.display()}: no complete checkpoint there{detail}")
+    elif name == "best":
+        name = tier.read_pointer("best")
+        if name is None:
+            raise RemoteError(f"{tier.display('best')}: no 'best' pointer there")
+    local = cache_dir(url) / CHECKPOINTS / name
+    if local.is_dir() and not verify_local(local):
+        remote_manifest = json.loads(tier.cat(name, MANIFEST))
+        if remote_manifest == json.loads((local / MANIFEST).read_text()):
+            return local  # this very checkpoint, already here and intact
+    return tier.download(name, local.parent, progress=progress)

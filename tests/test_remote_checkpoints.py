@@ -1,0 +1,193 @@
+"""Object storage as a checkpoint tier, against a real S3 API: moto's server on 127.0.0.1, spoken to
+over HTTP by s3fs (as a bucket on AWS, MinIO or R2 would be). Upload order and remote ``latest``,
+remote retention, a killed upload, a damaged object, resume on an empty machine, reading tools."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+from accel_trainer.checkpoint import CheckpointError, load_model_for_inference  # noqa: E402
+from accel_trainer.checkpoint.remote import RemoteTier, fetch, resolve_with_remote  # noqa: E402
+from conftest import REPO, TINY, launch, read_jsonl  # noqa: E402
+from test_checkpointer import Loop  # noqa: E402
+
+BUCKET = "ckpts"
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3 endpoint; credentials are fake ones, given the usual way (environment)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    options = {"endpoint_url": endpoint}
+    RemoteTier(f"s3://{BUCKET}", options).fs.mkdir(BUCKET)
+    yield options
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+@pytest.fixture
+def url(request):
+    return f"s3://{BUCKET}/{request.node.name[:40]}"
+
+
+def uploaded_run(folder, url, s3, steps=(1, 2)) -> RemoteTier:
+    loop = Loop(folder, upload_to=url, storage_options=s3)
+    for step in steps:
+        loop.train(1)
+        loop.ckpt.save(step)
+    loop.ckpt.close()
+    return RemoteTier(url, s3)
+
+
+def remote_state(tier: RemoteTier) -> dict:
+    return {"steps": sorted(tier.listing()), "latest": tier.read_pointer("latest"), "best": tier.read_pointer("best")}
+
+
+def test_every_checkpoint_is_uploaded_in_commit_order_with_remote_retention(s3, url, tmp_path):
+    loop = Loop(tmp_path / "run", save_total_limit=2, upload_to=url, storage_options=s3)
+    for step in range(1, 6):
+        loop.train(1)
+        loop.ckpt.save(step, metrics={"val_loss": {1: 3.0, 2: 1.0}.get(step, 2.0)})  # step-2 is best
+        loop.ckpt.wait_for_uploads()  # else a step still queued when the next is saved is skipped (newest wins)
+    loop.ckpt.close()
+    tier = RemoteTier(url, s3)
+    # Newest two, plus best; the others deleted remotely too.
+    assert remote_state(tier) == {"steps": ["step-2", "step-4", "step-5"], "latest": "step-5", "best": "step-2"}
+    for name in ("step-2", "step-4", "step-5"):
+        assert tier.problems(name, checksums=True) == ([], json.loads(tier.cat(name, "manifest.json")))
+    local = json.loads((tmp_path / "run" / "checkpoints" / "step-5" / "manifest.json").read_text())
+    assert json.loads(tier.cat("step-5", "manifest.json")) == local  # the same files, byte for byte checked
+
+
+@pytest.mark.parametrize("cut", ["some files", "all files", "manifest", "COMPLETE, no pointer"])
+def test_an_upload_stopped_at_any_point_never_moves_or_breaks_remote_latest(s3, url, tmp_path, cut):
+    tier = uploaded_run(tmp_path / "run", url, s3)
+    assert tier.read_pointer("latest") == "step-2"
+    # Fake a step-3 upload that stopped at `cut`: its objects are those the protocol had written.
+    folder = tmp_path / "run" / "checkpoints" / "step-2"
+    files = list(json.loads((folder / "manifest.json").read_text())["files"])
+    sent = {"some files": files[:2], "all files": files, "manifest": files + ["manifest.json"],
+            "COMPLETE, no pointer": files + ["manifest.json", "COMPLETE"]}[cut]
+    for f in sent:
+        tier.fs.put_file(str(folder / f), tier.path("step-3", f))
+    assert tier.read_pointer("latest") == "step-2"
+    name, _, _ = tier.latest_valid()
+    # Only a fully committed copy counts (step-3 here is a byte-identical copy of step-2's files).
+    assert name == ("step-3" if cut == "COMPLETE, no pointer" else "step-2")
+
+
+def test_kill_9_during_an_upload_leaves_remote_latest_valid(s3, url, tmp_path):
+    uploaded_run(tmp_path / "run", url, s3, steps=(1,))
+    loop2 = Loop(tmp_path / "run2")  # a second, unuploaded checkpoint to send from a child process
+    loop2.train(2)
+    folder = loop2.ckpt.save(2)
+    loop2.ckpt.close()
+    child = subprocess.Popen([sys.executable, "-c", f"""
+import json, sys, time
+sys.path.insert(0, {str(REPO)!r})
+from accel_trainer.checkpoint.remote import RemoteTier
+tier = RemoteTier({url!r}, {s3!r}, workers=1)
+put = tier.fs.put_file
+def slow_put(*a, **k):  # a slow network: the kill lands mid-upload
+    print("put", a[1], flush=True); put(*a, **k); time.sleep(1.0)
+tier.fs.put_file = slow_put
+tier.upload(__import__("pathlib").Path({str(folder)!r}))
+tier.write_pointer("latest", "step-2")
+"""], stdout=subprocess.PIPE, text=True, env=os.environ.copy())
+    assert "put" in child.stdout.readline()
+    time.sleep(1.5)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    tier = RemoteTier(url, s3)
+    assert "step-2" in tier.listing() and "COMPLETE" not in tier.listing()["step-2"]  # half uploaded
+    assert tier.read_pointer("latest") == "step-1" and tier.latest_valid()[0] == "step-1"
+    target = tmp_path / "fresh"
+    found = resolve_with_remote("latest", target, tier, progress=False)
+    assert found.path == target / "checkpoints" / "step-1"
+
+
+def test_a_damaged_remote_object_fails_verify_and_latest_falls_back(s3, url, tmp_path):
+    tier = uploaded_run(tmp_path / "run", url, s3)
+    obj = tier.path("step-2", "model.safetensors")
+    data = bytearray(tier.fs.cat_file(obj))
+    data[-10] ^= 0xFF  # same size: only a checksum finds it
+    tier.fs.pipe_file(obj, bytes(data))
+    cli = [sys.executable, "-m", "accel_trainer.cli"]
+    out = subprocess.run([*cli, "verify", url, "--storage_options", json.dumps(s3)], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 1, out.stderr
+    assert "FAIL" in out.stdout and "step-2/model.safetensors: checksum mismatch" in out.stdout
+    reports = []
+    found = resolve_with_remote("latest", tmp_path / "fresh", tier, report=reports.append, progress=False)
+    assert found.path.name == "step-1" and any("skips the remote step-2" in r for r in reports)
+
+
+def test_reading_tools_take_an_s3_url(s3, url, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCEL_TRAINER_CACHE", str(tmp_path / "cache"))
+    loop = Loop(tmp_path / "run", upload_to=url, storage_options=s3)
+    loop.train(1)
+    loop.ckpt.save(1)
+    loop.ckpt.close()
+    model, config, step = load_model_for_inference(url, device="cpu", storage_options=s3)
+    assert step == 1 and model.load_report.exact
+    reference = loop.accelerator.unwrap_model(loop.model).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    assert fetch(url, s3).is_relative_to(tmp_path / "cache")  # cached: the second call downloads nothing
+    cli = [sys.executable, "-m", "accel_trainer.cli"]
+    options = ["--storage_options", json.dumps(s3)]
+    listed = subprocess.run([*cli, "list", url, *options], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "ACCEL_TRAINER_CACHE": str(tmp_path / "cache")})
+    assert listed.returncode == 0 and "step-1" in listed.stdout and "latest" in listed.stdout, listed.stderr
+    inspected = subprocess.run([*cli, "inspect", url, *options], capture_output=True, text=True, cwd=REPO,
+                               env={**os.environ, "ACCEL_TRAINER_CACHE": str(tmp_path / "cache")})
+    assert inspected.returncode == 0 and "progress     step 1" in inspected.stdout, inspected.stderr
+
+
+def test_unreachable_storage_is_one_line_and_training_goes_on(s3, tmp_path, capsys):
+    url = "s3://no-such-bucket/run"
+    loop = Loop(tmp_path / "run", upload_to=url, storage_options=s3)
+    loop.train(1)
+    assert loop.ckpt.save(1) is not None  # the local checkpoint is saved
+    loop.ckpt.close()
+    out = capsys.readouterr().out
+    assert "--checkpoint_upload_to: s3://no-such-bucket/run: the bucket 'no-such-bucket' does not exist" in out
+    assert "checkpoint upload of step-1 to s3://no-such-bucket/run failed" in out
+    assert "testing" not in out  # no credential in any line
+    with pytest.raises(CheckpointError, match="does not exist.*--save_strict"):
+        Loop(tmp_path / "strict", upload_to=url, storage_options=s3, save_strict=True)
+
+
+def test_resume_on_an_empty_machine_downloads_the_remote_latest_and_is_bit_exact(s3, url, tmp_path):
+    args = [*TINY, "--max_steps", "6", "--lr_schedule_steps", "6", "--save_steps", "3", "--eval_steps", "0",
+            "--logging_steps", "1", "--checkpoint_upload_to", url, "--storage_options", json.dumps(s3)]
+    launch([*args, "--output_dir", str(tmp_path / "reference"), "--checkpoint_upload_to", url + "-reference"])
+    first = launch([*args, "--max_steps", "3", "--output_dir", str(tmp_path / "node1")])
+    assert "checkpoint: uploaded step-3" in first.stdout
+    shutil.rmtree(tmp_path / "node1")  # the machine is gone; a new one starts with an empty disk
+    second = launch([*args, "--output_dir", str(tmp_path / "node2"), "--resume_from_checkpoint", "latest"])
+    assert "is newer than any local checkpoint: downloading it" in second.stdout
+    reference = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "reference" / "metrics.jsonl")}
+    resumed = {r["step"]: r["loss"] for r in read_jsonl(tmp_path / "node2" / "metrics.jsonl")}
+    assert all(resumed.get(s) == reference[s] for s in (4, 5, 6)), (resumed, reference, second.stdout[-3000:])
+    saved = json.loads((tmp_path / "node2" / "checkpoints" / "step-6" / "run_config.json").read_text())
+    assert json.loads(saved["storage_options"]) == s3  # an endpoint is kept; keys would read "***"
