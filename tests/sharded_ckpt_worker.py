@@ -2,6 +2,7 @@
 FSDP2-sharded MoE (``fully_shard``), Muon+AdamW and the Checkpointer. Prints ``step N loss X`` on rank 0.
 
     worker.py OUT --steps 6 --save_every 2 [--async_save] [--resume] [--die_after_save K]
+              [--upload_to URL --storage_options JSON]
 
 Every rank trains on the same batch (seeded by the step), so the losses do not depend on the world
 size and a resume on another world size can be compared with the uninterrupted run.
@@ -11,6 +12,7 @@ make sure of it), as a node failure would.
 """
 
 import argparse
+import json
 import gc
 import os
 import signal
@@ -33,6 +35,8 @@ parser.add_argument("--save_every", type=int, default=2)
 parser.add_argument("--async_save", action="store_true")
 parser.add_argument("--resume", action="store_true")
 parser.add_argument("--die_after_save", type=int, default=None)
+parser.add_argument("--upload_to", default=None)
+parser.add_argument("--storage_options", default=None)
 args = parser.parse_args()
 
 accelerator = Accelerator(cpu=True)
@@ -59,7 +63,8 @@ class Loop:
 
 loop = Loop()
 ckpt = Checkpointer(accelerator, args.out, model=model, optimizer=container.optimizers, extra={"loop": loop},
-                    async_save=args.async_save)
+                    async_save=args.async_save, upload_to=args.upload_to,
+                    storage_options=json.loads(args.storage_options) if args.storage_options else None)
 assert ckpt.sharded and ckpt.async_save == args.async_save
 if args.die_after_save is not None:
     slow = sharded.ShardedState.own_digests

@@ -191,3 +191,26 @@ def test_resume_on_an_empty_machine_downloads_the_remote_latest_and_is_bit_exact
     assert all(resumed.get(s) == reference[s] for s in (4, 5, 6)), (resumed, reference, second.stdout[-3000:])
     saved = json.loads((tmp_path / "node2" / "checkpoints" / "step-6" / "run_config.json").read_text())
     assert json.loads(saved["storage_options"]) == s3  # an endpoint is kept; keys would read "***"
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_upload_per_rank_in_parallel_and_resume_from_the_remote(s3, url, tmp_path):
+    """FSDP2 on 2 CPU ranks: each rank uploads the shards it wrote; rank 0 commits after both."""
+    worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+              str(__import__("conftest").free_port()), str(REPO / "tests" / "sharded_ckpt_worker.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    remote = ["--upload_to", url, "--storage_options", json.dumps(s3)]
+    out = subprocess.run([*worker, str(tmp_path / "node1"), "--steps", "4", "--async_save", *remote],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "checkpoint: uploaded step-4" in out.stdout and "2 ranks in parallel" in out.stdout, out.stdout
+    tier = RemoteTier(url, s3)
+    assert tier.read_pointer("latest") == "step-4"
+    assert {"sharded/__0_0.distcp", "sharded/__1_0.distcp", "sharded/.metadata"} <= set(tier.listing()["step-4"])
+    assert tier.problems("step-4", checksums=True)[0] == []
+    # A new machine: nothing local; it resumes from the remote (downloaded once, by rank 0).
+    again = subprocess.run([*worker, str(tmp_path / "node2"), "--steps", "6", "--resume", *remote],
+                           capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step 4" in again.stdout
+    assert tier.read_pointer("latest") == "step-6"

@@ -48,7 +48,7 @@ from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
 from .remote import RemoteTier, Uploader, resolve_with_remote
-from .sharded import SHARDED_DIR, ShardedState, is_sharded
+from .sharded import SHARDED_DIR, Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
 from .weights import load_weights_in_place, normalize_key, normalize_state_dict
 
@@ -156,15 +156,23 @@ class Checkpointer:
         self._shards = ShardedState(accelerator.unwrap_model(model), self.optimizers) if self.sharded else None
         self.remote = RemoteTier(upload_to, storage_options) if upload_to else None
         self._uploader = None
-        if self.remote is not None and accelerator.is_main_process:
-            try:
-                self.remote.check()
-            except CheckpointError as err:
-                if save_strict:
-                    raise CheckpointError(f"--checkpoint_upload_to: {err} (--save_strict)") from None
-                accelerator.print(f"WARNING: --checkpoint_upload_to: {err}; checkpoints stay local until it works "
-                                  "(each save tries again)")
-            self._uploader = Uploader(self.remote, save_total_limit, keep_every_n_steps, report=accelerator.print)
+        if self.remote is not None:
+            problem = None
+            if accelerator.is_main_process:
+                try:
+                    self.remote.check()
+                except CheckpointError as err:
+                    problem = f"--checkpoint_upload_to: {err}"
+            problem = self._agree(problem)
+            if problem and save_strict:
+                raise CheckpointError(f"{problem} (--save_strict)")
+            if problem:
+                accelerator.print(f"WARNING: {problem}; checkpoints stay local until it works (each save tries again)")
+        if self.remote is not None and (accelerator.is_main_process or self.sharded):
+            # Sharded: every rank uploads the shards it wrote, in step with the others (a channel of
+            # their own); otherwise the main process uploads everything.
+            self._uploader = Uploader(self.remote, save_total_limit, keep_every_n_steps, report=accelerator.print,
+                                      channel=Channel() if self.sharded else None)
         self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
         if self._stop is not None:
             self._stop.install()
@@ -336,7 +344,7 @@ class Checkpointer:
             digests = self._shards.own_digests(tmp / SHARDED_DIR)
         except Exception as err:
             problem = f"{type(err).__name__}: {err}"
-        reports = self._shards.gather((problem, digests))
+        reports = self._shards.channel.gather((problem, digests))
         outcome = None
         if reports is not None:  # rank 0
             failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p]
@@ -348,9 +356,11 @@ class Checkpointer:
                     outcome = ("ok", self._commit(tmp, final, record, {k: v for _, d in reports for k, v in d.items()}))
                 except Exception as err:
                     outcome = ("error", f"{type(err).__name__}: {err}")
-        outcome = self._shards.broadcast(outcome)
+        outcome = self._shards.channel.broadcast(outcome)
         if outcome[0] == "error":
             raise CheckpointError(outcome[1])
+        if self._uploader is not None:  # every rank: each uploads its own shards
+            self._uploader.submit(final, ["latest", "best"] if "best" in record["reasons"] else ["latest"])
         return outcome[1] if self.accelerator.is_main_process else []
 
     def _rename_into_place(self, tmp: Path, final: Path) -> Path | None:
@@ -379,7 +389,7 @@ class Checkpointer:
                 write_pointer(self.root, pointer, final)
             except OSError as err:
                 problems.append(f"moving '{pointer}' to {final.name} failed ({err.strerror or err})")
-        if self._uploader is not None:
+        if self._uploader is not None and not self.sharded:  # sharded: every rank submits (_finish_sharded)
             self._uploader.submit(final, list(pointers))
         try:
             if replaced is not None:
@@ -460,8 +470,11 @@ class Checkpointer:
         self._report_after_commit(tmp.parent / tmp.name[len(TMP_PREFIX):], notes)
 
     def _raise_if_upload_failed(self) -> None:
-        if self.save_strict and self._uploader is not None and self._uploader.failures:
-            raise CheckpointError(self._uploader.failures[0] + " (--save_strict)")
+        """With ``save_strict``, a failed upload stops the run on every rank (a collective call)."""
+        if self.save_strict and self.remote is not None:
+            failed = self._agree(self._uploader.failures[0] if self._uploader and self._uploader.failures else None)
+            if failed:
+                raise CheckpointError(failed + " (--save_strict)")
 
     def wait_for_uploads(self) -> None:
         """Block until every checkpoint saved so far is uploaded (or its upload failed)."""

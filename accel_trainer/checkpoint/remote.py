@@ -21,6 +21,7 @@ written into a checkpoint or a log.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 import time
@@ -228,16 +229,30 @@ class RemoteTier:
         Raises:
             RemoteError: a request failed after its retries, or the sizes listed back differ.
         """
-        manifest = json.loads((folder / MANIFEST).read_text())
-        name = folder.name
+        self.begin(folder.name)
+        size = self.put_files(folder, list(json.loads((folder / MANIFEST).read_text())["files"]))
+        self.commit(folder)
+        return size
+
+    def begin(self, name: str) -> None:
+        """Before any file of ``name`` is sent: its old ``COMPLETE`` (a re-upload) must go first."""
         try:
             self._retry(f"deleting {self.display(name, COMPLETE)}", lambda: self.fs.rm_file(self.path(name, COMPLETE)))
         except FileNotFoundError:
             pass  # the usual case: never uploaded before
-        files = list(manifest["files"])
+
+    def put_files(self, folder: Path, files: list[str]) -> int:
+        """Upload ``files`` of ``folder`` in parallel (each retried); returns their bytes."""
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="upload") as pool:
-            list(pool.map(lambda f: self._retry(f"uploading {folder / f} to {self.display(name, f)}",
-                                                lambda: self.fs.put_file(str(folder / f), self.path(name, f))), files))
+            list(pool.map(lambda f: self._retry(f"uploading {folder / f} to {self.display(folder.name, f)}",
+                                                lambda: self.fs.put_file(str(folder / f), self.path(folder.name, f))),
+                          files))
+        return sum((folder / f).stat().st_size for f in files)
+
+    def commit(self, folder: Path) -> None:
+        """Every data file is up: check their sizes as the store lists them, then manifest, then COMPLETE."""
+        manifest = json.loads((folder / MANIFEST).read_text())
+        name, files = folder.name, list(manifest["files"])
         listed = self.listing().get(name, {})
         wrong = [f"{f}: {listed.get(f, 'missing')} bytes, expected {manifest['files'][f]['size']}"
                  for f in files if listed.get(f) != manifest["files"][f]["size"]]
@@ -246,7 +261,6 @@ class RemoteTier:
         for last in (MANIFEST, COMPLETE):
             self._retry(f"uploading {self.display(name, last)}",
                         lambda: self.fs.put_file(str(folder / last), self.path(name, last)))
-        return sum(info["size"] for info in manifest["files"].values())
 
     def delete(self, name: str) -> None:
         """Remove a remote checkpoint: its ``COMPLETE`` first, so no reader trusts what is left."""
@@ -314,17 +328,26 @@ class RemoteTier:
 
 
 class Uploader:
-    """Uploads committed local checkpoints in one background thread, in order; the newest wins
-    when saves come faster than uploads (a queued step that is neither ``best`` nor the last is dropped).
+    """Uploads committed local checkpoints in a background thread, in order.
+
+    One process: it uploads every file (several at once); when saves come faster than uploads the
+    newest wins (a queued step that is neither ``best`` nor the last is dropped). Several processes
+    with a ``channel`` (a sharded run): every rank has one, and each uploads the shards it wrote,
+    all at once (the bandwidth of every node, not one); rank 0 the other files, and it commits only
+    once every rank reported its shards uploaded.
 
     Args:
         tier: where to.
         keep_last, keep_every_n_steps: remote retention (as locally).
-        report: called with one line per upload or failure.
+        report: called with one line per upload or failure (rank 0).
+        channel: gather/broadcast between the ranks' upload threads (:class:`sharded.Channel`).
     """
 
-    def __init__(self, tier: RemoteTier, keep_last: int | None, keep_every_n_steps: int | None, report=print):
+    def __init__(self, tier: RemoteTier, keep_last: int | None, keep_every_n_steps: int | None, report=print,
+                 channel=None):
         self.tier, self.keep_last, self.keep_every_n_steps, self.report = tier, keep_last, keep_every_n_steps, report
+        self.channel = channel
+        self.rank = channel.rank if channel is not None else 0
         self._queue: deque[tuple[Path, list[str]]] = deque()
         self._in_flight: str | None = None
         self._cond = threading.Condition()
@@ -334,10 +357,12 @@ class Uploader:
         self._thread.start()
 
     def submit(self, folder: Path, pointers: list[str]) -> None:
+        """Queue a committed checkpoint (every rank of a sharded run submits the same ones, in order)."""
+        dropped = []
         with self._cond:
-            kept = deque(item for item in self._queue if "best" in item[1])
-            dropped = [item[0].name for item in self._queue if "best" not in item[1]]
-            self._queue = kept
+            if self.channel is None:  # ranks would have to agree on what to drop: only alone
+                dropped = [item[0].name for item in self._queue if "best" not in item[1]]
+                self._queue = deque(item for item in self._queue if "best" in item[1])
             self._queue.append((folder, list(pointers)))
             self._cond.notify_all()
         if dropped:
@@ -359,23 +384,59 @@ class Uploader:
                 folder, pointers = self._queue.popleft()
                 self._in_flight = folder.name
             try:
-                start = time.perf_counter()
-                size = self.tier.upload(folder)
-                for pointer in pointers:
-                    self.tier.write_pointer(pointer, folder.name)
-                self.tier.apply_retention(self.keep_last, self.keep_every_n_steps, keep=self.pending())
-                seconds = time.perf_counter() - start
-                self.report(f"checkpoint: uploaded {folder.name} to {self.tier.display(folder.name)} "
-                            f"({size / 2**20:.1f} MiB in {seconds:.1f} s)")
-            except Exception as err:  # never stops training: the local checkpoint stays
-                message = (f"checkpoint upload of {folder.name} to {self.tier} failed ({_reason(err)}); the local "
-                           f"checkpoint is kept and training continues; the next save uploads again")
-                self.failures.append(message)
-                self.report(f"WARNING: {message}")
+                self._upload(folder, pointers)
+            except Exception as err:  # a broken channel: say so, keep the thread (wait() must return)
+                self.failures.append(f"checkpoint upload of {folder.name} failed ({_reason(err)})")
+                self.report(f"WARNING: {self.failures[-1]}")
             finally:
                 with self._cond:
                     self._in_flight = None
                     self._cond.notify_all()
+
+    def _own_files(self, folder: Path) -> list[str]:
+        files = list(json.loads((folder / MANIFEST).read_text())["files"])
+        if self.channel is None:
+            return files
+        shard = re.compile(r"^sharded/__(\d+)_")
+        owner = {f: int(m.group(1)) if (m := shard.match(f)) else 0 for f in files}
+        return [f for f in files if owner[f] == self.rank]
+
+    def _upload(self, folder: Path, pointers: list[str]) -> None:
+        start = time.perf_counter()
+        problem, size = None, 0
+        try:
+            if self.rank == 0:
+                self.tier.begin(folder.name)
+        except Exception as err:
+            problem = _reason(err)
+        if self.channel is not None:  # nobody sends a file before the old COMPLETE is gone
+            problem = self.channel.broadcast(problem)
+        if problem is None:
+            try:
+                size = self.tier.put_files(folder, self._own_files(folder))
+            except Exception as err:
+                problem = _reason(err)
+        reports = self.channel.gather((problem, size)) if self.channel is not None else [(problem, size)]
+        if self.rank != 0:
+            return
+        failed = [f"rank {r}: {p}" if len(reports) > 1 else p for r, (p, _) in enumerate(reports) if p]
+        try:
+            if failed:
+                raise RemoteError("; ".join(failed))
+            self.tier.commit(folder)
+            for pointer in pointers:
+                self.tier.write_pointer(pointer, folder.name)
+            self.tier.apply_retention(self.keep_last, self.keep_every_n_steps, keep=self.pending())
+        except Exception as err:  # never stops training: the local checkpoint stays
+            message = (f"checkpoint upload of {folder.name} to {self.tier} failed ({_reason(err)}); the local "
+                       f"checkpoint is kept and training continues; the next save uploads again")
+            self.failures.append(message)
+            self.report(f"WARNING: {message}")
+            return
+        total, seconds = sum(n for _, n in reports), time.perf_counter() - start
+        shares = f"; {len(reports)} ranks in parallel" if len(reports) > 1 else ""
+        self.report(f"checkpoint: uploaded {folder.name} to {self.tier.display(folder.name)} "
+                    f"({total / 2**20:.1f} MiB in {seconds:.1f} s{shares})")
 
     def wait(self) -> None:
         """Block until every queued upload is done (or failed)."""

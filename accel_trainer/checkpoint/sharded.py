@@ -27,7 +27,7 @@ from .checksums import hash_file
 from .format import SHARDED_DIR
 from .io import CheckpointError, check_dcp_metadata_is_data
 
-__all__ = ["SHARDED_DIR", "ShardedState", "is_sharded"]
+__all__ = ["SHARDED_DIR", "Channel", "ShardedState", "is_sharded"]
 
 
 def is_sharded(model) -> bool:
@@ -42,6 +42,33 @@ def _raw(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+class Channel:
+    """Gather and broadcast between the ranks' background threads, over a gloo group of its own:
+    collectives there must not interleave with the training's (or another thread's). Created
+    collectively (every rank at the same point); a single process needs none of it."""
+
+    def __init__(self):
+        self.distributed = dist.is_available() and dist.is_initialized()
+        self.group = dist.new_group(backend="gloo") if self.distributed else None
+        self.rank = dist.get_rank() if self.distributed else 0
+
+    def gather(self, item):
+        """Every rank's ``item`` on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [item]
+        out = [None] * dist.get_world_size() if self.rank == 0 else None
+        dist.gather_object(item, out, dst=dist.get_global_rank(self.group, 0), group=self.group)
+        return out
+
+    def broadcast(self, item):
+        """Rank 0's ``item`` on every rank."""
+        if not self.distributed:
+            return item
+        box = [item]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return box[0]
+
+
 class ShardedState:
     """The sharded model and named optimizers of a run, saved and loaded with DCP.
 
@@ -52,12 +79,9 @@ class ShardedState:
 
     def __init__(self, model, optimizers: dict):
         self.model, self.optimizers = model, optimizers
-        self.distributed = dist.is_available() and dist.is_initialized()
-        # A group of our own for the background thread: DCP's collectives and ours there must not
-        # interleave with the training's (NCCL) ones. Created collectively: every rank builds its
-        # Checkpointer at the same point.
-        self.group = dist.new_group(backend="gloo") if self.distributed else None
-        self.rank = dist.get_rank() if self.distributed else 0
+        # DCP's collectives and ours in the background thread go over a group of their own.
+        self.channel = Channel()
+        self.distributed, self.group, self.rank = self.channel.distributed, self.channel.group, self.channel.rank
         self._stager = None
 
     def state_dict(self) -> dict:
@@ -97,22 +121,6 @@ class ShardedState:
     def own_digests(self, folder: Path) -> dict[str, str]:
         """Checksums of the files this rank wrote (read back from the page cache, just written)."""
         return {f"{SHARDED_DIR}/{p.name}": hash_file(p) for p in sorted(folder.glob(f"__{self.rank}_*"))}
-
-    def gather(self, item):
-        """Every rank's ``item`` on rank 0 (None elsewhere), over the checkpoint's own group."""
-        if not self.distributed:
-            return [item]
-        out = [None] * dist.get_world_size() if self.rank == 0 else None
-        dist.gather_object(item, out, dst=dist.get_global_rank(self.group, 0), group=self.group)
-        return out
-
-    def broadcast(self, item):
-        """Rank 0's ``item`` on every rank, over the checkpoint's own group."""
-        if not self.distributed:
-            return item
-        box = [item]
-        dist.broadcast_object_list(box, src=dist.get_global_rank(self.group, 0), group=self.group)
-        return box[0]
 
     # ------------------------------------------------------------------------------------ load
     def load(self, folder: Path, optimizers: bool = True) -> None:
