@@ -2,10 +2,14 @@
 
     python benchmarks/checkpoint.py                 # ~1 GiB of model + Muon/AdamW state
     python benchmarks/checkpoint.py --size_gb 3 --repeats 3 --dir /fast/disk/tmp
+    python benchmarks/checkpoint.py --upload_to moto          # + uploads to a local S3 server (moto)
+    python benchmarks/checkpoint.py --upload_to s3://bucket/prefix [--storage_options '{"endpoint_url": ...}']
 
 Prints a table and the ratios the project targets:
   durable sync save  >= 0.9 x raw write+fsync, and faster than save_state + os.sync()
   async save         training blocked <= 0.1 s per GiB of state
+  upload (--upload_to): our background upload GB/s vs a plain s3fs put of the same folder
+                     (>= 0.9), and the extra seconds a save blocks training when it also uploads (~0)
   sharded (FSDP2, 2 CPU ranks under torchrun): training blocked per GiB, async vs sync, next to
                      the non-sharded async save (sharded async <= 0.1 s per GiB; its staging copy
                      goes to pinned memory on a GPU)
@@ -46,7 +50,8 @@ def model_config(size_gb: float):
     return config
 
 
-def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
+def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False, upload_to: str | None = None,
+                  storage_options: dict | None = None):
     """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
     from accel_trainer.config import DataArguments, TrainingArguments
     from accel_trainer.data import build_datasets
@@ -57,7 +62,8 @@ def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False):
     config = model_config(size_gb)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
                              report_to="none", disable_tqdm=True, eval_steps=0, async_save=async_save,
-                             warmup_steps=0)
+                             warmup_steps=0, checkpoint_upload_to=upload_to,
+                             storage_options=json.dumps(storage_options) if storage_options else None)
     accelerator = build_accelerator(args)
     model = MoEForCausalLM(config)
     optimizers = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
@@ -251,6 +257,59 @@ def measure_sharded(size_gb: float, work: Path, repeats: int, ranks: int = 2) ->
     return json.loads(found[0][len("SHARDED "):])
 
 
+def moto_server(work: Path) -> tuple[str, dict, subprocess.Popen]:
+    """A local S3 API (moto) in a process of its own (in this one it would share the GIL with the
+    save being timed); returns the bucket URL, storage options and the process."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    options = {"endpoint_url": f"http://127.0.0.1:{port}"}
+    from accel_trainer.checkpoint.remote import RemoteTier
+
+    for _ in range(100):
+        try:
+            RemoteTier("s3://bench", options, retries=1).fs.mkdir("bench")
+            break
+        except Exception:
+            time.sleep(0.1)
+    return "s3://bench/run", options, server
+
+
+def measure_upload(size_gb: float, work: Path, url: str, options: dict, repeats: int) -> dict:
+    """Saves with and without uploading (the time training waits), the background upload's time
+    from the end of the save, and a plain s3fs put of the same checkpoint folder."""
+    from accel_trainer.checkpoint.remote import RemoteTier
+
+    plain = build_trainer(size_gb, work / "upload_plain")
+    ours = build_trainer(size_gb, work / "upload_ours", upload_to=url, storage_options=options)
+    for trainer in (plain, ours):
+        trainer.train_step(next(trainer.micro_batches()))
+    tier = RemoteTier(url, options)
+    out = {k: [] for k in ("save, no upload: blocked", "save + upload: blocked", "ours upload (background)",
+                           "plain s3fs put")}
+    for r in range(repeats):
+        plain.state.global_step = ours.state.global_step = 400 + r
+        out["save, no upload: blocked"].append(timed(lambda: plain.save(["periodic"])))
+        start = time.perf_counter()
+        folder = ours.save(["periodic"])
+        saved = time.perf_counter() - start
+        ours.checkpointer.wait_for_uploads()
+        out["save + upload: blocked"].append(saved)
+        out["ours upload (background)"].append(time.perf_counter() - start - saved)
+        out["plain s3fs put"].append(timed(lambda: tier.fs.put(str(folder), f"{tier.base}/plain-{r}", recursive=True)))
+    for trainer in (plain, ours):
+        trainer.checkpointer.close()
+    out["bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return out
+
+
 def child_load(kind: str, path: str, size_gb: float, work: str) -> None:
     """In a fresh process: time one load and report the peak RSS growth it caused."""
     if kind == "inference":
@@ -289,6 +348,9 @@ def main() -> None:
     parser.add_argument("--size_gb", type=float, default=1.0, help="approximate GiB of weights + optimizer state")
     parser.add_argument("--repeats", type=int, default=3, help="repetitions per method (the median is reported)")
     parser.add_argument("--dir", default=None, help="scratch folder on the disk to measure (default: a temp dir)")
+    parser.add_argument("--upload_to", default=None, help="also measure uploads: an fsspec URL, or 'moto' for a "
+                        "local S3 server (pip install -e '.[test]')")
+    parser.add_argument("--storage_options", default=None, help="JSON options for --upload_to's filesystem")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--_sharded", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -308,6 +370,16 @@ def main() -> None:
         results = measure_saves(trainer, work, args.repeats)
         results.update(measure_async(args.size_gb, work, args.repeats))
         sharded = measure_sharded(args.size_gb, work, args.repeats)
+        upload, server = None, None
+        if args.upload_to:
+            url, options = args.upload_to, json.loads(args.storage_options or "{}")
+            if url == "moto":
+                url, options, server = moto_server(work)
+            try:
+                upload = measure_upload(args.size_gb, work, url, options, args.repeats)
+            finally:
+                if server is not None:
+                    server.terminate()
         latest = trainer.checkpointer.root / (trainer.checkpointer.root / "latest").read_text().strip()
         ckpt_bytes = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
         cold_read = measure_load("read", latest, args.size_gb, work)
@@ -330,6 +402,13 @@ def main() -> None:
         for mode in ("sync", "async"):
             print(f"{'ours sharded ' + mode:<53}{sharded[mode]['blocked']:>10.3f}{sharded[mode]['complete']:>12.3f}")
 
+        if upload is not None:
+            size = upload.pop("bytes")
+            up = {k: statistics.median(v) for k, v in upload.items()}
+            print(f"\nupload to {args.upload_to} ({size / 2**30:.2f} GiB checkpoint){'seconds':>19}{'GB/s':>8}")
+            for name, seconds in up.items():
+                print(f"{name:<53}{seconds:>10.3f}{f"{size / seconds / 1e9:.2f}" if "blocked" not in name else "":>8}")
+
         raw = med["raw write+fsync"]
         blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
         rows = [
@@ -347,6 +426,11 @@ def main() -> None:
             ("inference load peak RSS growth / (weights + largest)", inference["rss_growth_bytes"]
              / (model_bytes + largest), "<= 1.00"),
         ]
+        if upload is not None:
+            rows += [("upload: ours vs plain s3fs put (bandwidth)", up["plain s3fs put"] / up["ours upload (background)"],
+                      ">= 0.90"),
+                     ("upload: extra seconds a save blocks training", up["save + upload: blocked"]
+                      - up["save, no upload: blocked"], "~0")]
         print(f"\n{'ratio':<55}{'value':>8}  target")
         for name, value, target in rows:
             print(f"{name:<55}{value:>8.3f}  {target}")

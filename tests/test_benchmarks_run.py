@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("script,args,expect", [
-    ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1"], "ours sync vs raw write+fsync"),
+    ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1", "--upload_to", "moto"], "upload: ours vs plain s3fs put"),
     ("step_overhead.py", ["--steps", "3", "--rounds", "1"], "ratio trainer/bare steps/s"),
     ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
     ("cli_startup.py", ["--repeats", "1"], "accel-trainer inspect"),

@@ -214,3 +214,27 @@ def test_sharded_checkpoints_upload_per_rank_in_parallel_and_resume_from_the_rem
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "resumed from" in again.stdout and "step 4" in again.stdout
     assert tier.read_pointer("latest") == "step-6"
+
+
+def test_network_errors_are_retried_with_backoff_then_reported_naming_the_file(s3, url, tmp_path):
+    loop = Loop(tmp_path / "run")
+    loop.train(1)
+    folder = loop.ckpt.save(1)
+    loop.ckpt.close()
+    tier = RemoteTier(url, s3, retries=3, backoff=0.01)
+    put, calls = tier.fs.put_file, []
+
+    def flaky(local, remote, **kw):  # every file fails twice, then goes through
+        calls.append(remote)
+        if calls.count(remote) <= 2:
+            raise ConnectionError("connection reset by peer")
+        return put(local, remote, **kw)
+
+    tier.fs.put_file = flaky
+    tier.upload(folder)
+    assert tier.latest_valid()[0] == "step-1"
+    tier.fs.put_file = lambda *a, **k: (_ for _ in ()).throw(ConnectionError("network is unreachable"))
+    tier.begin("step-1")
+    with pytest.raises(CheckpointError, match=r"uploading .*model\.safetensors to s3://.*step-1/model\.safetensors: "
+                                              r"ConnectionError: network is unreachable"):
+        tier.put_files(folder, ["model.safetensors"])
