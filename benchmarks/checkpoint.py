@@ -407,7 +407,7 @@ def main() -> None:
             up = {k: statistics.median(v) for k, v in upload.items()}
             print(f"\nupload to {args.upload_to} ({size / 2**30:.2f} GiB checkpoint){'seconds':>19}{'GB/s':>8}")
             for name, seconds in up.items():
-                print(f"{name:<53}{seconds:>10.3f}{f"{size / seconds / 1e9:.2f}" if "blocked" not in name else "":>8}")
+                print(f"{name:<53}{seconds:>10.3f}{format(size / seconds / 1e9, '.2f') if 'blocked' not in name else '':>8}")
 
         raw = med["raw write+fsync"]
         blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
