@@ -171,10 +171,14 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
 def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args, train_args) -> Trainer:
     run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size}
     spec = train_args.resume_from_checkpoint
-    if spec:  # a missing or incompatible checkpoint is reported before tokenising
-        # Checksums only of what this reads (the tensors are verified when they are loaded).
+    # A storage URL that cannot work (no s3fs installed, an unknown scheme) is reported before tokenising.
+    try:
         remote = (RemoteTier(train_args.checkpoint_upload_to, parse_storage_options(train_args.storage_options))
                   if train_args.checkpoint_upload_to else None)
+    except CheckpointError as err:
+        raise ConfigError(f"--checkpoint_upload_to: {err}") from None
+    if spec:  # a missing or incompatible checkpoint is reported before tokenising
+        # Checksums only of what this reads (the tensors are verified when they are loaded).
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG},
                                  remote=remote)
         if folder is not None:

@@ -163,3 +163,11 @@ def test_mixed_precision_follows_the_accelerate_config_unless_the_flag_is_given(
         assert (str(accelerator.mixed_precision), args.mixed_precision) == (expected, expected)
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_object_storage_flags_fail_in_one_line_before_any_work(recipe, tmp_path):
+    code, err = recipe("--output_dir", str(tmp_path), "--checkpoint_upload_to", "nosuchscheme://bucket/run")
+    assert code == 2 and "--checkpoint_upload_to: nosuchscheme://bucket/run: cannot open this storage" in err
+    code, err = recipe("--output_dir", str(tmp_path), "--checkpoint_upload_to", "s3://b/r", "--storage_options", "{bad")
+    assert code == 2 and "--storage_options: not JSON" in err
+    assert not (tmp_path / "data").exists()  # nothing was tokenised
