@@ -232,20 +232,14 @@ class Checkpointer:
                   "best": best or self.best, "sequence": self._next_sequence()}
         background = self.async_save and not wait
         notes = []
-        if self.sharded:  # every rank takes part in the commit (it reports its files to rank 0)
+        # Sharded: every rank takes part in the commit (it reports its files to rank 0).
+        finish = self._finish_sharded if self.sharded else self._finish
+        if self.sharded or acc.is_main_process:
             if background:
-                self._pending = (self._executor.submit(self._finish_sharded, tmp, final, record, big), tmp, self.best)
+                self._pending = (self._executor.submit(finish, tmp, final, record, big), tmp, self.best)
             else:
                 try:
-                    notes = self._finish_sharded(tmp, final, record, big)
-                except Exception as err:
-                    problem = not_saved(step, err, tmp)
-        elif acc.is_main_process:
-            if background:
-                self._pending = (self._executor.submit(self._finish, tmp, final, record, big), tmp, self.best)
-            else:
-                try:
-                    notes = self._finish(tmp, final, record, big)
+                    notes = finish(tmp, final, record, big)
                 except Exception as err:
                     problem = not_saved(step, err, tmp)
         if not background:
