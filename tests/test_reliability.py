@@ -22,7 +22,7 @@ from accel_trainer.cli import main as cli_main
 from conftest import TINY
 from faults import failing_disk
 from helpers_ckpt import make_run
-from test_checkpointer import Loop
+from test_checkpointer import Loop, loop  # noqa: F401 (loop: the same fixture, not a copy)
 
 HOLD = """
 import sys, time
@@ -172,19 +172,6 @@ def test_a_pointer_that_cannot_move_is_reported_as_saved_and_latest_still_finds_
         assert resolve("latest", tmp_path).path == folder
     a.ckpt.save(3)
     assert read_pointer(root, "latest").name == "step-3"  # the next save moves it
-
-
-@pytest.fixture
-def loop(tmp_path):
-    made = []
-
-    def make(**kwargs):
-        made.append(Loop(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.ckpt.close()
 
 
 # ------------------------------------------ 6, 7, 9. what a resume is given, checked before work
