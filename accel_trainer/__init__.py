@@ -21,7 +21,7 @@ __getattr__ = lazy_names(__name__, _WHERE)
 def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None):
     """:func:`accel_trainer.checkpoint.load_model_for_inference` with this package's model registered;
     old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`."""
-    from .checkpoint.inference import load_model_for_inference as load
+    from .checkpoint import load_model_for_inference as load
     from .models import MoEConfig
 
     return load(path, device=device, dtype=dtype, strict=strict, config=config, legacy_config_class=MoEConfig)

@@ -24,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError  # the one error type for bad input (light: no torch)
+from .errors import ConfigError, InputError  # the one family of bad-input errors (light: no torch)
 
 
 def _fmt_bytes(n: int) -> str:
@@ -36,50 +36,23 @@ def _fmt_bytes(n: int) -> str:
 
 
 def _checkpoint(path: str, checksums=False) -> Path:
-    from .checkpoint.format import COMPLETE
-    from .checkpoint.io import CheckpointError
-    from .checkpoint.layout import resolve_path
+    from .checkpoint import checkpoint_folder
 
-    found = resolve_path(path, flag=path, checksums=checksums).path
-    if not (found / COMPLETE).exists():
-        raise CheckpointError(f"{path}: not an accel_trainer checkpoint (no {COMPLETE} marker)")
-    return found
+    return checkpoint_folder(path, checksums=checksums)
 
 
 def _storage_options(args) -> dict:
-    from .checkpoint.remote import parse_storage_options
+    """``--storage_options`` of the verbs that take one, parsed once for the verb."""
+    from .checkpoint import parse_storage_options
 
     return parse_storage_options(getattr(args, "storage_options", None))
 
 
-def _list_remote(args) -> int:
-    from .checkpoint.format import COMPLETE
-    from .checkpoint.remote import RemoteTier
-
-    tier = RemoteTier(args.output_dir, _storage_options(args))
-    listing = tier.listing()
-    pointers = {p: tier.read_pointer(p) for p in ("latest", "best")}
-    rows = []
-    for name in sorted(listing, key=lambda n: int(n.split("-")[1])):
-        manifest = {}
-        if COMPLETE in listing[name]:
-            try:
-                manifest = json.loads(tier.cat(name, "manifest.json"))
-            except Exception:  # shown as not valid below
-                manifest = {}
-        rows.append({"name": name, "epoch": None, "complete": COMPLETE in listing[name], "problem": None,
-                     "size_bytes": sum(listing[name].values()), "metrics": manifest.get("metrics", {}),
-                     "tags": [p for p, t in pointers.items() if t == name]})
-    return _print_rows(rows, args.json, tier.display())
-
-
 def cmd_list(args) -> int:
-    from .checkpoint.inspection import list_run
-    from .checkpoint.remote import is_url
+    from .checkpoint import list_run, storage_for
 
-    if is_url(args.output_dir):
-        return _list_remote(args)
-    return _print_rows(list_run(args.output_dir), args.json, f"{args.output_dir}/checkpoints")
+    rows = list_run(args.output_dir, args.storage_options_dict)
+    return _print_rows(rows, args.json, storage_for(args.output_dir, args.storage_options_dict).display())
 
 
 def _print_rows(rows: list[dict], as_json: bool, where: str) -> int:
@@ -116,10 +89,9 @@ def _parameter_line(info: dict) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint.inspection import inspect
-    from .checkpoint.remote import fetch, is_url
+    from .checkpoint import fetch, inspect, is_url
 
-    local = fetch(args.checkpoint, _storage_options(args)) if is_url(args.checkpoint) else None
+    local = fetch(args.checkpoint, args.storage_options_dict) if is_url(args.checkpoint) else None
     info = inspect(local or _checkpoint(args.checkpoint))
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -153,35 +125,18 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .checkpoint.format import COMPLETE, STEP_RE
-    from .checkpoint.layout import checkpoints_dir, step_folders
-    from .checkpoint.manifest import verify
-    from .checkpoint.remote import is_url
+    from .checkpoint import verify_run
 
-    if is_url(args.path):
-        return _verify_remote(args)
-    path = Path(args.path)
-    if not path.exists():
-        raise ConfigError(f"{path} does not exist")
-    if (path / COMPLETE).exists() or STEP_RE.match(path.name):
-        folders = [path]
-    else:
-        root = checkpoints_dir(path) if (path / "checkpoints").is_dir() else path
-        folders = [folder for _, folder in step_folders(root)]
-        if not folders:
-            raise ConfigError(f"no step-N checkpoints under {root}")
-    bad = 0
-    for folder in folders:
-        problems = verify(folder, checksums=True)
-        print(f"{'OK ' if not problems else 'BAD'} {folder}")
+    results = verify_run(args.path, args.storage_options_dict)
+    for where, problems in results:
+        print(f"{'OK ' if not problems else 'BAD'} {where}")
         for problem in problems:
             print(f"    {problem}")
-        bad += bool(problems)
-    return 1 if bad else 0
+    return 1 if any(problems for _, problems in results) else 0
 
 
 def cmd_diff(args) -> int:
-    from .checkpoint.inspection import diff
+    from .checkpoint import diff
 
     a, b = _checkpoint(args.a), _checkpoint(args.b)
     result = diff(a, b)
@@ -209,7 +164,7 @@ def cmd_diff(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .checkpoint.inference import load_model_for_inference
+    from .checkpoint import load_model_for_inference
     from .console import quiet_library_bars
     from .export import ensure_new_folder, export_model
 
@@ -236,28 +191,18 @@ def cmd_export(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .checkpoint.format import TMP_PREFIX
-    from .checkpoint.lock import RunLock
-    from .checkpoint.layout import (apply_retention, checkpoints_dir, list_checkpoints, plan_retention,
-                                    remove_stale_temporaries)
+    from .checkpoint import prune
 
-    root = checkpoints_dir(args.output_dir)
-    if not root.is_dir():
-        raise ConfigError(f"{args.output_dir}: no checkpoints/ folder")
-    rule = dict(keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps)
-    lock = None if args.dry_run else RunLock.acquire(args.output_dir)  # not while a run writes there
-    doomed = plan_retention(root, **rule)
+    if args.keep < 1:
+        raise ConfigError(f"--keep={args.keep}: must be >= 1 (latest and best are always kept as well)")
+    report = prune(args.output_dir, keep_last=args.keep, keep_every_n_steps=args.keep_every_n_steps,
+                   dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleting"
-    for folder in doomed:
+    for folder in report.doomed:
         print(f"{verb} {folder}")
-    for tmp in (p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)):
+    for tmp in report.temporaries:
         print(f"{verb} {tmp} (left by a crashed save)")
-    kept = [folder.name for _, folder in list_checkpoints(root) if folder not in doomed]
-    print(f"{'would keep' if args.dry_run else 'kept'}: {', '.join(kept) or 'nothing'}")
-    if not args.dry_run:
-        apply_retention(root, **rule)
-        remove_stale_temporaries(root)
-        lock.release()
+    print(f"{'would keep' if args.dry_run else 'kept'}: {', '.join(report.kept) or 'nothing'}")
     return 0
 
 
@@ -299,7 +244,7 @@ def _data_args(args):
 def cmd_train_tokenizer(args) -> int:
     from .console import interactive
     from .data import load_raw_text
-    from .tokenizer import train_tokenizer
+    from .data import train_tokenizer
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
@@ -319,8 +264,8 @@ def cmd_train_tokenizer(args) -> int:
 
 def cmd_prepare_data(args) -> int:
     from .data import load_raw_text, raw_source
-    from .tokenizer import load_tokenizer
-    from .tokens import prepare
+    from .data import load_tokenizer
+    from .data import prepare
 
     data_args = _data_args(args)
     data_args.tokenizer_name = args.tokenizer_name
@@ -342,8 +287,7 @@ def _add_text_source(p) -> None:
 
 
 def cmd_params(args) -> int:
-    from .checkpoint.format import MODEL_CONFIG
-    from .checkpoint.layout import resolve_path
+    from .checkpoint import MODEL_CONFIG, resolve_path
     from .models import MoEConfig, parameter_counts
 
     path = Path(args.config)
@@ -364,18 +308,22 @@ def cmd_params(args) -> int:
 
 
 def load_presets(recipe: str | None) -> dict:
-    """The ``PRESETS`` of a recipe file (default: ``recipes/moe18b.py`` here, or next to the package)."""
+    """The ``PRESETS`` of a recipe file, or the package's own (:mod:`accel_trainer.models.presets`)."""
+    if recipe is None:
+        from .models.presets import PRESETS
+
+        return PRESETS
     import importlib.util
 
-    candidates = [Path(recipe)] if recipe else [Path("recipes/moe18b.py"),
-                                                Path(__file__).resolve().parents[1] / "recipes" / "moe18b.py"]
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
-        raise ConfigError(f"no recipe at {candidates[0]}; pass --recipe path/to/recipe.py "
-                         "or --config path/to/config.json")
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"--recipe={recipe!r}: no such file; leave --recipe out for the package's presets "
+                          "or pass --config path/to/config.json")
     spec = importlib.util.spec_from_file_location("_recipe", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if not isinstance(getattr(module, "PRESETS", None), dict):
+        raise ConfigError(f"--recipe={recipe!r}: defines no PRESETS dict")
     return module.PRESETS
 
 
@@ -410,29 +358,6 @@ def cmd_plan(args) -> int:
     print(f"checkpoint   {p.checkpoint_bytes / 1e9:.1f} GB ({p.checkpoint_bytes_per_rank / 1e9:.2f} GB per rank), "
           f"~{p.save_seconds:.0f} s to write at {args.disk_gbps:g} GB/s")
     return 0
-
-
-def _verify_remote(args) -> int:
-    from .checkpoint.format import STEP_RE
-    from .checkpoint.remote import RemoteTier
-
-    url, only = args.path.rstrip("/"), None
-    if STEP_RE.match(url.rsplit("/", 1)[-1]):
-        url, only = url.rsplit("/", 1)
-        url = url[: -len("/checkpoints")] if url.endswith("/checkpoints") else url
-    tier = RemoteTier(url, _storage_options(args))
-    listing = tier.listing()
-    names = [only] if only else sorted(listing, key=lambda n: int(n.split("-")[1]))
-    if not names:
-        raise ConfigError(f"no step-N checkpoints under {tier.display()}")
-    bad = 0
-    for name in names:
-        problems, _ = tier.problems(name, listing.get(name, {}), checksums=True)
-        bad += bool(problems)
-        print(f"{'FAIL' if problems else 'OK  '}  {tier.display(name)}")
-        for problem in problems:
-            print(f"      {problem}")
-    return 1 if bad else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -481,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("env", help="print versions and devices").set_defaults(func=cmd_env)
     p = sub.add_parser("plan", help="per-GPU memory under FSDP2 and checkpoint cost, before spending GPU hours")
     p.add_argument("--preset", default="18b", help="a preset of the recipe (default 18b)")
-    p.add_argument("--recipe", default=None, help="recipe file with PRESETS (default recipes/moe18b.py)")
+    p.add_argument("--recipe", default=None, help="a recipe file with its own PRESETS (default: the package's presets)")
     p.add_argument("--config", default=None, help="a model config.json instead of a preset")
     p.add_argument("--num_gpus", type=int, default=8)
     p.add_argument("--gpu_memory_gib", type=float, default=80)
@@ -508,12 +433,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoint.io import CheckpointError
-
     args = build_parser().parse_args(argv)
     try:
+        args.storage_options_dict = _storage_options(args)
         return args.func(args)
-    except (CheckpointError, ConfigError) as err:  # bad input: one line, exit status 2
+    except InputError as err:  # bad input: one line, exit status 2
         print(f"accel-trainer {args.command}: {err}", file=sys.stderr)
         return 2
 

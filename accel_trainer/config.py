@@ -14,15 +14,13 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import CheckpointError, ConfigError
+
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
 # The HF Trainer's names for the same schedules (ours decay to --min_lr_ratio of the peak).
 SCHEDULE_ALIASES = {"cosine_with_min_lr": "cosine", "constant_with_warmup": "constant", "warmup_stable_decay": "wsd"}
 DEFAULT_WARMUP_STEPS = 10
-
-
-class ConfigError(ValueError):
-    """A bad flag value; the message names the flag."""
 
 
 def _raise_if(problems: list[str]) -> None:
@@ -128,6 +126,7 @@ class TrainingArguments:
     report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
     run_name: str | None = field(default=None, metadata={"help": "Tracker run name; defaults to the output_dir's name."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    log_data_blocks: bool = field(default=False, metadata={"help": "Audit the data order: every rank appends the global block ids each step reads to <output_dir>/data_blocks.rank<N>.jsonl."})
 
     def __post_init__(self):
         problems = []
@@ -149,12 +148,12 @@ class TrainingArguments:
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         problems += self._aliases()
+        self._storage_options: dict = {}
         if self.storage_options:
-            from .checkpoint.io import CheckpointError
-            from .checkpoint.remote import parse_storage_options
+            from .checkpoint import parse_storage_options
 
-            try:
-                parse_storage_options(self.storage_options)
+            try:  # the one parse of --storage_options: everything else reads parsed_storage_options
+                self._storage_options = parse_storage_options(self.storage_options)
             except CheckpointError as err:
                 problems.append(str(err))
             if not self.checkpoint_upload_to:
@@ -209,6 +208,19 @@ class TrainingArguments:
         if self.warmup_ratio is not None:
             return math.ceil(self.warmup_ratio * schedule_steps)
         return DEFAULT_WARMUP_STEPS
+
+    def checkpoint_config(self):
+        """The flags that say how to save, as the checkpoint component's own config object."""
+        from .checkpoint import CheckpointConfig
+
+        return CheckpointConfig(save_total_limit=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
+                                async_save=self.async_save, save_strict=self.save_strict, handle_signals=True,
+                                upload_to=self.checkpoint_upload_to, storage_options=self.parsed_storage_options or None)
+
+    @property
+    def parsed_storage_options(self) -> dict:
+        """``--storage_options`` as a dict (parsed once, when the arguments were checked)."""
+        return dict(self._storage_options)
 
     @property
     def tracker_run_name(self) -> str:
@@ -300,9 +312,10 @@ def to_dict(*configs) -> dict:
     out = {}
     for cfg in configs:
         out.update(dataclasses.asdict(cfg))
-    if out.get("storage_options"):  # saved with checkpoints and sent to trackers: never credentials
-        from .checkpoint.remote import parse_storage_options, redact
+    for cfg in configs:  # saved with checkpoints and sent to trackers: never credentials
+        if getattr(cfg, "storage_options", None):
+            from .checkpoint import redact
 
-        out["storage_options"] = json.dumps(redact(parse_storage_options(out["storage_options"])))
+            out["storage_options"] = json.dumps(redact(cfg.parsed_storage_options))
     return out
 

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.io import fsync_tree, write_json
-from .checkpoint.tensor_files import SafetensorsFile
+from .checkpoint import SafetensorsFile, fsync_tree, write_json
 from .models import MoEConfig
 
 FORMATS = ("qwen2_moe", "accel_moe")

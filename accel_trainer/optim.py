@@ -37,7 +37,7 @@ def zeropower_via_newtonschulz(update: torch.Tensor, steps: int = NS_STEPS, eps:
     """Approximately orthogonalise each matrix in the last two dims of ``update`` (batched over the rest).
 
     ``dtype`` of the iteration: None means bfloat16 on CUDA (as torch.optim.Muon) and float32
-    elsewhere, because CPUs have no fast bf16 GEMM (fp32 measured 25x faster on this machine's CPU).
+    elsewhere, because most CPUs have no native bf16 GEMM and emulate it, far slower than fp32.
     """
     a, b, c = coefficients
     transposed = update.size(-2) > update.size(-1)

@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
+import dataclasses
 from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
-from .checkpoint.lock import lock_run_dir
-from .checkpoint.manager import resolve_on_main
-from .checkpoint.format import MODEL_CONFIG, RUN_CONFIG
-from .checkpoint.io import read_json, write_json
-from .checkpoint.remote import RemoteTier, parse_storage_options
-from .checkpoint.weights import load_weights
-from .config import ConfigError, DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import build_datasets, parse_mix
+from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, RemoteTier, load_weights, lock_run_dir, read_json,
+                         resolve_on_main)
+from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
+from .data import TOKENIZER_DIR, build_datasets, load_tokenizer, parse_mix, read_prepared, vocab_size_for
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
+from .errors import ConfigError, InputError, error_class
 from .models import MoEConfig, MoEForCausalLM, count_parameters
 from .models.modeling_moe import grouped_mm_works
-from .telemetry import flops_per_token
-from .tokenizer import load_tokenizer, vocab_size_for
-from .tokens import TOKENIZER_DIR, read_prepared
 from .optim import OptimizerSettings, build_optimizers
+from .process import write_exit_status
+from .telemetry import flops_per_token
 from .trainer import Trainer, build_accelerator
 
 
@@ -67,7 +60,7 @@ def block_size_for(config: MoEConfig, args: DataArguments, preset: str, defaults
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
-              "reset_optimizer", "reset_data_position", "bf16", "fp16"}
+              "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks"}
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
              "validation_split_percentage", "max_corpus_bytes", "seed")
@@ -101,8 +94,9 @@ def refuse_incompatible(folder: Path, model_config, run_config: dict) -> None:
 
 
 def resume_policy(model_config, run_config: dict, print_fn=print):
-    """The Checkpointer's ``before_resume``: :func:`refuse_incompatible`, then a printed list of the
-    settings that changed (the new values apply)."""
+    """What a run checks of the checkpoint it resumes, once, before any data work:
+    :func:`refuse_incompatible`, then a printed list of the settings that changed (the new values apply).
+    Also usable as a Checkpointer's ``before_resume``."""
 
     def check(folder: Path) -> None:
         refuse_incompatible(folder, model_config, run_config)
@@ -125,12 +119,12 @@ def main_process_first(accelerator, work):
     if accelerator.is_main_process:
         try:
             result = work()
-        except (ConfigError, CheckpointError) as err:
+        except InputError as err:
             error = (type(err).__name__, str(err))
     if accelerator.num_processes > 1:
         error = broadcast_object_list([error])[0]
     if error is not None:
-        raise (CheckpointError if error[0] == "CheckpointError" else ConfigError)(error[1])
+        raise error_class(error[0])(error[1])
     return result if accelerator.is_main_process else work()
 
 
@@ -159,6 +153,8 @@ def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArg
     config = model_config_for(presets, model_args.preset, tokenizer, model_args.vocab_size)
     block_size = block_size_for(config, data_args, model_args.preset, defaults)
     accelerator = build_accelerator(train_args)
+    # The precision that runs (the launcher's, unless the flag says), so run_config and resumes record it.
+    train_args = dataclasses.replace(train_args, mixed_precision=str(accelerator.mixed_precision))
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     write_exit_status(train_args.output_dir, None, "running")
     try:
@@ -173,16 +169,15 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
     spec = train_args.resume_from_checkpoint
     # A storage URL that cannot work (no s3fs installed, an unknown scheme) is reported before tokenising.
     try:
-        remote = (RemoteTier(train_args.checkpoint_upload_to, parse_storage_options(train_args.storage_options))
+        remote = (RemoteTier(train_args.checkpoint_upload_to, train_args.parsed_storage_options)
                   if train_args.checkpoint_upload_to else None)
     except CheckpointError as err:
         raise ConfigError(f"--checkpoint_upload_to: {err}") from None
-    if spec:  # a missing or incompatible checkpoint is reported before tokenising
-        # Checksums only of what this reads (the tensors are verified when they are loaded).
-        folder = resolve_on_main(accelerator, spec, train_args.output_dir, checksums={MODEL_CONFIG, RUN_CONFIG},
-                                 remote=remote)
+    folder = None
+    if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
+        folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
-            refuse_incompatible(folder, config, run_config)
+            resume_policy(config, run_config, accelerator.print)(folder)
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
     model = MoEForCausalLM(config)
@@ -198,97 +193,10 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
         weight_decay=train_args.weight_decay, muon_weight_decay=train_args.muon_weight_decay, adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
-                      before_resume=resume_policy(config, run_config, accelerator.print),
                       flops_per_token=flops_per_token(counts["active"], config.num_hidden_layers,
                                                       config.num_attention_heads, config.head_dim, block_size))
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
-                       reset_data_position=train_args.reset_data_position)
+                       reset_data_position=train_args.reset_data_position, folder=folder)
     trainer.train()
     return trainer
-
-
-EXIT_STATUS = "exit_status.json"
-# What each exit status means, for the status file (restart scripts decide on the code).
-EXIT_MEANINGS = {0: "finished", 1: "crashed (an unexpected error; see the log)", 2: "bad input (flags, data or "
-                 "checkpoint): fix the command, a retry would fail the same way", 3: "stopped after non-finite "
-                 "losses or gradients (checkpoint of the last good step saved)"}
-
-
-def write_exit_status(output_dir: str | None, code: int | None, reason: str, step: int | None = None) -> None:
-    """``<output_dir>/exit_status.json``: the run's own exit status and reason, for restart scripts
-    behind ``accelerate launch`` (which turns every failure into exit status 1). ``code`` None means
-    running: a file still saying so after the process ended means it was killed (kill -9, OOM killer)."""
-    from accelerate import PartialState
-
-    if not output_dir or not PartialState().is_main_process:
-        return
-    meaning = "running" if code is None else EXIT_MEANINGS.get(code, "stopped by a signal (emergency checkpoint saved)"
-                                                               if code > 128 else "failed")
-    record = {"exit_code": code, "meaning": meaning, "reason": reason, "step": step, "pid": os.getpid(),
-              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    path = Path(output_dir) / EXIT_STATUS
-    try:
-        if code is not None and _another_live_run(path):
-            return  # a run refused because another one trains here must not overwrite that one's status
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path.with_name(f".{EXIT_STATUS}.tmp"), record)
-        os.replace(path.with_name(f".{EXIT_STATUS}.tmp"), path)
-    except OSError:
-        pass  # a status file must never be why a run fails
-
-
-def _another_live_run(path: Path) -> bool:
-    try:
-        record = read_json(path)
-        pid = record.get("pid")
-        if record.get("exit_code") is not None or not isinstance(pid, int) or pid == os.getpid():
-            return False
-        os.kill(pid, 0)
-        return True
-    except (CheckpointError, OSError, AttributeError):
-        return False
-
-
-def exit_code_of(job, output_dir: str | None = None) -> int:
-    """Run ``job``; turn bad input (flags, data, checkpoints) into one line on stderr and exit status
-    2, a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
-    non-finite losses into 3 (after its checkpoint of the last good state). The status and its
-    reason also go to ``<output_dir>/exit_status.json``."""
-    import sys
-
-    from accelerate import PartialState
-
-    step = None
-    try:
-        trainer = job()
-    except (ConfigError, CheckpointError) as err:
-        if PartialState().is_main_process:
-            print(f"error: {err}", file=sys.stderr)
-        code, reason = 2, str(err)
-    except BaseException as err:
-        write_exit_status(output_dir, 1, f"{type(err).__name__}: {err}")
-        raise
-    else:
-        signum = trainer.checkpointer.stop_signal
-        code = 3 if trainer.diverged else 128 + int(signum) if trainer.interrupted_by and signum else 0
-        reason, step = trainer.interrupted_by or "finished", trainer.state.global_step
-        del trainer
-    write_exit_status(output_dir, code, reason, step)
-    _free_process_groups(PartialState())
-    return code
-
-
-def _free_process_groups(state) -> None:
-    """Let the process groups die now, while Python is fully alive, not during interpreter shutdown.
-
-    ``destroy_process_group`` (Accelerate's ``end_training``) only unregisters a group: the DDP
-    wrapper, the stop-flag group and the reference cycles around the trainer keep the C++ group and
-    its gloo worker threads alive. Left to shutdown, a worker thread that frees the last collective's
-    tensors needs the GIL after finalisation began, and the process aborts ("terminate called without
-    an active exception", exit -6) after a run that finished: about 1 two-process launch in 15 here.
-    Collecting the cycles drops the last reference; the group's destructor joins its (idle) threads.
-    An unexpected exception skips this: its traceback holds the trainer, and the run fails anyway.
-    """
-    state.destroy_process_group()  # a no-op after end_training; needed when an error came before it
-    gc.collect()

@@ -24,8 +24,8 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpointer
-from .checkpoint.remote import parse_storage_options
-from .config import ConfigError, TrainingArguments
+from .config import TrainingArguments
+from .errors import ConfigError
 from .console import final_report, interactive, progress_line, progress_postfix
 from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
@@ -41,8 +41,7 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
     """An Accelerator for these arguments, seeded; call before building the model so init matches on all ranks.
 
     ``args.mixed_precision`` None takes the launcher's setting (``accelerate launch`` exports the
-    config file's ``mixed_precision``); it is then set to the precision the run uses, so that the
-    saved run config and the resume diff record what ran.
+    config file's ``mixed_precision``); ``accelerator.mixed_precision`` says what the run uses.
 
     Raises:
         ConfigError: ``--mixed_precision=fp16`` without a CUDA device.
@@ -58,7 +57,6 @@ def build_accelerator(args: TrainingArguments) -> Accelerator:
         enable_full_determinism(args.seed)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, log_with=trackers,
                               project_dir=args.output_dir, step_scheduler_with_optimizer=False)
-    args.mixed_precision = str(accelerator.mixed_precision)
     set_seed(args.seed)
     return accelerator
 
@@ -108,10 +106,7 @@ class Trainer:
         self.checkpointer = Checkpointer(
             accelerator, args.output_dir, model=self.model, optimizer=optimizers.optimizers, dataloader=train_loader,
             extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
-            save_total_limit=args.save_total_limit,
-            keep_every_n_steps=args.keep_every_n_steps, async_save=args.async_save, save_strict=args.save_strict,
-            handle_signals=True, before_resume=before_resume, upload_to=args.checkpoint_upload_to,
-            storage_options=parse_storage_options(args.storage_options))
+            settings=args.checkpoint_config(), before_resume=before_resume)
         self.train_loader = self.checkpointer.dataloader
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)
@@ -121,21 +116,23 @@ class Trainer:
         self.diverged = False
         self.last_eval: tuple[int, float] | None = None
         self.nonfinite_streak = 0
-        # An audit of the data order: every rank appends the blocks each step reads (tests use it).
-        log = os.environ.get("ACCEL_TRAINER_BLOCK_LOG")
-        self._block_log = open(f"{log}.rank{accelerator.process_index}", "a", buffering=1) if log else None
+        # --log_data_blocks: every rank appends the blocks each step reads (an audit of the data order).
+        self._block_log = (open(Path(args.output_dir) / f"data_blocks.rank{accelerator.process_index}.jsonl", "a",
+                                buffering=1) if args.log_data_blocks else None)
         self._unsynced_tokens = 0   # local tokens since the last all-process sum
         self._step_tokens = 0       # local tokens of the step in flight, counted once it completes
         self._consistent = True     # False while an optimizer step is half-applied
         self._epoch_finished = False
 
-    def resume(self, spec: str, reset_optimizer: bool = False, reset_data_position: bool = False) -> None:
+    def resume(self, spec: str, reset_optimizer: bool = False, reset_data_position: bool = False,
+               **resolved) -> None:
         """Restore the run from ``spec`` (``latest``, ``best``, ``step-N`` or a path); current flags win
         over the checkpoint's optimizer hyperparameters (a lower LR to fine-tune, say).
 
         Args:
             reset_optimizer: keep this run's fresh optimizer state.
             reset_data_position: start the data from its beginning (other data than the checkpoint's).
+            resolved: ``folder=`` what ``spec`` already resolved to (see :meth:`Checkpointer.resume`).
         """
         flags = [{k: g[k] for k in FLAG_HYPERPARAMETERS if k in g} for g in self.optimizers.param_groups]
         exclude = []
@@ -145,7 +142,7 @@ class Trainer:
         if reset_data_position:
             exclude.append("dataloader")
             self.accelerator.print("--reset_data_position: the data starts from its beginning (epoch 0)")
-        step = self.checkpointer.resume(spec, exclude=tuple(exclude))
+        step = self.checkpointer.resume(spec, exclude=tuple(exclude), **resolved)
         for group, values in zip(self.optimizers.param_groups, flags):
             group.update(values)
         if step == 0:
@@ -441,6 +438,6 @@ class Trainer:
         a = self.args
         self.accelerator.print(
             f"accel_trainer: {self.accelerator.num_processes} process(es) [{self.accelerator.distributed_type}], "
-            f"mixed_precision={a.mixed_precision}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+            f"mixed_precision={self.accelerator.mixed_precision}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
             f"{self.samples_per_step} sequences/step, starting at step {self.state.global_step}, "
             f"output_dir={a.output_dir}")

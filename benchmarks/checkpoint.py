@@ -271,7 +271,7 @@ def moto_server(work: Path) -> tuple[str, dict, subprocess.Popen]:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     options = {"endpoint_url": f"http://127.0.0.1:{port}"}
-    from accel_trainer.checkpoint.remote import RemoteTier
+    from accel_trainer.checkpoint import RemoteTier
 
     for _ in range(100):
         try:
@@ -285,7 +285,7 @@ def moto_server(work: Path) -> tuple[str, dict, subprocess.Popen]:
 def measure_upload(size_gb: float, work: Path, url: str, options: dict, repeats: int) -> dict:
     """Saves with and without uploading (the time training waits), the background upload's time
     from the end of the save, and a plain s3fs put of the same checkpoint folder."""
-    from accel_trainer.checkpoint.remote import RemoteTier
+    from accel_trainer.checkpoint import RemoteTier
 
     plain = build_trainer(size_gb, work / "upload_plain")
     ours = build_trainer(size_gb, work / "upload_ours", upload_to=url, storage_options=options)

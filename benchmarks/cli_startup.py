@@ -30,7 +30,7 @@ def make_run(out: Path) -> Path:
 
     from accel_trainer.checkpoint import Checkpointer
     from accel_trainer.models import MoEConfig, MoEForCausalLM
-    from recipes.moe18b import PRESETS
+    from accel_trainer.models.presets import PRESETS
 
     accelerator = Accelerator(cpu=True)
     model = MoEForCausalLM(MoEConfig(**PRESETS["tiny"]))

@@ -58,11 +58,9 @@ def main() -> None:
 
     from accel_trainer.checkpoint import ResumableLoader
     from accel_trainer.config import DataArguments
-    from accel_trainer.data import TrainBlocks, build_train_dataloader, load_raw_text
+    from accel_trainer.data import TokenBlocks, TrainBlocks, build_train_dataloader, load_raw_text, prepare, train_tokenizer
     from accel_trainer.telemetry import flops_per_token
-    from accel_trainer.tokenizer import train_tokenizer
-    from accel_trainer.tokens import TokenBlocks, prepare
-    from recipes.moe18b import PRESETS
+    from accel_trainer.models.presets import PRESETS
 
     work = Path(tempfile.mkdtemp(prefix="data-bench-"))
     raw = load_raw_text(DataArguments(max_corpus_bytes=args.corpus_bytes))

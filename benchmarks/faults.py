@@ -35,7 +35,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "moe18b.py"
-sys.path.insert(0, str(REPO / "tests"))  # the in-process failing disk (tests/faults.py)
 
 STEPS = 12
 RUN = ["--preset", "tiny", "--max_corpus_bytes", "60000", "--report_to", "none", "--disable_tqdm",
@@ -113,11 +112,13 @@ def has_traceback(*texts: str) -> bool:
 
 def resume_and_compare(out: Path, reference: Path, procs: int, outcome: Outcome) -> None:
     """Resolve 'latest', resume from it in a fresh process, compare every step's loss with the reference."""
-    from accel_trainer.checkpoint.layout import resolve_latest_valid
-    from accel_trainer.checkpoint.manifest import verify
+    from accel_trainer.checkpoint import CheckpointError, resolve, verify
 
     with contextlib.redirect_stderr(io.StringIO()):
-        found = resolve_latest_valid(out / "checkpoints").path
+        try:
+            found = resolve("latest", out).path
+        except CheckpointError:  # checkpoints exist and none verifies: nothing valid to resume
+            found = None
     if found is not None and verify(found):
         outcome.corrupt_latest = True
     proc = run(out, procs, ["--resume_from_checkpoint", "latest"])
@@ -288,7 +289,7 @@ def full_disk_trial(work: Path, reference: Path, rng: random.Random) -> tuple[st
 
 
 def failing_writer_trial(work: Path, reference: Path, rng: random.Random) -> Outcome:
-    from faults import failing_disk
+    from accel_trainer.faults import failing_disk
 
     sys.path.insert(0, str(REPO))
     from recipes.moe18b import main

@@ -6,7 +6,7 @@ vs now (each gathered matrix by one owner rank, balanced), side by side, from th
 Stacked expert weights are sharded on the expert dimension, so each rank orthogonalises its own
 experts in both cases; the other matrices (attention, shared expert) are gathered. Work is counted
 in FLOPs (Newton-Schulz's five quintic iterations), and as seconds at --tflops of bf16 throughput.
-The distributed result equals the single-process optimizer bitwise (tests/test_fsdp2.py).
+The distributed result equals the single-process optimizer bitwise (tests/integration/test_fsdp2.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s of one GPU")
     args = parser.parse_args()
 
-    from recipes.moe18b import PRESETS
+    from accel_trainer.models.presets import PRESETS
 
     from accel_trainer.models import MoEConfig, MoEForCausalLM
     from accel_trainer.optim import _Owners, newton_schulz_flops, split_parameters

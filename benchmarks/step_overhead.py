@@ -25,9 +25,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--logging_steps", type=int, default=10, help="the trainer logs every N steps, as a run does")
     args = parser.parse_args()
 
-    from recipes.moe18b import PRESETS
+    from accel_trainer.models.presets import PRESETS
 
     from accel_trainer.config import DataArguments, TrainingArguments
     from accel_trainer.data import build_datasets, build_train_dataloader
@@ -39,7 +40,7 @@ def main() -> None:
 
     out = tempfile.mkdtemp(prefix="overhead-")
     train_args = TrainingArguments(output_dir=out, max_steps=10**6, per_device_train_batch_size=8, eval_steps=0,
-                                   logging_steps=10, report_to="none", disable_tqdm=True)
+                                   logging_steps=args.logging_steps, report_to="none", disable_tqdm=True)
     data = build_datasets(DataArguments(max_corpus_bytes=500_000), seed=0, output_dir=out, block_size=128,
                           progress=False)
     settings = OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3)
@@ -50,7 +51,9 @@ def main() -> None:
     trainer = Trainer(accelerator, model, build_optimizers(model, settings), data, train_args, run_config={})
     trainer.metrics.log = lambda *a, **k: None  # keep the disk out of the comparison; the rest runs
     batches = trainer.micro_batches()
-    progress = type("NoBar", (), {"update": lambda *a: None, "set_postfix": lambda *a, **k: None})()
+    from tqdm.auto import tqdm
+
+    progress = tqdm(disable=True)  # the trainer's own bar, hidden as with --disable_tqdm
 
     torch.manual_seed(0)
     bare_model = MoEForCausalLM(MoEConfig(**PRESETS["tiny"]))
@@ -90,6 +93,8 @@ def main() -> None:
     for name in ("bare", "trainer"):
         print(f"{name:<10}{args.steps / med[name]:>10.2f}")
     print(f"\nratio trainer/bare steps/s: {med['bare'] / med['trainer']:.3f}  (target >= 0.97)")
+    print(f"trainer steps run: {trainer.state.global_step}, logging steps among them: "
+          f"{trainer.state.global_step // args.logging_steps}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ stage() { [[ " $STAGES " == *" $1 "* ]]; }
 
 if stage tests; then
 log "GPU tests: fp16 scaler once per step; bit-exact resume with --full_determinism (fp16, bf16)"
-timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/test_optim.py tests/test_resume_e2e.py \
+timeout 150 $PY -m pytest -q -p no:cacheprovider --tb=short tests/unit/test_optim.py tests/integration/test_resume_e2e.py \
   -k "fp16 or gpu" 2>&1 | tail -25 | tee -a "$OUT/summary.txt"
 fi
 

@@ -1,15 +1,38 @@
 """Crash-proof checkpoints for any Accelerate loop: save, verify, resolve, resume, and load weights or
 whole models for inference. See :class:`Checkpointer`.
 
+This module is the component's face: code outside ``accel_trainer/checkpoint/`` imports from here
+only (a test keeps it so), and the component imports nothing of the trainer, models or data. The
+on-disk names (``step-N``, ``COMPLETE``, ``config.json``, ...) are :mod:`.format`'s; the two tiers
+where checkpoints live (a folder, an object store) answer one protocol, :class:`CheckpointStorage`.
+
 Names are imported on first use, so tools that only read checkpoint metadata (``accel-trainer
 list``, ``verify``) start without loading torch.
 """
 
 from accel_trainer.lazy import lazy_names
 
-_WHERE = {"Checkpointer": ".manager", "CheckpointError": ".io", "LoadReport": ".weights",
-          "ResumableLoader": ".dataloader", "list_checkpoints": ".layout", "load_model_for_inference": ".inference",
-          "load_weights": ".weights", "resolve": ".layout", "resolve_path": ".layout", "verify": ".manifest"}
+_WHERE = {
+    # the component
+    "Checkpointer": ".manager", "CheckpointConfig": ".manager", "resolve_on_main": ".manager",
+    "ResumableLoader": ".dataloader", "CheckpointError": ".io", "RemoteError": ".remote",
+    # resolving and reading
+    "resolve": ".layout", "resolve_path": ".layout", "checkpoint_folder": ".layout", "list_checkpoints": ".layout",
+    "prune": ".layout", "verify": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
+    "inspect": ".inspection", "diff": ".inspection",
+    # weights and models
+    "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",
+    # the tiers
+    "CheckpointStorage": ".storage", "LocalStorage": ".storage", "RemoteTier": ".remote", "storage_for": ".remote",
+    "fetch": ".remote", "is_url": ".remote", "parse_storage_options": ".remote", "redact": ".remote",
+    # the run directory
+    "RunLock": ".lock", "lock_run_dir": ".lock",
+    # on-disk names
+    "MODEL_CONFIG": ".format", "RUN_CONFIG": ".format", "COMPLETE": ".format", "MANIFEST": ".format",
+    # durable files, for other writers of the package (prepared data, exports)
+    "atomic_write_text": ".io", "fsync_file": ".io", "fsync_tree": ".io", "read_json": ".io", "write_json": ".io",
+    "hash_file": ".checksums", "SafetensorsFile": ".tensor_files",
+}
 
 __all__ = sorted(_WHERE)
 

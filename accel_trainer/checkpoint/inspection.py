@@ -12,11 +12,11 @@ import struct
 from pathlib import Path
 
 
-from .format import (COMPLETE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, POINTERS,
-                     RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
+from .format import (CHECKPOINTS, COMPLETE, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
 from .io import CheckpointError, read_json, read_state
-from .layout import checkpoints_dir, read_pointer, step_folders
+from .layout import checkpoints_dir
 from .manifest import read_manifest
+from .storage import LocalStorage, step_number
 
 KNOWN_JSON = {MODEL_CONFIG, RUN_CONFIG, OPTIMIZER_GROUPS, state_file(SCHEDULERS), state_file(DATALOADER)}
 
@@ -41,29 +41,47 @@ def _optional_state(folder: Path, name: str):
         return None
 
 
-def list_run(output_dir: str | Path) -> list[dict]:
-    """One row per ``step-N`` folder (complete or not) under a run's output dir, oldest first.
+def list_run(location: str | Path, storage_options: dict | None = None) -> list[dict]:
+    """One row per ``step-N`` (complete or not) of a run's output dir or ``s3://...`` URL, oldest first.
 
-    A folder whose metadata cannot be read gets a row with its ``problem`` instead of failing the list.
+    A checkpoint whose metadata cannot be read gets a row with its ``problem`` instead of failing the list.
     """
-    root = checkpoints_dir(output_dir)
-    if not root.is_dir():
-        raise CheckpointError(f"{output_dir}: no checkpoints/ folder (is this a run's output dir?)")
-    pointers = {name: read_pointer(root, name) for name in POINTERS}
-    rows = []
-    for step, child in step_folders(root):
-        row = {"name": child.name, "step": step, "complete": (child / COMPLETE).exists(), "epoch": None,
-               "metrics": {}, "problem": None, "size_bytes": folder_size(child),
-               "tags": [n for n, p in pointers.items() if p is not None and p.name == child.name]}
-        if row["complete"]:
-            try:
-                row["metrics"] = read_manifest(child).get("metrics") or {}
-            except CheckpointError as err:
-                row["problem"] = str(err)
-        position = _optional_state(child, DATALOADER)
-        row["epoch"] = position.get("epoch") if isinstance(position, dict) else None
-        rows.append(row)
-    return rows
+    from .remote import is_url, storage_for
+
+    if not is_url(location) and not checkpoints_dir(location).is_dir():
+        raise CheckpointError(f"{location}: no checkpoints/ folder (is this a run's output dir?)")
+    return storage_for(location, storage_options).rows()
+
+
+def verify_run(location: str | Path, storage_options: dict | None = None) -> list[tuple[str, list[str]]]:
+    """``(where, problems)`` of every checkpoint ``location`` names: a ``step-N`` folder or URL, or a
+    run's output dir or URL (all its checkpoints). Every file's checksum is compared.
+
+    Raises:
+        CheckpointError: ``location`` does not exist or holds no ``step-N`` checkpoint.
+    """
+    from .remote import is_url, storage_for
+
+    text = str(location).rstrip("/")
+    name = text.rsplit("/", 1)[-1]
+    only = name if STEP_RE.match(name) else None
+    if is_url(text):
+        base = text.rsplit("/", 1)[0] if only else text
+        base = base[: -len(f"/{CHECKPOINTS}")] if base.endswith(f"/{CHECKPOINTS}") else base
+        storage = storage_for(base, storage_options)
+    else:
+        path = Path(location)
+        if not path.exists():
+            raise CheckpointError(f"{path} does not exist")
+        if (path / COMPLETE).exists() or only:
+            storage, only = LocalStorage(path.parent), path.name
+        else:
+            storage = LocalStorage(checkpoints_dir(path) if checkpoints_dir(path).is_dir() else path)
+    names = [only] if only else sorted(storage.listing(), key=step_number)
+    if not names:
+        raise CheckpointError(f"no step-N checkpoints under {storage.display()}")
+    listing = storage.listing()
+    return [(storage.display(n), storage.problems(n, listing.get(n, {}), checksums=True)[0]) for n in names]
 
 
 def _optimizer_summary(folder: Path) -> list[dict]:

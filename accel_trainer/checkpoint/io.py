@@ -14,10 +14,8 @@ import os
 import pickle
 from pathlib import Path
 
+from ..errors import CheckpointError
 from .format import TMP_PREFIX, state_file
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the path or file and what to do."""
 
 
 def fsync_file(path: str | Path) -> None:

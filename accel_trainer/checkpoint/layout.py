@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX
-from .io import CheckpointError, atomic_write_text, read_json
+from .io import CheckpointError
 from .manifest import verify
+from .storage import LocalStorage, select_for_deletion  # noqa: F401 (part of this module's API)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -26,10 +26,6 @@ def step_folders(root: str | Path) -> list[tuple[int, Path]]:
                   if (m := STEP_RE.match(child.name)) and child.is_dir())
 
 
-def step_of(folder: Path) -> int:
-    return int(STEP_RE.match(folder.name).group(1))
-
-
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (those with a COMPLETE marker) under a ``checkpoints/`` folder, oldest first."""
     return [(step, folder) for step, folder in step_folders(root) if (folder / COMPLETE).exists()]
@@ -38,12 +34,8 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
 def read_pointer(root: Path, name: str) -> Path | None:
     """The folder a pointer file names, or None when it is absent, unreadable or not ``step-<N>``
     (a pointer never names anything outside ``root``)."""
-    path = root / name
-    try:
-        target = path.read_bytes().decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return root / target if STEP_RE.match(target) else None
+    target = LocalStorage(root).read_pointer(name)
+    return None if target is None else root / target
 
 
 def pointer_problem(root: Path, name: str) -> str | None:
@@ -60,7 +52,7 @@ def pointer_problem(root: Path, name: str) -> str | None:
 
 
 def write_pointer(root: Path, name: str, folder: Path) -> None:
-    atomic_write_text(root / name, folder.name + "\n")
+    LocalStorage(root).write_pointer(name, folder.name)
 
 
 def describe_available(root: Path) -> str:
@@ -77,32 +69,16 @@ class Resolved:
     note: str = ""
 
 
-def save_sequence(folder: Path) -> int | None:
-    """The order in which a checkpoint was saved in its run dir: 0 for format 1 (which has none),
-    None when its manifest cannot be read."""
-    try:
-        sequence = read_json(folder / MANIFEST).get("sequence", 0)
-    except (CheckpointError, AttributeError):
-        return None
-    return sequence if isinstance(sequence, int) else None
-
-
 def by_recency(root: Path) -> list[Path]:
-    """Complete checkpoints, most recently saved first: by save sequence, then step. One whose
-    manifest cannot be read comes first, so that whoever verifies the candidates reports it.
-
-    Not by step alone: a run resumed from an older checkpoint (say ``best``, to fine-tune) saves
-    lower step numbers than the abandoned ones after it, and its own saves are the latest.
-    """
-    keyed = []
-    for step, folder in list_checkpoints(root):
-        sequence = save_sequence(folder)
-        keyed.append((math.inf if sequence is None else sequence, step, folder))
-    return [folder for _, _, folder in sorted(keyed, reverse=True)]
+    """Complete checkpoints, most recently saved first (see :meth:`CheckpointStorage.complete_steps`).
+    One whose manifest cannot be read comes first, so that whoever verifies the candidates reports it."""
+    return [root / name for _, _, name in LocalStorage(root).complete_steps()]
 
 
 def next_sequence(root: Path) -> int:
-    return 1 + max((save_sequence(folder) or 0 for _, folder in list_checkpoints(root)), default=0)
+    storage = LocalStorage(root)
+    sequences = (storage.sequence(folder.name) for _, folder in list_checkpoints(root))
+    return 1 + max((s if s != storage.UNREADABLE_SEQUENCE else 0 for s in sequences), default=0)
 
 
 def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resolved:
@@ -205,23 +181,6 @@ def _verified(folder: Path, flag: str, checksums: bool | set[str]) -> Resolved:
     return Resolved(folder)
 
 
-def select_for_deletion(steps: list[int], *, keep_last: int | None, protected: set[int],
-                        keep_every_n_steps: int | None = None) -> list[int]:
-    """Retention rule: keep the ``keep_last`` most recent saves, every protected step (latest, best)
-    and every multiple of ``keep_every_n_steps``; return the steps to delete, by step.
-
-    Args:
-        steps: the checkpoints' steps in the order they were saved, oldest first.
-    """
-    if not keep_last:
-        return []
-    newest = set(steps[-keep_last:])
-    keep = newest | protected
-    if keep_every_n_steps:
-        keep |= {s for s in steps if s % keep_every_n_steps == 0}
-    return sorted(s for s in steps if s not in keep)
-
-
 def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]:
     """Delete ``.tmp-*`` folders and files left by crashed saves (except ``keep``, a save in progress)."""
     removed = []
@@ -235,26 +194,14 @@ def remove_stale_temporaries(root: Path, keep: Path | None = None) -> list[Path]
 
 def plan_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None,
                    keep: set[str] = frozenset()) -> list[Path]:
-    """The checkpoints :func:`select_for_deletion` picks on disk; never the ``latest`` or ``best``
-    target, nor a folder named in ``keep`` (e.g. one still uploading)."""
-    found = {step_of(folder): folder for folder in reversed(by_recency(root))}
-    protected = {step_of(p) for p in (read_pointer(root, n) for n in POINTERS) if p}
-    protected |= {step for step, folder in found.items() if folder.name in keep}
-    doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
-                                 keep_every_n_steps=keep_every_n_steps)
-    return [found[s] for s in doomed]
+    """The checkpoints retention would delete under ``root`` (see :meth:`CheckpointStorage.plan_retention`)."""
+    return [root / n for n in LocalStorage(root).plan_retention(keep_last, keep_every_n_steps, keep)]
 
 
 def apply_retention(root: Path, *, keep_last: int | None, keep_every_n_steps: int | None,
                     keep: set[str] = frozenset()) -> list[Path]:
     """Delete what :func:`plan_retention` picks."""
-    doomed = plan_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps, keep=keep)
-    for folder in doomed:
-        # Rename first so a half-deleted folder never looks like a checkpoint, then delete.
-        trash = root / f"{TMP_PREFIX}delete-{folder.name}"
-        folder.rename(trash)
-        shutil.rmtree(trash)
-    return doomed
+    return [root / n for n in LocalStorage(root).apply_retention(keep_last, keep_every_n_steps, keep)]
 
 
 def ensure_dir(path: Path) -> Path:
@@ -263,3 +210,53 @@ def ensure_dir(path: Path) -> Path:
     except OSError as err:
         raise CheckpointError(f"{path}: cannot create the checkpoint folder ({err.strerror})") from None
     return path
+
+
+def checkpoint_folder(path: str | Path, checksums: bool | set[str] = False) -> Path:
+    """The complete checkpoint ``path`` names (a ``step-N`` folder, a run's output dir meaning its
+    latest, or ``.../latest|best``), for the reading tools.
+
+    Raises:
+        CheckpointError: nothing there, or not a complete accel_trainer checkpoint.
+    """
+    found = resolve_path(path, flag=str(path), checksums=checksums).path
+    if not (found / COMPLETE).exists():
+        raise CheckpointError(f"{path}: not an accel_trainer checkpoint (no {COMPLETE} marker)")
+    return found
+
+
+@dataclass
+class PruneReport:
+    doomed: list[Path]
+    temporaries: list[Path]
+    kept: list[str]
+
+
+def prune(output_dir: str | Path, *, keep_last: int, keep_every_n_steps: int | None = None,
+          dry_run: bool = False) -> PruneReport:
+    """Apply the retention rule by hand (``accel-trainer prune``): keep the ``keep_last`` newest,
+    ``latest``, ``best`` and every multiple of ``keep_every_n_steps``; delete the rest and what
+    crashed saves left. Holds the run's lock, so it refuses while a run writes there.
+
+    Raises:
+        CheckpointError: no ``checkpoints/`` folder, ``keep_last`` < 1, or a run holds the lock.
+    """
+    from .lock import RunLock
+
+    root = checkpoints_dir(output_dir)
+    if keep_last < 1:
+        raise CheckpointError(f"--keep={keep_last}: must be >= 1 (latest and best are always kept as well)")
+    if not root.is_dir():
+        raise CheckpointError(f"{output_dir}: no {CHECKPOINTS}/ folder")
+    lock = None if dry_run else RunLock.acquire(output_dir)  # not while a run writes there
+    try:
+        doomed = plan_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps)
+        temporaries = [p for p in root.iterdir() if p.name.startswith(TMP_PREFIX)]
+        kept = [folder.name for _, folder in list_checkpoints(root) if folder not in doomed]
+        if not dry_run:
+            apply_retention(root, keep_last=keep_last, keep_every_n_steps=keep_every_n_steps)
+            remove_stale_temporaries(root)
+    finally:
+        if lock is not None:
+            lock.release()
+    return PruneReport(doomed, temporaries, kept)

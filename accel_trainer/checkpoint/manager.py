@@ -9,10 +9,10 @@
     ckpt.close()
 
 Everything is saved by name (torchtitan's ``Stateful`` idea: objects with ``state_dict()`` and
-``load_state_dict()``). Accelerate's ``save_state``/``load_state`` stay the engine: they gather and
-shard the model (DDP, FSDP, DeepSpeed), write every rank's RNG and the grad scaler; hooks add the
-named state. For non-sharded runs the model weights and optimizer state are written by
-:mod:`tensor_files` at disk speed and hashed on the way.
+``load_state_dict()``). Who writes the model and optimizer tensors is a strategy chosen once
+(:mod:`strategies`): our streamed, hashed safetensors for a whole model, DCP shards under FSDP2, or
+the engine's own ``save_state`` for FSDP1/DeepSpeed. Accelerate writes every rank's RNG and the grad
+scaler through its public ``save_accelerator_state``.
 
 A save is three phases, each ending in one agreement of all ranks:
   1. reserve: the main process checks the free space and makes ``checkpoints/.tmp-step-N/``;
@@ -30,32 +30,74 @@ import shutil
 import signal
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
 import torch
-from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
-from . import optimizer_files, rng
+from . import rng
 from .dataloader import ResumableLoader, has_own_position
 from .emergency import StopRequest
-from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, MODEL_WEIGHTS, NAME_RE, OPTIMIZER_TENSORS,
-                     PICKLED_SUFFIXES, RESERVED_NAMES, RUN_CONFIG, SCHEDULERS, TMP_PREFIX, rng_file, step_dir_name)
-from .io import (CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_dir, fsync_file, fsync_tree,
-                 read_state, write_json, write_state)
+from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, NAME_RE, RESERVED_NAMES, RUN_CONFIG, SCHEDULERS,
+                     TMP_PREFIX, rng_file, step_dir_name)
+from .io import CheckpointError, fsync_dir, fsync_file, read_state, write_json, write_state
 from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
-from .remote import RemoteTier, Uploader, resolve_with_remote
-from .sharded import SHARDED_DIR, Channel, ShardedState, is_sharded
-from .tensor_files import SafetensorsFile, StagingBuffers
-from .weights import load_weights_in_place, normalize_key, normalize_state_dict
+from .remote import RemoteTier, Uploader, redact, resolve_with_remote
+from .sharded import Channel
+from .strategies import choose_strategy, refuse_code_in
 
-# Sharded or engine-managed states stay entirely with Accelerate (it knows how to gather/shard them).
-ACCELERATE_OWNS_TENSORS = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM,
-                           DistributedType.XLA}
 PARTS = ("model", "optimizer", "scheduler", "dataloader")
+_UNRESOLVED = object()
+
+
+@dataclass
+class CheckpointConfig:
+    """How a :class:`Checkpointer` saves: retention, ``best``, async, strictness, signals, the lock,
+    and the object-storage tier. Values are checked when it is made.
+
+    Args:
+        save_total_limit: keep this many most recent checkpoints (plus ``latest`` and ``best``); None keeps all.
+        keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
+        best_metric: the ``save(metrics=...)`` key that decides ``best``; ``greater_is_better`` its direction.
+        async_save: write the big tensor files in a background thread; for a sharded (FSDP2) model
+            each rank stages its shards and writes them in the background (see :mod:`sharded`).
+        save_strict: a save that does not fit or fails raises :class:`CheckpointError`; by default it
+            is skipped with a warning and training goes on (the checkpoints already there stay intact).
+        handle_signals: turn SIGTERM/SIGINT/SIGUSR1 into :meth:`Checkpointer.stop_requested`.
+        lock: hold ``<output_dir>/.lock`` until :meth:`Checkpointer.close`, so that a second run on the
+            same output dir refuses to start instead of destroying this one's checkpoints.
+        upload_to: an fsspec URL (``s3://bucket/prefix``): every complete checkpoint is also uploaded
+            there in the background (see :mod:`remote`), and resume looks there too.
+        storage_options: for that filesystem (s3fs: ``{"endpoint_url": ...}``); never saved or printed.
+    """
+
+    save_total_limit: int | None = None
+    keep_every_n_steps: int | None = None
+    best_metric: str = "val_loss"
+    greater_is_better: bool = False
+    async_save: bool = False
+    save_strict: bool = False
+    handle_signals: bool = False
+    lock: bool = True
+    upload_to: str | None = None
+    storage_options: dict | None = None
+
+    def __post_init__(self):
+        for name in ("save_total_limit", "keep_every_n_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise CheckpointError(f"CheckpointConfig({name}={value!r}): must be an int >= 1, or None")
+        if self.storage_options and not self.upload_to:
+            raise CheckpointError("CheckpointConfig(storage_options=...): only used with upload_to; give that too")
+
+    def __repr__(self) -> str:  # never print credentials
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["storage_options"] = redact(values["storage_options"])
+        return f"CheckpointConfig({', '.join(f'{k}={v!r}' for k, v in values.items())})"
 
 
 def not_saved(step: int, err: BaseException, where: Path) -> str:
@@ -93,21 +135,10 @@ class Checkpointer:
         config: the run's configuration (a JSON-able dict), saved as ``run_config.json``.
         tokenizer: saved into every checkpoint with its ``save_pretrained`` (so the folder loads with
             ``AutoTokenizer`` and exports carry it).
-        save_total_limit: keep this many most recent checkpoints (plus ``latest`` and ``best``).
-        keep_every_n_steps: also keep every checkpoint whose step is a multiple of this.
-        best_metric: the ``save(metrics=...)`` key that decides ``best``; ``greater_is_better`` its direction.
-        async_save: write the big tensor files in a background thread; for a sharded (FSDP2) model
-            each rank stages its shards and writes them in the background (see :mod:`sharded`).
-        save_strict: a save that does not fit or fails raises :class:`CheckpointError`; by default it
-            is skipped with a warning and training goes on (the checkpoints already there stay intact).
-        handle_signals: turn SIGTERM/SIGINT/SIGUSR1 into :meth:`stop_requested` (see there).
-        lock: hold ``<output_dir>/.lock`` until :meth:`close`, so that a second run on the same
-            output dir refuses to start instead of destroying this one's checkpoints.
+        settings: how to save (:class:`CheckpointConfig`); or give its fields as keywords
+            (``save_total_limit=3``), which is the same.
         before_resume: a policy called with the resolved checkpoint folder before anything is loaded
             (e.g. refuse another architecture); it raises :class:`CheckpointError` to refuse.
-        upload_to: an fsspec URL (``s3://bucket/prefix``): every complete checkpoint is also uploaded
-            there in the background (see :mod:`remote`), and :meth:`resume` looks there too.
-        storage_options: for that filesystem (s3fs: ``{"endpoint_url": ...}``); never saved or printed.
     """
 
     # Headroom on top of the tensor bytes: JSON, RNG files, safetensors headers, filesystem blocks.
@@ -115,11 +146,16 @@ class Checkpointer:
 
     def __init__(self, accelerator, output_dir: str | Path, *, model, optimizer=None, scheduler=None,
                  dataloader=None, extra: dict | None = None, config: dict | None = None, tokenizer=None,
-                 save_total_limit: int | None = None, keep_every_n_steps: int | None = None,
-                 best_metric: str = "val_loss", greater_is_better: bool = False, async_save: bool = False,
-                 save_strict: bool = False, handle_signals: bool = False,
-                 before_resume: Callable[[Path], None] | None = None, lock: bool = True,
-                 upload_to: str | None = None, storage_options: dict | None = None):
+                 settings: CheckpointConfig | None = None, before_resume: Callable[[Path], None] | None = None,
+                 **setting_overrides):
+        if settings is not None and setting_overrides:
+            raise TypeError("Checkpointer(settings=..., ...): give a CheckpointConfig or its fields as keywords, not both")
+        known = {f.name for f in fields(CheckpointConfig)}
+        unknown = sorted(set(setting_overrides) - known)
+        if unknown:
+            raise TypeError(f"Checkpointer(): unexpected keyword(s) {unknown}; CheckpointConfig has {sorted(known)}")
+        self.settings = settings if settings is not None else CheckpointConfig(**setting_overrides)
+        cfg = self.settings
         self.accelerator = accelerator
         self.root = checkpoints_dir(output_dir)
         self.model = model
@@ -134,27 +170,17 @@ class Checkpointer:
         self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
         self.config = config
         self.tokenizer = tokenizer
-        self.save_total_limit = save_total_limit
-        self.keep_every_n_steps = keep_every_n_steps
-        self.best_metric, self.greater_is_better = best_metric, greater_is_better
         self.best: dict | None = None  # {"metric", "value", "step"} of the best checkpoint saved
         self.last_saved_step: int | None = None
         self.before_resume = before_resume
-        # A DTensor-sharded model (FSDP2) and its optimizers go through DCP by name (:mod:`sharded`);
-        # other engine-managed states (DeepSpeed, FSDP1) stay with Accelerate, saved synchronously.
-        self.sharded = is_sharded(accelerator.unwrap_model(model))
-        self.owns_tensors = not self.sharded and getattr(accelerator, "distributed_type", None) not in ACCELERATE_OWNS_TENSORS
-        self.async_save = async_save and (self.owns_tensors or self.sharded)
-        self.save_strict = save_strict
+        # Who writes the model and optimizer tensors, chosen once (see :mod:`strategies`).
+        self.strategy = choose_strategy(self)
+        self.async_save = cfg.async_save and self.strategy.background
         self._sequence: int | None = None
-        self._staging = StagingBuffers()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None
         self._pending: tuple[Future, Path, dict | None] | None = None
-        self._model_loaded = self._hook_took_model = False
-        self._model_tensors: dict[str, torch.Tensor] | None = None
-        self._lock = lock_run_dir(accelerator, output_dir) if lock else None  # after every check that may raise
-        self._shards = ShardedState(accelerator.unwrap_model(model), self.optimizers) if self.sharded else None
-        self.remote = RemoteTier(upload_to, storage_options) if upload_to else None
+        self._lock = lock_run_dir(accelerator, output_dir) if cfg.lock else None  # after every check that may raise
+        self.remote = RemoteTier(cfg.upload_to, cfg.storage_options) if cfg.upload_to else None
         self._uploader = None
         if self.remote is not None:
             problem = None
@@ -164,30 +190,37 @@ class Checkpointer:
                 except CheckpointError as err:
                     problem = f"--checkpoint_upload_to: {err}"
             problem = self._agree(problem)
-            if problem and save_strict:
+            if problem and cfg.save_strict:
                 raise CheckpointError(f"{problem} (--save_strict)")
             if problem:
                 accelerator.print(f"WARNING: {problem}; checkpoints stay local until it works (each save tries again)")
-        if self.remote is not None and (accelerator.is_main_process or self.sharded):
+        if self.remote is not None and (accelerator.is_main_process or self.strategy.every_rank_commits):
             # Sharded: every rank uploads the shards it wrote, in step with the others (a channel of
             # their own); otherwise the main process uploads everything.
-            self._uploader = Uploader(self.remote, save_total_limit, keep_every_n_steps, report=accelerator.print,
-                                      channel=Channel() if self.sharded else None)
-        self._stop = StopRequest(accelerator.num_processes) if handle_signals else None
+            self._uploader = Uploader(self.remote, cfg.save_total_limit, cfg.keep_every_n_steps, report=accelerator.print,
+                                      channel=Channel() if self.strategy.every_rank_commits else None)
+        self._stop = StopRequest(accelerator.num_processes) if cfg.handle_signals else None
         if self._stop is not None:
             self._stop.install()
-        self._hooks = [accelerator.register_save_state_pre_hook(self._save_hook),
-                       accelerator.register_load_state_pre_hook(self._load_hook)]
+
+    @property
+    def save_strict(self) -> bool:
+        return self.settings.save_strict
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's tensors are written as per-rank shards (FSDP2)."""
+        return self.strategy.every_rank_commits
 
     # ------------------------------------------------------------------------------------- saving
     def improves_best(self, metrics: dict | None) -> bool:
         """Whether ``metrics`` beat the best checkpoint's (same answer on every rank for equal metrics)."""
-        value = (metrics or {}).get(self.best_metric)
+        value = (metrics or {}).get(self.settings.best_metric)
         if value is None or value != value:  # absent or NaN
             return False
         if self.best is None:
             return True
-        return value > self.best["value"] if self.greater_is_better else value < self.best["value"]
+        return value > self.best["value"] if self.settings.greater_is_better else value < self.best["value"]
 
     def save(self, step: int, metrics: dict | None = None, reason: str | list[str] = "periodic",
              wait: bool = False) -> Path | None:
@@ -211,7 +244,7 @@ class Checkpointer:
         best = None
         if self.improves_best(metrics):
             reasons.append("best")
-            best = {"metric": self.best_metric, "value": metrics[self.best_metric], "step": step}
+            best = {"metric": self.settings.best_metric, "value": metrics[self.settings.best_metric], "step": step}
         final = self.root / step_dir_name(step)
         tmp = self.root / f"{TMP_PREFIX}{final.name}"
         # 1. reserve
@@ -221,7 +254,7 @@ class Checkpointer:
         # 2. write
         big, problem = {}, None
         try:
-            big = self._write(tmp, stage=self.async_save and not wait)
+            big = self._write(tmp, step, stage=self.async_save and not wait)
         except Exception as err:  # any writer failure (OSError, torch's RuntimeError on ENOSPC, ...)
             problem = not_saved(step, err, tmp)
         problem = self._agree(problem)
@@ -232,9 +265,8 @@ class Checkpointer:
                   "best": best or self.best, "sequence": self._next_sequence()}
         background = self.async_save and not wait
         notes = []
-        # Sharded: every rank takes part in the commit (it reports its files to rank 0).
-        finish = self._finish_sharded if self.sharded else self._finish
-        if self.sharded or acc.is_main_process:
+        finish = self.strategy.finish
+        if self.strategy.every_rank_commits or acc.is_main_process:
             if background:
                 self._pending = (self._executor.submit(finish, tmp, final, record, big), tmp, self.best)
             else:
@@ -262,29 +294,14 @@ class Checkpointer:
         except (OSError, CheckpointError) as err:
             return not_saved(step, err, self.root) if isinstance(err, OSError) else str(err)
 
-    def _write(self, tmp: Path, stage: bool) -> dict:
-        """Every rank: Accelerate's share (RNG, scaler, shards) and, on the main process, the named
-        state. Returns the big tensor files still to write (staged copies when ``stage``)."""
+    def _write(self, tmp: Path, step: int, stage: bool) -> dict:
+        """Every rank: Accelerate's share (RNG, scaler; an engine's shards) and, on the main process,
+        the named state. Returns the big tensor files still to write (staged copies when ``stage``)."""
         acc = self.accelerator
-        big = {}
-        self._model_tensors, self._hook_took_model = None, False
-        try:
-            with self._accelerate_skips_what_we_save(hide_optimizers=self.owns_tensors or self.sharded):
-                acc.save_state(str(tmp), safe_serialization=True)
-            if acc.is_main_process:
-                if self.owns_tensors and not self._hook_took_model:  # a model Accelerate did not prepare
-                    self._model_tensors = normalize_state_dict(acc.get_state_dict(self.model))
-                self._write_named_state(tmp)
-                if self.owns_tensors:
-                    opt_tensors, description = optimizer_files.split_state(self.optimizers, self._parameter_names())
-                    optimizer_files.write_description(tmp, description)
-                    big = {MODEL_WEIGHTS: self._model_tensors, OPTIMIZER_TENSORS: opt_tensors}
-                    if stage:
-                        big = {name: self._staging.stage(name, t) for name, t in big.items()}
-            if self.sharded:  # every rank: its shards now (sync), or staged and written in the background
-                big = {SHARDED_DIR: self._shards.save(tmp / SHARDED_DIR, background=stage)}
-        finally:
-            self._model_tensors = None
+        self.strategy.save_engine_state(tmp, step)
+        if acc.is_main_process:
+            self._write_named_state(tmp)
+        big = self.strategy.write_tensors(tmp, stage)
         # Each rank makes its own file durable (on node-local disks this is the only fsync it gets).
         own = tmp / rng_file(acc.process_index)
         if own.exists():
@@ -306,56 +323,18 @@ class Checkpointer:
         if hasattr(model_config, "to_json_file"):  # transformers models: rebuildable from the folder
             model_config.to_json_file(tmp / MODEL_CONFIG)
 
-    def _finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
-        """Write the big files, then commit (main process; maybe a background thread). Returns what
-        went wrong after the commit (the checkpoint exists then)."""
-        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
-        for name, file in files.items():
-            file.write(tmp / name, fsync=False)
-        # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
-        # same bytes from memory: the checksums cost no time of their own.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as hasher:
-            digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
-            fsync_tree(tmp)
-            digests = digests.result()
-        return self._commit(tmp, final, record, digests)
-
-    def _commit(self, tmp: Path, final: Path, record: dict, digests: dict) -> list[str]:
-        """Main process, every file durable in ``tmp``: manifest, marker, rename, pointers, retention."""
+    def _commit(self, tmp: Path, final: Path, record: dict, digests: dict, upload: bool = True) -> list[str]:
+        """Main process, every file durable in ``tmp``: manifest, marker, rename, pointers, retention.
+        ``upload`` False: the caller submits the upload itself (every rank of a sharded save)."""
         manifest = write_manifest(tmp, accelerator=self.accelerator, known=digests, **record)
         write_complete_marker(tmp, manifest)
         fsync_dir(tmp)
         replaced = self._rename_into_place(tmp, final)
-        return self._after_commit(final, record, replaced)
+        return self._after_commit(final, record, replaced, upload)
 
-    def _finish_sharded(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
-        """Every rank (maybe in its background thread): wait for its shards, hash them, report to
-        rank 0, which commits only when every rank's files are written; all learn the outcome."""
-        problem, digests = None, {}
-        try:
-            if big.get(SHARDED_DIR) is not None:
-                big[SHARDED_DIR].result()  # this rank's files (fsynced by DCP's writer) and the metadata
-            digests = self._shards.own_digests(tmp / SHARDED_DIR)
-        except Exception as err:
-            problem = f"{type(err).__name__}: {err}"
-        reports = self._shards.channel.gather((problem, digests))
-        outcome = None
-        if reports is not None:  # rank 0
-            failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p]
-            if failed:
-                outcome = ("error", "; ".join(failed)[:2000])
-            else:
-                try:
-                    fsync_tree(tmp)
-                    outcome = ("ok", self._commit(tmp, final, record, {k: v for _, d in reports for k, v in d.items()}))
-                except Exception as err:
-                    outcome = ("error", f"{type(err).__name__}: {err}")
-        outcome = self._shards.channel.broadcast(outcome)
-        if outcome[0] == "error":
-            raise CheckpointError(outcome[1])
-        if self._uploader is not None:  # every rank: each uploads its own shards
+    def _submit_upload(self, final: Path, record: dict) -> None:
+        if self._uploader is not None:
             self._uploader.submit(final, ["latest", "best"] if "best" in record["reasons"] else ["latest"])
-        return outcome[1] if self.accelerator.is_main_process else []
 
     def _rename_into_place(self, tmp: Path, final: Path) -> Path | None:
         """The commit point: ``tmp`` becomes ``final``. The same step saved again (an emergency save
@@ -373,7 +352,7 @@ class Checkpointer:
         fsync_dir(self.root)
         return replaced
 
-    def _after_commit(self, final: Path, record: dict, replaced: Path | None) -> list[str]:
+    def _after_commit(self, final: Path, record: dict, replaced: Path | None, upload: bool = True) -> list[str]:
         """Pointers and retention. Each is tried even if another failed; failures are returned, not
         raised: the checkpoint is saved, and resolution finds it without the pointers."""
         problems = []
@@ -383,12 +362,13 @@ class Checkpointer:
                 write_pointer(self.root, pointer, final)
             except OSError as err:
                 problems.append(f"moving '{pointer}' to {final.name} failed ({err.strerror or err})")
-        if self._uploader is not None and not self.sharded:  # sharded: every rank submits (_finish_sharded)
-            self._uploader.submit(final, list(pointers))
+        if upload:
+            self._submit_upload(final, record)
         try:
             if replaced is not None:
                 shutil.rmtree(replaced)
-            apply_retention(self.root, keep_last=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
+            apply_retention(self.root, keep_last=self.settings.save_total_limit,
+                            keep_every_n_steps=self.settings.keep_every_n_steps,
                             keep=self._uploader.pending() if self._uploader is not None else set())
         except OSError as err:
             problems.append(f"removing old checkpoints failed ({err.strerror or err}; the next save retries)")
@@ -476,7 +456,7 @@ class Checkpointer:
             self._uploader.wait()
 
     def close(self) -> None:
-        """Wait for the save in flight and the uploads, then release the signal handlers and hooks."""
+        """Wait for the save in flight and the uploads, then release the signal handlers and the lock."""
         try:
             self.wait()
             if self._uploader is not None:
@@ -488,13 +468,9 @@ class Checkpointer:
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
-            if self._shards is not None:
-                self._shards.close()
+            self.strategy.close()
             if self._stop is not None:
                 self._stop.uninstall()
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks = []
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
@@ -513,63 +489,12 @@ class Checkpointer:
         """The signal that asked to stop (None if none did)."""
         return None if self._stop is None or self._stop.signum is None else signal.Signals(self._stop.signum)
 
-    # --------------------------------------------------------------- Accelerate's positional state
-    @contextmanager
-    def _accelerate_skips_what_we_save(self, hide_optimizers: bool):
-        """Hide the optimizers, schedulers and loader we save by name from save_state/load_state.
-
-        Accelerate saves and loads every prepared optimizer, scheduler and dataloader by position
-        (``optimizer.bin``, ``scheduler.bin``, ...) and has no public switch to leave some out, so
-        for this call its private lists hold only what we do not save ourselves. Under FSDP the
-        sharded optimizer stays with Accelerate (FSDP1), and a DTensor-sharded model (FSDP2) is ours
-        too: its model and optimizers are hidden and go through :mod:`sharded`. Pinned by
-        ``tests/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
-        """
-        acc = self.accelerator
-        saved = acc._optimizers, acc._schedulers, acc._dataloaders
-        models = acc._models if self.sharded else None
-        ours_params = {id(p) for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]}
-        ours_schedulers = {id(s) for s in self.schedulers.values()}
-        try:
-            if hide_optimizers:
-                acc._optimizers = [o for o in saved[0]
-                                   if not all(id(p) in ours_params for g in o.param_groups for p in g["params"])]
-            acc._schedulers = [s for s in saved[1]
-                               if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
-            acc._dataloaders = [d for d in saved[2] if d is not self._raw_loader]
-            if self.sharded:
-                ours = acc.unwrap_model(self.model)
-                acc._models = [m for m in models if acc.unwrap_model(m) is not ours]
-            yield
-        finally:
-            acc._optimizers, acc._schedulers, acc._dataloaders = saved
-            if models is not None:
-                acc._models = models
-
-    def _model_index(self, models: list) -> int | None:
-        """Where our model is among Accelerate's (given wrapped or not)."""
-        ours = self.accelerator.unwrap_model(self.model)
-        return next((i for i, m in enumerate(models) if self.accelerator.unwrap_model(m) is ours), None)
-
-    def _save_hook(self, models, weights, output_dir) -> None:
-        """Accelerate pre-save hook: take over our model's weights (we write them streamed + hashed,
-        under names without DDP/compile prefixes, so any world size loads them)."""
-        i = self._model_index(models)
-        if weights and self.owns_tensors and i is not None:
-            state = weights.pop(i)  # Accelerate's documented way to say "not for you to save"
-            self._hook_took_model = True
-            self._model_tensors = normalize_state_dict(state) if self.accelerator.is_main_process else None
-
-    def _parameter_names(self) -> dict[int, str]:
-        model = self.accelerator.unwrap_model(self.model)
-        return {id(p): normalize_key(n) for n, p in model.named_parameters()}
-
     # ------------------------------------------------------------------------------------ loading
     def resolve(self, spec: str) -> Path | None:
         """The folder ``spec`` names, verified (checksums included), the same on every rank."""
         return resolve_on_main(self.accelerator, spec, self.root.parent, remote=self.remote)
 
-    def resume(self, spec: str = "latest", exclude: tuple[str, ...] = ()) -> int:
+    def resume(self, spec: str | Path = "latest", exclude: tuple[str, ...] = (), *, folder=_UNRESOLVED) -> int:
         """Restore everything from ``spec``: ``latest`` (the newest valid checkpoint, falling back past
         corrupt ones), ``best``, ``step-<N>``, or a path.
 
@@ -577,6 +502,8 @@ class Checkpointer:
             spec: which checkpoint; ``latest`` with none yet means a fresh start.
             exclude: parts to leave as they are: "optimizer", "scheduler", "dataloader", or an
                 ``extra`` name (e.g. to start the optimizer fresh on the saved weights).
+            folder: what ``spec`` already resolved to on every rank (:func:`resolve_on_main`, every
+                checksum verified), so it is not resolved twice; None: nothing to resume.
 
         Returns:
             The restored step, or 0 when there was nothing to resume.
@@ -586,10 +513,12 @@ class Checkpointer:
                 that does not fit this run (naming it).
         """
         acc = self.accelerator
-        folder = self.resolve(spec)
+        if folder is _UNRESOLVED:
+            folder = self.resolve(spec)
         if folder is None:
             acc.print(f"--resume_from_checkpoint={spec}: no checkpoint under {self.root} yet; starting fresh")
             return 0
+        folder = Path(folder)
         manifest = read_manifest(folder)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: written in checkpoint format {manifest.get('format_version')}, this "
@@ -600,23 +529,9 @@ class Checkpointer:
         unknown = set(exclude) - set(PARTS) - set(self.extra)
         if unknown:
             raise ValueError(f"resume(exclude=...): {sorted(unknown)} name no part; use {list(PARTS)} or an extra name")
-        self._model_loaded = False
-        sharded_folder = (folder / SHARDED_DIR / ".metadata").is_file()
-        if self.sharded and not sharded_folder:
-            raise CheckpointError(f"{folder}: saved by a run whose model was not sharded; this sharded (FSDP2) run "
-                                  "resumes sharded checkpoints only. Start from its weights with --init_from "
-                                  f"{folder} (the optimizer starts fresh)")
-        with self._accelerate_skips_what_we_save(
-                hide_optimizers=self.owns_tensors or self.sharded or "optimizer" in exclude):
-            acc.load_state(str(folder))
-        if sharded_folder:  # any world size, sharded or not: DCP reshards (or gathers) by name
-            shards = self._shards or ShardedState(acc.unwrap_model(self.model), self.optimizers)
-            shards.load(folder / SHARDED_DIR, optimizers=bool(self.optimizers) and "optimizer" not in exclude)
-        elif self.owns_tensors and not self._model_loaded:  # a model Accelerate did not prepare
-            load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(self.model))
-        if self.owns_tensors and not sharded_folder and self.optimizers and "optimizer" not in exclude:
-            device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
-            optimizer_files.load_into(folder, self.optimizers, self._parameter_names(), device)
+        refuse_code_in(folder)  # before anything of it is loaded
+        self.strategy.load_engine_state(folder, tuple(exclude))
+        self.strategy.load_tensors(folder, tuple(exclude))
         if self.schedulers and "scheduler" not in exclude:
             self._load_named(folder, "schedulers", _Group(self.schedulers))
         if self.dataloader is not None and "dataloader" not in exclude:
@@ -639,20 +554,6 @@ class Checkpointer:
             obj.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise CheckpointError(f"{folder}: state {name!r} does not fit this run ({type(err).__name__}: {err})") from None
-
-    def _load_hook(self, models, input_dir) -> None:
-        """Accelerate pre-load hook: refuse files that could run code; load our weights in place."""
-        for path in Path(input_dir).rglob("*"):
-            if path.suffix in PICKLED_SUFFIXES and path.is_file():
-                check_pickle_is_data(path)
-            elif path.name == ".metadata" and path.is_file():  # FSDP sharded (DCP) checkpoints
-                check_dcp_metadata_is_data(path)
-        i = self._model_index(models)
-        if self.owns_tensors and i is not None:
-            model = self.accelerator.unwrap_model(models.pop(i))
-            if not (Path(input_dir) / SHARDED_DIR).is_dir():  # else resume() loads it from the shards
-                load_weights_in_place(Path(input_dir) / MODEL_WEIGHTS, model)
-                self._model_loaded = True
 
     def _restore_rng(self, folder: Path, step: int) -> None:
         acc = self.accelerator

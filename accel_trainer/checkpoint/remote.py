@@ -33,6 +33,7 @@ from .checksums import CHUNK, HASH, new_hasher
 from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, STEP_RE, TMP_PREFIX
 from .io import CheckpointError, fsync_tree
 from .manifest import MANIFEST_HASH, verify
+from .storage import CheckpointStorage, LocalStorage
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 
@@ -71,8 +72,8 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
-class RemoteTier:
-    """The checkpoints of one run under an fsspec URL.
+class RemoteTier(CheckpointStorage):
+    """The checkpoints of one run under an fsspec URL (the object-store tier of :class:`CheckpointStorage`).
 
     Args:
         url: e.g. ``s3://bucket/prefix`` (the run's remote "output dir": checkpoints go to
@@ -81,6 +82,8 @@ class RemoteTier:
         retries: attempts per request before giving up; waits ``backoff * 2**i`` seconds between.
         workers: files uploaded or downloaded at once.
     """
+
+    UNREADABLE_SEQUENCE = -1  # a remote checkpoint whose manifest cannot be read is never the newest
 
     def __init__(self, url: str, storage_options: dict | None = None, retries: int = 4, backoff: float = 0.5,
                  workers: int = 8):
@@ -132,6 +135,9 @@ class RemoteTier:
 
     def cat(self, *parts: str) -> bytes:
         return self._retry(f"reading {self.display(*parts)}", lambda: self.fs.cat_file(self.path(*parts)))
+
+    def read_bytes(self, step_name: str, file: str) -> bytes:
+        return self.cat(step_name, file)
 
     def pipe(self, data: bytes, *parts: str) -> None:
         self._retry(f"writing {self.display(*parts)}", lambda: self.fs.pipe_file(self.path(*parts), data))
@@ -199,29 +205,6 @@ class RemoteTier:
             return hasher.hexdigest()
         return self._retry(f"reading {self.display(step_name, name)}", run)
 
-    def complete_steps(self) -> list[tuple[int, int, str]]:
-        """``(sequence, step, name)`` of every remote step with a ``COMPLETE`` object, newest first
-        (by save sequence, as locally; the manifest is read for it)."""
-        out = []
-        for name, files in self.listing().items():
-            if COMPLETE in files:
-                try:
-                    sequence = json.loads(self.cat(name, MANIFEST)).get("sequence", 0)
-                except (FileNotFoundError, ValueError, UnicodeDecodeError, CheckpointError):
-                    sequence = -1
-                out.append((sequence if isinstance(sequence, int) else -1, int(STEP_RE.match(name).group(1)), name))
-        return sorted(out, reverse=True)
-
-    def latest_valid(self, checksums: bool = False) -> tuple[str | None, int | None, list[str]]:
-        """The newest remote checkpoint that verifies: (name, sequence, what was skipped and why)."""
-        listing, skipped = self.listing(), []
-        for sequence, _, name in self.complete_steps():
-            problems, _ = self.problems(name, listing.get(name), checksums=checksums)
-            if not problems:
-                return name, sequence, skipped
-            skipped.append(problems[0])
-        return None, None, skipped
-
     # ---------------------------------------------------------------------------------- upload
     def upload(self, folder: Path) -> int:
         """Upload the complete local checkpoint ``folder`` by the commit order above; returns bytes.
@@ -273,22 +256,6 @@ class RemoteTier:
         except FileNotFoundError:
             pass
 
-    def apply_retention(self, keep_last: int | None, keep_every_n_steps: int | None, keep: set[str]) -> list[str]:
-        """Keep the ``keep_last`` newest remote checkpoints, the ``latest``/``best`` targets, ``keep``
-        (uploads in progress) and every multiple of ``keep_every_n_steps``; delete the other complete ones."""
-        from .layout import select_for_deletion
-
-        if not keep_last:
-            return []
-        found = {step: name for _, step, name in reversed(self.complete_steps())}
-        protected = {int(STEP_RE.match(t).group(1)) for t in (self.read_pointer(p) for p in (LATEST, "best")) if t}
-        protected |= {int(STEP_RE.match(n).group(1)) for n in keep if STEP_RE.match(n)}
-        doomed = select_for_deletion(list(found), keep_last=keep_last, protected=protected,
-                                     keep_every_n_steps=keep_every_n_steps)
-        for step in doomed:
-            self.delete(found[step])
-        return [found[s] for s in doomed]
-
     # -------------------------------------------------------------------------------- download
     def download(self, name: str, dest_root: Path, progress: bool = True) -> Path:
         """Copy remote ``name`` into ``dest_root/name`` (via a temporary folder, then verified with
@@ -325,6 +292,14 @@ class RemoteTier:
             shutil.rmtree(final)
         tmp.rename(final)
         return final
+
+
+def storage_for(location: str | Path, storage_options: dict | None = None) -> CheckpointStorage:
+    """The tier of a run's output dir or checkpoints folder: a local folder, or an fsspec URL."""
+    if is_url(location):
+        return RemoteTier(str(location), storage_options)
+    path = Path(location)
+    return LocalStorage(path if path.name == "checkpoints" else path / "checkpoints")
 
 
 class Uploader:
@@ -461,7 +436,8 @@ def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, che
     Raises:
         CheckpointError: as :func:`layout.resolve`, or a download that failed.
     """
-    from .layout import Resolved, checkpoints_dir, resolve, save_sequence, step_of
+    from .layout import Resolved, checkpoints_dir, resolve
+    from .storage import step_number
 
     root = checkpoints_dir(output_dir)
     if spec not in ("latest", "best") and not STEP_RE.match(spec):
@@ -472,7 +448,8 @@ def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, che
     except CheckpointError as err:
         local_error = err
     if spec == "latest":
-        local_key = (save_sequence(local.path) or 0, step_of(local.path)) if local and local.path else None
+        local_key = ((LocalStorage(root).sequence(local.path.name), step_number(local.path.name))
+                     if local and local.path else None)
         listing = tier.listing()
         for sequence, step, name in tier.complete_steps():
             if local_key is not None and local_key >= (sequence, step):

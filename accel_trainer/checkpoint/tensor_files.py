@@ -1,8 +1,8 @@
 """Write and read the big tensor files of a checkpoint at disk speed.
 
 ``write_safetensors`` streams each tensor's bytes straight from memory to the file (no pickle, no
-zip, no intermediate copy), hashes the same bytes on the way (xxh3-128, ~15 GB/s here, so the
-checksum costs no extra read pass), and fsyncs. The file is standard safetensors: anything that
+zip, no intermediate copy), hashes the same bytes on the way (xxh3-128, faster than
+any disk, so the checksum costs no extra read pass), and fsyncs. The file is standard safetensors: anything that
 reads safetensors reads it.
 """
 

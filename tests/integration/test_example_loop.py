@@ -12,9 +12,8 @@ import sys
 import pytest
 
 from accel_trainer.checkpoint.layout import resolve_latest_valid
-from conftest import REPO, free_port, kill_run, launch
+from launching import REPO, free_port, kill_run, launch
 
-pytestmark = pytest.mark.slow
 EXAMPLE = REPO / "examples" / "accelerate_loop.py"
 ARGS = ["--max_steps", "60", "--save_steps", "5", "--eval_steps", "10"]
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 from accel_trainer.cli import main
-from conftest import TINY, launch
+from launching import TINY, launch
 
-pytestmark = pytest.mark.slow
 
 
 def cli(*args, check=True):

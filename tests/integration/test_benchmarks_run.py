@@ -1,18 +1,19 @@
-"""The benchmark scripts still run and print their tables (tiny sizes; no timing is asserted)."""
+"""The benchmark scripts still run and print their tables, at tiny sizes through every code path of
+their default run (the trainer's logging steps, saves and uploads); no timing is asserted."""
 
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO
+from launching import REPO
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("script,args,expect", [
     ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1", "--upload_to", "moto"], "upload: ours vs plain s3fs put"),
-    ("step_overhead.py", ["--steps", "3", "--rounds", "1"], "ratio trainer/bare steps/s"),
+    ("step_overhead.py", ["--steps", "3", "--rounds", "1", "--logging_steps", "2"], "logging steps among them: 4"),
+    ("muon.py", ["--world_sizes", "2", "4"], "less work"),
     ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
     ("cli_startup.py", ["--repeats", "1"], "accel-trainer inspect"),
     ("data.py", ["--corpus_bytes", "300000", "--num_proc", "1", "--vocab_size", "400", "--block_size", "256"],
@@ -27,7 +28,7 @@ def test_benchmark_prints_its_table(script, args, expect):
 
 def test_a_sample_of_the_fault_campaign_finds_nothing_broken():
     """kill -9 during an async save, one damaged file, one bad 'latest' pointer: each resumed in a
-    fresh process with losses bitwise those of an uninterrupted run (the full campaign is in README)."""
+    fresh process with losses bitwise those of an uninterrupted run (the full campaign is in docs/reliability.md)."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "faults.py"), "--sample", "--seed", "1"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -14,7 +14,7 @@ from accel_trainer.cli import main as cli_main
 from accel_trainer.efficiency import compile_decoder_layers, enable_activation_checkpointing
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.planning import activation_elements_per_token, plan
-from conftest import TINY, read_jsonl
+from launching import TINY, read_jsonl
 
 SMALL = dict(vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64)
@@ -174,7 +174,7 @@ def test_the_18b_preset_plan_on_h100s():
 def _repo_on_path():
     import sys
 
-    from conftest import REPO
+    from launching import REPO
 
     sys.path.insert(0, str(REPO))
     yield

@@ -27,18 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint.io import atomic_write_text, fsync_file, read_json
-from .checkpoint.checksums import hash_file
-from .config import ConfigError
+from ..checkpoint import atomic_write_text, fsync_file, hash_file, read_json
+from ..errors import DataError
 
 FORMAT = "accel_trainer.tokens/1"
 PLAN, COMPLETE_MANIFEST, TOKENIZER_DIR = "plan.json", "tokens.json", "tokenizer"
 SHARD_TEXT_BYTES = 256 << 20  # ~64M tokens of English per shard
 CHUNK_DOCUMENTS = 2000
-
-
-class DataError(ConfigError):
-    """Prepared data that is missing, incomplete or inconsistent; the message names the path."""
 
 
 def shard_name(i: int, suffix: str) -> str:
@@ -94,7 +89,7 @@ def prepare(dataset, column: str, tokenizer, output_dir: str | Path, source: dic
     """
     from tqdm.auto import tqdm
 
-    from .console import interactive
+    from ..console import interactive
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,8 @@ import pytest
 
 from accel_trainer import load_model_for_inference
 from accel_trainer.checkpoint.layout import read_pointer
-from conftest import RUN, STEPS, blocks_per_step, launch, read_jsonl
+from launching import RUN, STEPS, blocks_per_step, launch, read_jsonl
 
-pytestmark = pytest.mark.slow
 ONE_PROC = [*RUN, "--per_device_train_batch_size", "8"]  # later flags win in HfArgumentParser
 
 
@@ -36,11 +35,11 @@ def assert_losses_close(reference, other, from_step, rel=1e-3):
 
 def test_two_process_checkpoint_resumes_on_one_process(straight_2proc, tmp_path):
     continue_from(straight_2proc, 12, tmp_path)
-    proc = launch([*ONE_PROC, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"],
-                  env={"ACCEL_TRAINER_BLOCK_LOG": str(tmp_path / "blocks")})
+    proc = launch([*ONE_PROC, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
+                   "--log_data_blocks"])
     assert "per_device_train_batch_size: 4 -> 8" in proc.stdout
     # Exactly the blocks the uninterrupted 2-process run read, step by step.
-    reference, resumed = blocks_per_step(straight_2proc / "blocks"), blocks_per_step(tmp_path / "blocks")
+    reference, resumed = blocks_per_step(straight_2proc), blocks_per_step(tmp_path)
     assert sorted(resumed) == list(range(13, STEPS + 1))
     assert {step: reference[step] for step in resumed} == resumed
     assert_losses_close(straight_2proc, tmp_path, from_step=13)

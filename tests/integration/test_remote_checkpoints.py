@@ -21,8 +21,8 @@ moto_server = pytest.importorskip("moto.server")
 
 from accel_trainer.checkpoint import CheckpointError, load_model_for_inference  # noqa: E402
 from accel_trainer.checkpoint.remote import RemoteTier, fetch, resolve_with_remote  # noqa: E402
-from conftest import REPO, TINY, launch, read_jsonl  # noqa: E402
-from test_checkpointer import Loop  # noqa: E402
+from launching import REPO, TINY, launch, read_jsonl  # noqa: E402
+from loops import Loop  # noqa: E402
 
 BUCKET = "ckpts"
 
@@ -136,7 +136,7 @@ def test_a_damaged_remote_object_fails_verify_and_latest_falls_back(s3, url, tmp
     out = subprocess.run([*cli, "verify", url, "--storage_options", json.dumps(s3)], capture_output=True, text=True,
                          cwd=REPO)
     assert out.returncode == 1, out.stderr
-    assert "FAIL" in out.stdout and "step-2/model.safetensors: checksum mismatch" in out.stdout
+    assert "BAD" in out.stdout and "step-2/model.safetensors: checksum mismatch" in out.stdout
     reports = []
     found = resolve_with_remote("latest", tmp_path / "fresh", tier, report=reports.append, progress=False)
     assert found.path.name == "step-1" and any("skips the remote step-2" in r for r in reports)
@@ -193,11 +193,10 @@ def test_resume_on_an_empty_machine_downloads_the_remote_latest_and_is_bit_exact
     assert json.loads(saved["storage_options"]) == s3  # an endpoint is kept; keys would read "***"
 
 
-@pytest.mark.slow
 def test_sharded_checkpoints_upload_per_rank_in_parallel_and_resume_from_the_remote(s3, url, tmp_path):
     """FSDP2 on 2 CPU ranks: each rank uploads the shards it wrote; rank 0 commits after both."""
     worker = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-              str(__import__("conftest").free_port()), str(REPO / "tests" / "sharded_ckpt_worker.py")]
+              str(__import__("launching").free_port()), str(REPO / "tests" / "integration" / "sharded_ckpt_worker.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     remote = ["--upload_to", url, "--storage_options", json.dumps(s3)]
     out = subprocess.run([*worker, str(tmp_path / "node1"), "--steps", "4", "--async_save", *remote],

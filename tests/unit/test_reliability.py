@@ -19,10 +19,10 @@ from accel_trainer.checkpoint.inspection import list_run
 from accel_trainer.checkpoint.layout import read_pointer, resolve, resolve_latest_valid
 from accel_trainer.checkpoint.lock import RunLock
 from accel_trainer.cli import main as cli_main
-from conftest import TINY
-from faults import failing_disk
+from launching import TINY
+from accel_trainer.faults import failing_disk
 from helpers_ckpt import make_run
-from test_checkpointer import Loop, loop  # noqa: F401 (loop: the same fixture, not a copy)
+from loops import Loop
 
 HOLD = """
 import sys, time

@@ -1,6 +1,6 @@
 """Files users and CI rely on stay consistent."""
 
-from conftest import REPO
+from launching import REPO
 
 
 def test_ci_runs_the_readme_test_command_verbatim():

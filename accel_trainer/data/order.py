@@ -1,52 +1,28 @@
-"""The data path of a pre-training run: text in, prepared token shards, blocks in a seeded order.
+"""The training order: a function of ``(seed, epoch)`` and the global sample index alone.
 
-Every run trains from prepared token shards (:mod:`tokens`): ``--prepared_data`` names them
-(several, concatenated; or ``--data_mix path:weight ...``), and ``--data_files``/``--dataset_name``
-or the embedded corpus (the Python standard library's source) are prepared once into
-``<output_dir>/data/`` and reused by every later launch.
-
-The training order is a function of ``(seed, epoch)`` and the global sample index alone: sample
-``g`` of the run is the block a keyed pseudorandom permutation (a Feistel network) puts at position
-``g mod N`` of epoch ``g div N``. So the data position saved in a checkpoint is one number, resuming
-at any position costs the same (nothing is skipped or replayed), and because Accelerate deals each
-global batch of that one order to the processes in turn, any world size reads the same blocks.
-With ``--data_mix`` each sample's source follows a fixed pattern of 1,000 slots that holds the
-weights (exact to 0.1%), and each source runs through its own epochs in its own permuted order.
+Sample ``g`` of the run is the block a keyed pseudorandom permutation (a Feistel network) puts at
+position ``g mod N`` of epoch ``g div N``. So the data position saved in a checkpoint is one number,
+resuming at any position costs the same (nothing is skipped or replayed), and because Accelerate
+deals each global batch of that one order to the processes in turn, any world size reads the same
+blocks. With ``--data_mix`` each sample's source follows a fixed pattern of 1,000 slots that holds
+the weights (exact to 0.1%), and each source runs through its own epochs in its own permuted order.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
-from .config import ConfigError, DataArguments
-from .raw_text import load_raw_text, raw_source
-from .tokens import DataError, TokenBlocks, prepare
+from ..errors import DataError
+from .shards import TokenBlocks
 
 MIX_PERIOD = 1000
 _MASK64 = (1 << 64) - 1
 
 
-def prepare_raw(args: DataArguments, tokenizer, output_dir: str | Path, progress: bool = True) -> Path:
-    """Prepare ``--data_files``/``--dataset_name``/the embedded corpus once, under
-    ``<output_dir>/data/<key>``; later launches with the same inputs reuse it."""
-    source = raw_source(args)
-    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(output_dir) / "data" / key
-    if not (path / "tokens.json").is_file():
-        prepare(load_raw_text(args), args.text_column, tokenizer, path, source,
-                num_proc=args.preprocessing_num_workers or 1, progress=progress)
-    return path
-
-
-# ------------------------------------------------------------------------------------ the order
 def _mix64(x: int) -> int:
     """splitmix64's finaliser: a fast, well-mixed 64-bit hash."""
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -204,70 +180,3 @@ class RunSampler(Sampler[int]):
         return self.epoch_size
 
 
-# ------------------------------------------------------------------------------------ assembly
-@dataclass
-class TextData:
-    train: TrainBlocks
-    validation: ValidationBlocks
-    tokenizer: object
-    sources: list[Path]
-
-
-def parse_mix(items: list[str]) -> tuple[list[str], list[float]]:
-    """``["data/a:0.7", "data/b:0.3"]`` -> paths and weights.
-
-    Raises:
-        ConfigError: an item without a positive weight.
-    """
-    paths, weights = [], []
-    for item in items:
-        path, sep, weight = item.rpartition(":")
-        try:
-            value = float(weight)
-        except ValueError:
-            value = -1.0
-        if not sep or not path or not value > 0:
-            raise ConfigError(f"--data_mix {item!r}: expected PATH:WEIGHT with a weight > 0, e.g. data/web:0.7")
-        paths.append(path)
-        weights.append(value)
-    return paths, weights
-
-
-def build_datasets(args: DataArguments, seed: int, output_dir: str | Path, block_size: int,
-                   progress: bool = True) -> TextData:
-    """The training and validation blocks of this run (preparing raw data first if given).
-
-    Raises:
-        ConfigError/DataError: naming the flag and path.
-    """
-    from .tokenizer import load_tokenizer
-
-    weights = None
-    if args.data_mix:
-        paths, weights = parse_mix(args.data_mix)
-    elif args.prepared_data:
-        paths = list(args.prepared_data)
-    else:
-        paths = [prepare_raw(args, load_tokenizer(args.tokenizer_name or "byte"), output_dir, progress)]
-    sources = [TokenBlocks(Path(p), block_size, args.validation_split_percentage / 100) for p in paths]
-    tokenizer_files = {(s.tokenizer_dir / "tokenizer.json").read_bytes() for s in sources}
-    if len(tokenizer_files) > 1:
-        raise DataError(f"{', '.join(paths)}: prepared with different tokenizers; a mix needs one tokenizer")
-    tokenizer = load_tokenizer(str(sources[0].tokenizer_dir))
-    return TextData(TrainBlocks(sources, seed, weights), ValidationBlocks(sources), tokenizer, [Path(p) for p in paths])
-
-
-def _own_generator() -> torch.Generator:
-    # Each DataLoader iterator draws a base seed (for its workers); from the global RNG that draw
-    # would make the global stream depend on how often loaders were (re)started, e.g. after a resume.
-    return torch.Generator().manual_seed(0)
-
-
-def build_train_dataloader(dataset: TrainBlocks, batch_size: int, num_workers: int = 0) -> DataLoader:
-    # drop_last keeps every batch full, so each step sees the same number of tokens on every rank.
-    return DataLoader(dataset, batch_size=batch_size, sampler=RunSampler(len(dataset)), drop_last=True,
-                      num_workers=num_workers, persistent_workers=num_workers > 0, generator=_own_generator())
-
-
-def build_eval_dataloader(dataset, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=_own_generator())

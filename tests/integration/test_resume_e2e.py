@@ -21,9 +21,8 @@ from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
 from accel_trainer.checkpoint.checksums import HASH, hash_file
-from conftest import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl, run_pids
+from launching import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl, run_pids
 
-pytestmark = pytest.mark.slow
 
 
 def losses(out: Path) -> dict[int, float]:

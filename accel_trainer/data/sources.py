@@ -11,13 +11,12 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import socket
 import sysconfig
 from pathlib import Path
-from urllib.parse import urlparse
 
-from .config import DataArguments
-from .tokens import DataError
+from ..config import DataArguments
+from ..errors import DataError
+from ..hub import require_hub
 
 EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
                       ".jsonl": "json", ".parquet": "parquet"}
@@ -28,35 +27,6 @@ def default_corpus_files() -> list[Path]:
     """The Python standard library's own source: real text that every machine running us has."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in stdlib.rglob("*.py") if "site-packages" not in p.parts and "test" not in p.parts)
-
-
-# ------------------------------------------------------------------------------------------ Hub
-def hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as huggingface_hub reads it."""
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the Hub's endpoint (``HF_ENDPOINT``) opens within ``timeout`` seconds."""
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def require_hub(flag: str, name: str, error=DataError) -> None:
-    """Fail in seconds, naming ``flag``, when ``name`` needs the Hub and the Hub cannot be reached
-    (with ``HF_HUB_OFFLINE`` set, the local cache is tried instead)."""
-    if not hub_offline() and not hub_reachable():
-        raise error(f"{flag}={name!r}: the Hugging Face Hub is not reachable from here (no network?). Get it on a "
-                    "machine with network (accel-trainer prepare-data for datasets, save_pretrained for tokenizers) "
-                    "and pass the folder, or set HF_HUB_OFFLINE=1 to use a copy in the local Hugging Face cache")
 
 
 # ---------------------------------------------------------------------------------- local files
@@ -174,7 +144,7 @@ def load_raw_text(args: DataArguments):
     """
     import datasets
 
-    from .console import quiet_library_bars
+    from ..console import quiet_library_bars
 
     quiet_library_bars("datasets")
     if args.dataset_name:

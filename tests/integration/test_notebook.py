@@ -3,9 +3,8 @@
 
 import pytest
 
-from conftest import REPO, TINY, launch
+from launching import REPO, TINY, launch
 
-pytestmark = pytest.mark.slow
 
 
 def test_notebook_finds_the_demo_run_generates_and_plots_without_writing_into_it(tmp_path, monkeypatch):

@@ -15,18 +15,14 @@ import torch
 
 from accel_trainer import load_model_for_inference
 from accel_trainer.checkpoint.weights import read_weights
-from conftest import REPO, TINY, free_port
+from launching import REPO, TINY, free_port
+from launching import torchrun as run_ranks
 
-pytestmark = pytest.mark.slow
-WORKER = REPO / "tests" / "fsdp2_muon_worker.py"
+WORKER = REPO / "tests" / "integration" / "fsdp2_muon_worker.py"
 
 
 def torchrun(n: int, *args) -> str:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                           "--master_port", str(free_port()), str(WORKER), *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc.stdout
+    return run_ranks(n, WORKER, *args).stdout
 
 
 @pytest.fixture(scope="module")

@@ -6,32 +6,21 @@ process without a process group (a notebook, a smaller machine)."""
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from accel_trainer.checkpoint import Checkpointer, load_model_for_inference, verify
 from accel_trainer.checkpoint.layout import read_pointer, resolve
-from conftest import REPO, free_port
+from launching import REPO, step_losses
+from launching import torchrun as run_ranks
 
-pytestmark = pytest.mark.slow
-WORKER = REPO / "tests" / "sharded_ckpt_worker.py"
+WORKER = REPO / "tests" / "integration" / "sharded_ckpt_worker.py"
 
 
 def torchrun(n: int, *args, expect_killed: bool = False) -> dict[int, float]:
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
-                           "--master_port", str(free_port()), str(WORKER), *args],
-                          capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    if expect_killed:
-        assert proc.returncode != 0 and "SIGKILL" in proc.stdout + proc.stderr, proc.stderr[-3000:]
-    else:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return {int(s): float(v) for s, v in re.findall(r"^step (\d+) loss (\S+)$", proc.stdout, re.M)}
+    return step_losses(run_ranks(n, WORKER, *args, expect_killed=expect_killed).stdout)
 
 
 @pytest.fixture(scope="module")

@@ -15,16 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import ConfigError
+from ..errors import TokenizerError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
-
-
-class TokenizerError(ConfigError):
-    """A tokenizer that cannot be loaded or trained; the message names the flag and what to do."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -100,7 +96,7 @@ def load_tokenizer(name: str):
     if not path.exists():
         if name.startswith((".", "~", "/")) or name.count("/") > 1:
             raise TokenizerError(f"--tokenizer_name={name!r}: no such folder")
-        from .raw_text import require_hub
+        from ..hub import require_hub
 
         require_hub("--tokenizer_name", name, TokenizerError)
     try:

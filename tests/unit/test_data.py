@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 from accelerate import Accelerator
 
-from accel_trainer import tokens as tokens_module
+from accel_trainer.data import shards as tokens_module
 from accel_trainer.checkpoint import ResumableLoader
 from accel_trainer.checkpoint.dataloader import position_to_skip
 from accel_trainer.cli import main as cli_main
 from accel_trainer.config import DataArguments
 from accel_trainer.data import (Permutation, RunSampler, TrainBlocks, build_datasets, build_train_dataloader,
                                 load_raw_text, mix_pattern, raw_source)
-from accel_trainer.tokenizer import byte_tokenizer, load_tokenizer, train_tokenizer, vocab_size_for
-from accel_trainer.tokens import DataError, TokenBlocks, prepare
+from accel_trainer.data import byte_tokenizer, load_tokenizer, train_tokenizer, vocab_size_for
+from accel_trainer.data import DataError, TokenBlocks, prepare
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ BAD_FILES = {  # name: (bytes or None for a folder, what the one line must say)
 
 @pytest.mark.parametrize("name", sorted(BAD_FILES))
 def test_each_bad_file_is_one_line_naming_it_and_the_reason(tmp_path, name):
-    from accel_trainer.tokens import DataError
+    from accel_trainer.data import DataError
 
     content, message = BAD_FILES[name]
     if content is None:
@@ -300,7 +300,7 @@ def test_each_bad_file_is_one_line_naming_it_and_the_reason(tmp_path, name):
 
 
 def test_too_little_data_says_how_much_there_is_and_what_to_do(tmp_path):
-    from accel_trainer.tokens import DataError
+    from accel_trainer.data import DataError
 
     (tmp_path / "two.txt").write_text("hi")
     with pytest.raises(DataError, match=r"\(prepared from --data_files .*two.txt\): too little data: 3 tokens make "
@@ -311,9 +311,9 @@ def test_too_little_data_says_how_much_there_is_and_what_to_do(tmp_path):
 def test_a_hub_name_without_network_fails_in_seconds(monkeypatch):
     import time
 
-    from accel_trainer import raw_text
-    from accel_trainer.tokenizer import TokenizerError, load_tokenizer
-    from accel_trainer.tokens import DataError
+    from accel_trainer import hub as raw_text
+    from accel_trainer.data import TokenizerError, load_tokenizer
+    from accel_trainer.data import DataError
 
     monkeypatch.setattr(raw_text, "hub_offline", lambda: False)
     monkeypatch.setattr(raw_text, "hub_reachable", lambda timeout=3.0: False)  # what no network gives
@@ -332,8 +332,8 @@ def test_the_hub_probe_answers_from_the_endpoint_it_would_use(monkeypatch):
 
     from huggingface_hub import constants
 
-    from accel_trainer.raw_text import hub_reachable
-    from conftest import free_port
+    from accel_trainer.hub import hub_reachable
+    from launching import free_port
 
     monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens: refused
     assert hub_reachable(timeout=1.0) is False

@@ -4,9 +4,8 @@ import re
 
 import pytest
 
-from conftest import REPO, TINY, launch, read_jsonl
+from launching import REPO, TINY, launch, read_jsonl
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_run_summary_reports_one_process(single_run):
 def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("two")
     proc = launch([*TINY, "--max_steps", "6", "--logging_steps", "1", "--eval_steps", "0", "--output_dir", str(out)],
-                  num_processes=2, script=REPO / "tests" / "exit_threads_worker.py")
+                  num_processes=2, script=REPO / "tests" / "integration" / "exit_threads_worker.py")
     return out, proc
 
 

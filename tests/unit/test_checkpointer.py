@@ -7,93 +7,19 @@ from __future__ import annotations
 
 import ast
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, get_cosine_schedule_with_warmup
 
 from accel_trainer.checkpoint import CheckpointError, Checkpointer, load_model_for_inference, verify
 from accel_trainer.checkpoint import manager as manager_module
 from accel_trainer.checkpoint.layout import list_checkpoints, read_pointer
-from faults import failing_disk
+from accel_trainer.faults import failing_disk
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-class Counter:
-    def __init__(self):
-        self.tokens = 0
-
-    def state_dict(self):
-        return {"tokens": self.tokens}
-
-    def load_state_dict(self, state):
-        self.tokens = state["tokens"]
-
-
-class Loop:
-    """A user's loop: model, AdamW, a transformers schedule, a shuffled loader, its own counter."""
-
-    def __init__(self, out: Path, optimizers=("optimizer",), **ckpt_kwargs):
-        self.accelerator = Accelerator(cpu=True)
-        set_seed(0)
-        self.model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                                  max_position_embeddings=16))
-        params = list(self.model.parameters())
-        groups = {name: params[i::len(optimizers)] for i, name in enumerate(optimizers)}
-        opts = {name: torch.optim.AdamW(p, lr=1e-2) for name, p in groups.items()}
-        scheds = {name: get_cosine_schedule_with_warmup(o, 2, 20) for name, o in opts.items()}
-        data = torch.randint(0, 32, (40, 8), generator=torch.Generator().manual_seed(1))
-        loader = DataLoader(data, batch_size=4, shuffle=True)
-        prepared = self.accelerator.prepare(self.model, *opts.values(), loader, *scheds.values())
-        self.model, rest = prepared[0], prepared[1:]
-        self.optimizers = dict(zip(opts, rest[: len(opts)]))
-        self.schedulers = dict(zip(scheds, rest[len(opts) + 1:]))
-        self.counter = Counter()
-        single = len(optimizers) == 1
-        self.ckpt = Checkpointer(self.accelerator, out, model=self.model,
-                                 optimizer=next(iter(self.optimizers.values())) if single else self.optimizers,
-                                 scheduler=next(iter(self.schedulers.values())) if single else self.schedulers,
-                                 dataloader=rest[len(opts)], extra={"loop": self.counter}, config={"lr": 1e-2},
-                                 **ckpt_kwargs)
-        self.batches = self._forever()
-
-    def _forever(self):
-        while True:
-            yield from self.ckpt.dataloader
-
-    def train(self, steps: int) -> list[float]:
-        losses = []
-        for _ in range(steps):
-            batch = next(self.batches)
-            loss = self.model(input_ids=batch, labels=batch).loss
-            self.accelerator.backward(loss)
-            for name, opt in self.optimizers.items():
-                opt.step()
-                self.schedulers[name].step()
-                opt.zero_grad()
-            self.counter.tokens += batch.numel()
-            losses.append(loss.item())
-        return losses
-
-
-@pytest.fixture
-def loop(tmp_path):
-    made = []
-
-    def make(**kwargs):
-        made.append(Loop(tmp_path, **kwargs))
-        return made[-1]
-
-    yield make
-    for each in made:
-        each.ckpt.close()
+from launching import REPO
+from loops import Counter
 
 
 def steps_on_disk(tmp_path) -> list[int]:
@@ -291,7 +217,6 @@ def test_async_save_equals_a_sync_save(loop, tmp_path):
 
 def test_a_rank_other_than_the_main_one_writes_only_its_rng(tmp_path, monkeypatch):
     """Rank 1 of 2: agreements are faked (they need a process group); what rank 1 writes is real."""
-    written = []
     model = torch.nn.Linear(2, 2)
     fake = SimpleNamespace(
         num_processes=2, process_index=1, is_main_process=False, distributed_type="MULTI_CPU",
@@ -299,29 +224,42 @@ def test_a_rank_other_than_the_main_one_writes_only_its_rng(tmp_path, monkeypatc
         unwrap_model=lambda m: m, register_save_state_pre_hook=lambda h: SimpleNamespace(remove=lambda: None),
         register_load_state_pre_hook=lambda h: SimpleNamespace(remove=lambda: None))
 
-    def save_state(folder, **_):
-        torch.save({"rank": 1}, Path(folder) / "random_states_1.pkl")
-        written.append(folder)
-
-    fake.save_state = save_state
     monkeypatch.setattr(manager_module, "gather_object", lambda problems: problems + [None])
     monkeypatch.setattr(manager_module, "broadcast_object_list", lambda answer, from_process: answer.__setitem__(0, 1))
     ckpt = Checkpointer(fake, tmp_path, model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), lock=False)
     (tmp_path / "checkpoints" / ".tmp-step-5").mkdir(parents=True)  # made by rank 0 in the reserve phase
     ckpt.save(5)
-    assert written and [p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == ["random_states_1.pkl"]
+    # Accelerate's public save_accelerator_state wrote this rank's RNG, and nothing else was written.
+    assert [p.name for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()] == ["random_states_1.pkl"]
 
 
 def test_accelerate_private_lists_that_we_filter_still_exist(loop, tmp_path):
-    """Accelerate has no public switch to leave prepared objects out of save_state; we filter its
-    lists for the call. If an upgrade renames them, this fails instead of writing optimizer.bin."""
+    """Engine-owned models (FSDP1, DeepSpeed) still go through Accelerator.save_state, which has no
+    public switch to leave prepared objects out; EngineOwned filters its private lists for the call.
+    If an upgrade renames them, this fails instead of writing our optimizer twice as optimizer.bin."""
+    from accel_trainer.checkpoint.strategies import EngineOwned
+
     a = loop()
     acc = a.accelerator
-    for name in ("_optimizers", "_schedulers", "_dataloaders", "_models"):
+    for name in ("_optimizers", "_schedulers", "_dataloaders"):
         assert isinstance(getattr(acc, name), list) and getattr(acc, name), name
+    engine = EngineOwned(a.ckpt)
+    with engine._accelerate_skips_what_we_save(hide_optimizers=True):
+        assert acc._optimizers == [] and acc._schedulers == [] and acc._dataloaders == []
+    assert len(acc._optimizers) == len(acc._schedulers) == len(acc._dataloaders) == 1  # restored after the call
+    engine.save_engine_state(tmp_path, 1)  # the engine's model and optimizer; never our scheduler by position
+    assert "optimizer.bin" in {p.name for p in tmp_path.iterdir()}
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(("scheduler", "sampler"))]
+
+
+def test_a_whole_model_is_saved_through_public_accelerate_routes_only(loop):
+    """TensorFiles: Accelerate's share (RNG, scaler) through save_accelerator_state; nothing positional."""
+    a = loop()
+    a.accelerator.save_state = a.accelerator.load_state = None  # would fail if called
     folder = a.ckpt.save(1)
     assert not [p.name for p in folder.iterdir() if p.suffix == ".bin"]
-    assert len(acc._optimizers) == len(acc._schedulers) == len(acc._dataloaders) == 1  # restored after the call
+    assert (folder / "random_states_0.pkl").is_file() and (folder / "model.safetensors").is_file()
+    assert a.ckpt.resume(str(folder)) == 1
 
 
 def test_the_checkpoint_package_imports_nothing_of_the_trainer_model_or_data():

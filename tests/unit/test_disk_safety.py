@@ -10,8 +10,8 @@ import shutil
 import pytest
 
 from accel_trainer.checkpoint.layout import read_pointer
-from conftest import TINY
-from faults import failing_disk
+from launching import TINY
+from accel_trainer.faults import failing_disk
 
 ARGS = [*TINY, "--max_steps", "6", "--save_steps", "2", "--eval_steps", "0"]
 

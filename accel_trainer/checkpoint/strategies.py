@@ -1,0 +1,257 @@
+"""The ways a checkpoint's model and optimizer tensors are written and read back, one class each.
+
+The :class:`~.manager.Checkpointer` runs one save protocol (reserve -> write -> commit, each phase
+ending in one agreement of all ranks) and one resume order; what differs between kinds of model is
+only *who writes the big tensors and how*, so that is a strategy chosen once, not a branch at every
+step:
+
+* :class:`TensorFiles` (a model held whole on each rank: one process, DDP): the main process writes
+  ``model.safetensors`` and ``optimizer.safetensors`` itself, streamed and hashed, by parameter
+  name, now or from staging buffers in a background thread.
+* :class:`Sharded` (DTensor parameters: FSDP2): every rank writes its shards of the model and the
+  named optimizers through ``torch.distributed.checkpoint`` into ``sharded/``; rank 0 commits only
+  once every rank reported its files (see :mod:`.sharded`).
+* :class:`EngineOwned` (FSDP1, DeepSpeed, Megatron, XLA): the engine's own ``save_state`` writes the
+  model and optimizer in its format; only the named state is ours.
+
+Accelerate's per-rank share (every rank's RNG, the fp16 grad scaler) goes through its public
+``save_accelerator_state``/``load_accelerator_state`` with explicit lists in the first two; only the
+engine-owned case needs ``Accelerator.save_state`` itself, and so its private lists (see there).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from accelerate.utils import DistributedType
+
+from . import optimizer_files
+from .format import MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR
+from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_tree
+from .sharded import Channel, ShardedState, is_sharded
+from .tensor_files import SafetensorsFile, StagingBuffers
+from .weights import load_weights_in_place, normalize_key, normalize_state_dict
+
+if TYPE_CHECKING:
+    from .manager import Checkpointer
+
+# Sharded or engine-managed states stay entirely with Accelerate (it knows how to gather/shard them).
+ENGINE_OWNED = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA}
+
+
+def refuse_code_in(folder: Path) -> None:
+    """Before anything of ``folder`` is loaded: refuse pickle-based files that could run code."""
+    for path in Path(folder).rglob("*"):
+        if path.suffix in PICKLED_SUFFIXES and path.is_file():
+            check_pickle_is_data(path)
+        elif path.name == ".metadata" and path.is_file():  # sharded (DCP) checkpoints
+            check_dcp_metadata_is_data(path)
+
+
+class WriteStrategy:
+    """How the big tensors of one checkpoint are written (and read back by :meth:`load_tensors`)."""
+
+    #: Can write in a background thread (``async_save``).
+    background = True
+    #: Every rank takes part in the commit (else only the main process commits).
+    every_rank_commits = False
+
+    def __init__(self, ckpt: Checkpointer):
+        self.ckpt = ckpt
+        self.accelerator = ckpt.accelerator
+
+    # ----------------------------------------------------------------------------------- saving
+    def save_engine_state(self, tmp: Path, step: int) -> None:
+        """Every rank: Accelerate's share of the checkpoint, its RNG and the grad scaler."""
+        from accelerate.checkpointing import save_accelerator_state
+
+        acc = self.accelerator
+        save_accelerator_state(str(tmp), [], [], [], [], acc.process_index, step,
+                               scaler=getattr(acc, "scaler", None), safe_serialization=True)
+
+    def write_tensors(self, tmp: Path, stage: bool) -> dict:
+        """After the named state is written: the big files still to write (staged when ``stage``)."""
+        return {}
+
+    def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
+        """Write ``big`` and commit (maybe in a background thread); returns what failed after the commit."""
+        fsync_tree(tmp)
+        return self.ckpt._commit(tmp, final, record, {})
+
+    # ---------------------------------------------------------------------------------- loading
+    def load_engine_state(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        """Every rank: the grad scaler (the RNG is restored last, by the Checkpointer itself)."""
+        from accelerate.checkpointing import load_accelerator_state
+
+        acc = self.accelerator
+        scaler = getattr(acc, "scaler", None)
+        if scaler is not None:
+            load_accelerator_state(str(folder), [], [], [], [], acc.process_index, scaler=scaler)
+
+    def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        """The model's weights and the named optimizers' state, from whichever layout ``folder`` has:
+        ``sharded/`` (any world size, sharded or not: DCP reshards or gathers by name) or our files."""
+        ckpt, acc = self.ckpt, self.accelerator
+        load_optimizers = bool(ckpt.optimizers) and "optimizer" not in exclude
+        if (folder / SHARDED_DIR / ".metadata").is_file():
+            shards = getattr(self, "shards", None) or ShardedState(acc.unwrap_model(ckpt.model), ckpt.optimizers)
+            shards.load(folder / SHARDED_DIR, optimizers=load_optimizers)
+            return
+        load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(ckpt.model))
+        if load_optimizers:
+            device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
+            optimizer_files.load_into(folder, ckpt.optimizers, parameter_names(acc, ckpt.model), device)
+
+    def close(self) -> None:
+        pass
+
+
+def parameter_names(accelerator, model) -> dict[int, str]:
+    """Parameter id -> its name without DDP/compile prefixes (how optimizer state is keyed on disk)."""
+    return {id(p): normalize_key(n) for n, p in accelerator.unwrap_model(model).named_parameters()}
+
+
+class TensorFiles(WriteStrategy):
+    """A model held whole on every rank: the main process writes its weights and the optimizers'
+    state as safetensors by name, hashing the bytes on the way."""
+
+    def __init__(self, ckpt: Checkpointer):
+        super().__init__(ckpt)
+        self.staging = StagingBuffers()
+
+    def write_tensors(self, tmp: Path, stage: bool) -> dict:
+        acc, ckpt = self.accelerator, self.ckpt
+        if not acc.is_main_process:
+            return {}
+        model = normalize_state_dict(acc.get_state_dict(ckpt.model))
+        opt_tensors, description = optimizer_files.split_state(ckpt.optimizers, parameter_names(acc, ckpt.model))
+        optimizer_files.write_description(tmp, description)
+        big = {MODEL_WEIGHTS: model, OPTIMIZER_TENSORS: opt_tensors}
+        if stage:
+            big = {name: self.staging.stage(name, t) for name, t in big.items()}
+        return big
+
+    def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
+        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
+        for name, file in files.items():
+            file.write(tmp / name, fsync=False)
+        # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
+        # same bytes from memory: the checksums cost no time of their own.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="checksum") as hasher:
+            digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
+            fsync_tree(tmp)
+            digests = digests.result()
+        return self.ckpt._commit(tmp, final, record, digests)
+
+
+class Sharded(WriteStrategy):
+    """DTensor parameters (FSDP2): every rank writes its shards through DCP; rank 0 commits once
+    every rank reported its files written."""
+
+    every_rank_commits = True
+
+    def __init__(self, ckpt: Checkpointer):
+        super().__init__(ckpt)
+        self.shards = ShardedState(ckpt.accelerator.unwrap_model(ckpt.model), ckpt.optimizers)
+
+    def write_tensors(self, tmp: Path, stage: bool) -> dict:
+        return {SHARDED_DIR: self.shards.save(tmp / SHARDED_DIR, background=stage)}
+
+    def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
+        """Every rank (maybe in its background thread): wait for its shards, hash them, report to
+        rank 0, which commits only when every rank's files are written; all learn the outcome."""
+        problem, digests = None, {}
+        try:
+            if big.get(SHARDED_DIR) is not None:
+                big[SHARDED_DIR].result()  # this rank's files (fsynced by DCP's writer) and the metadata
+            digests = self.shards.own_digests(tmp / SHARDED_DIR)
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+        reports = self.shards.channel.gather((problem, digests))
+        outcome = None
+        if reports is not None:  # rank 0
+            failed = [f"rank {r}: {p}" for r, (p, _) in enumerate(reports) if p]
+            if failed:
+                outcome = ("error", "; ".join(failed)[:2000])
+            else:
+                try:
+                    fsync_tree(tmp)
+                    merged = {k: v for _, d in reports for k, v in d.items()}
+                    outcome = ("ok", self.ckpt._commit(tmp, final, record, merged, upload=False))
+                except Exception as err:
+                    outcome = ("error", f"{type(err).__name__}: {err}")
+        outcome = self.shards.channel.broadcast(outcome)
+        if outcome[0] == "error":
+            raise CheckpointError(outcome[1])
+        self.ckpt._submit_upload(final, record)  # every rank: each uploads its own shards
+        return outcome[1] if self.accelerator.is_main_process else []
+
+    def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        if not (folder / SHARDED_DIR / ".metadata").is_file():
+            raise CheckpointError(f"{folder}: saved by a run whose model was not sharded; this sharded (FSDP2) run "
+                                  "resumes sharded checkpoints only. Start from its weights with --init_from "
+                                  f"{folder} (the optimizer starts fresh)")
+        super().load_tensors(folder, exclude)
+
+    def close(self) -> None:
+        self.shards.close()
+
+
+class EngineOwned(WriteStrategy):
+    """FSDP1, DeepSpeed, Megatron, XLA: the engine's ``save_state`` writes the model and optimizer
+    in its own (sharded) format, synchronously; the named state is still ours."""
+
+    background = False
+
+    def save_engine_state(self, tmp: Path, step: int) -> None:
+        with self._accelerate_skips_what_we_save(hide_optimizers=False):
+            self.accelerator.save_state(str(tmp), safe_serialization=True)
+
+    def load_engine_state(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        with self._accelerate_skips_what_we_save(hide_optimizers="optimizer" in exclude):
+            self.accelerator.load_state(str(folder))
+
+    def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        pass  # the engine loaded its model and optimizer in load_engine_state
+
+    @contextmanager
+    def _accelerate_skips_what_we_save(self, hide_optimizers: bool):
+        """Hide the schedulers and loader we save by name (and the optimizers, when asked) from
+        ``save_state``/``load_state``.
+
+        Accelerate saves and loads every prepared optimizer, scheduler and dataloader by position
+        (``optimizer.bin``, ``scheduler.bin``, ...) and has no public switch to leave some out, and
+        its public ``save_accelerator_state`` cannot write an engine's sharded model: so for this
+        call its private lists hold only what we do not save ourselves. Pinned by
+        ``tests/unit/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
+        """
+        acc, ckpt = self.accelerator, self.ckpt
+        saved = acc._optimizers, acc._schedulers, acc._dataloaders
+        ours_params = {id(p) for opt in ckpt.optimizers.values() for g in opt.param_groups for p in g["params"]}
+        ours_schedulers = {id(s) for s in ckpt.schedulers.values()}
+        try:
+            if hide_optimizers:
+                acc._optimizers = [o for o in saved[0]
+                                   if not all(id(p) in ours_params for g in o.param_groups for p in g["params"])]
+            acc._schedulers = [s for s in saved[1]
+                               if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
+            acc._dataloaders = [d for d in saved[2] if d is not ckpt._raw_loader]
+            yield
+        finally:
+            acc._optimizers, acc._schedulers, acc._dataloaders = saved
+
+
+def choose_strategy(ckpt: Checkpointer) -> WriteStrategy:
+    """The strategy for this run's model, chosen once."""
+    if is_sharded(ckpt.accelerator.unwrap_model(ckpt.model)):
+        return Sharded(ckpt)
+    if getattr(ckpt.accelerator, "distributed_type", None) in ENGINE_OWNED:
+        return EngineOwned(ckpt)
+    return TensorFiles(ckpt)
+
+
+__all__ = ["ENGINE_OWNED", "EngineOwned", "Sharded", "TensorFiles", "WriteStrategy", "choose_strategy",
+           "parameter_names", "refuse_code_in", "Channel"]

@@ -1,0 +1,102 @@
+"""Process life of a run: exit statuses, ``exit_status.json`` for restart scripts, and a clean
+end of the process groups. :mod:`.run` composes a run; this module decides how the process ends.
+
+    0  finished            2  bad input (one line on stderr)       3  stopped after non-finite steps
+    1  crashed             128 + N  stopped by signal N (emergency checkpoint saved)
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import os
+from pathlib import Path
+
+from .checkpoint import read_json, write_json
+from .errors import InputError
+
+
+EXIT_STATUS = "exit_status.json"
+# What each exit status means, for the status file (restart scripts decide on the code).
+EXIT_MEANINGS = {0: "finished", 1: "crashed (an unexpected error; see the log)", 2: "bad input (flags, data or "
+                 "checkpoint): fix the command, a retry would fail the same way", 3: "stopped after non-finite "
+                 "losses or gradients (checkpoint of the last good step saved)"}
+
+
+def write_exit_status(output_dir: str | None, code: int | None, reason: str, step: int | None = None) -> None:
+    """``<output_dir>/exit_status.json``: the run's own exit status and reason, for restart scripts
+    behind ``accelerate launch`` (which turns every failure into exit status 1). ``code`` None means
+    running: a file still saying so after the process ended means it was killed (kill -9, OOM killer)."""
+    from accelerate import PartialState
+
+    if not output_dir or not PartialState().is_main_process:
+        return
+    meaning = "running" if code is None else EXIT_MEANINGS.get(code, "stopped by a signal (emergency checkpoint saved)"
+                                                               if code > 128 else "failed")
+    record = {"exit_code": code, "meaning": meaning, "reason": reason, "step": step, "pid": os.getpid(),
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    path = Path(output_dir) / EXIT_STATUS
+    try:
+        if code is not None and _another_live_run(path):
+            return  # a run refused because another one trains here must not overwrite that one's status
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path.with_name(f".{EXIT_STATUS}.tmp"), record)
+        os.replace(path.with_name(f".{EXIT_STATUS}.tmp"), path)
+    except OSError:
+        pass  # a status file must never be why a run fails
+
+
+def _another_live_run(path: Path) -> bool:
+    try:
+        record = read_json(path)
+        pid = record.get("pid")
+        if record.get("exit_code") is not None or not isinstance(pid, int) or pid == os.getpid():
+            return False
+        os.kill(pid, 0)
+        return True
+    except (InputError, OSError, AttributeError):
+        return False
+
+
+def exit_code_of(job, output_dir: str | None = None) -> int:
+    """Run ``job``; turn bad input (flags, data, checkpoints) into one line on stderr and exit status
+    2, a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
+    non-finite losses into 3 (after its checkpoint of the last good state). The status and its
+    reason also go to ``<output_dir>/exit_status.json``."""
+    import sys
+
+    from accelerate import PartialState
+
+    step = None
+    try:
+        trainer = job()
+    except InputError as err:
+        if PartialState().is_main_process:
+            print(f"error: {err}", file=sys.stderr)
+        code, reason = 2, str(err)
+    except BaseException as err:
+        write_exit_status(output_dir, 1, f"{type(err).__name__}: {err}")
+        raise
+    else:
+        signum = trainer.checkpointer.stop_signal
+        code = 3 if trainer.diverged else 128 + int(signum) if trainer.interrupted_by and signum else 0
+        reason, step = trainer.interrupted_by or "finished", trainer.state.global_step
+        del trainer
+    write_exit_status(output_dir, code, reason, step)
+    _free_process_groups(PartialState())
+    return code
+
+
+def _free_process_groups(state) -> None:
+    """Let the process groups die now, while Python is fully alive, not during interpreter shutdown.
+
+    ``destroy_process_group`` (Accelerate's ``end_training``) only unregisters a group: the DDP
+    wrapper, the stop-flag group and the reference cycles around the trainer keep the C++ group and
+    its gloo worker threads alive. Left to shutdown, a worker thread that frees the last collective's
+    tensors needs the GIL after finalisation began, and the process aborts ("terminate called without
+    an active exception", exit -6) after a run that finished, now and then.
+    Collecting the cycles drops the last reference; the group's destructor joins its (idle) threads.
+    An unexpected exception skips this: its traceback holds the trainer, and the run fails anyway.
+    """
+    state.destroy_process_group()  # a no-op after end_training; needed when an error came before it
+    gc.collect()

@@ -1,0 +1,118 @@
+"""The one launch helper of the test suite: fresh processes through `accelerate launch`, torchrun or
+Python itself, on CPU, and what they leave behind (metrics, the data-order audit, process ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+RECIPE = REPO / "recipes" / "moe18b.py"
+# Small enough that data prep and a step take well under a second on 2 cores.
+TINY = ["--preset", "tiny", "--max_corpus_bytes", "300000", "--report_to", "none", "--disable_tqdm",
+        "--per_device_train_batch_size", "4", "--block_size", "64"]
+
+# The resume tests' run: gradient accumulation, eval and periodic saves all in play.
+STEPS = 24
+RUN = [*TINY, "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--eval_steps", "4",
+       "--save_steps", "3", "--max_steps", str(STEPS)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check: bool = True,
+           env: dict | None = None, config_file: str | None = None,
+           script: Path = RECIPE) -> subprocess.CompletedProcess:
+    """Run the recipe (or another ``script``) in fresh processes.
+
+    Two or more processes go through `accelerate launch --multi_gpu` with ACCELERATE_USE_CPU=1 (gloo),
+    as documented; with ``config_file`` through `accelerate launch --config_file`; one process runs
+    the recipe directly, which is what `accelerate launch` does for one process, and keeps the
+    recipe's own exit status (the launcher turns every failure into 1).
+    """
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if config_file:
+        cmd = accelerate + ["--config_file", str(REPO / config_file)]
+    elif num_processes == 1:
+        cmd = [sys.executable]
+    else:
+        cmd = accelerate + ["--multi_gpu", "--num_processes", str(num_processes),
+                            "--main_process_port", str(free_port()), "--num_machines", "1",
+                            "--mixed_precision", "no", "--dynamo_backend", "no"]
+        full_env["ACCELERATE_USE_CPU"] = "1"
+    proc = subprocess.run(cmd + [str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def blocks_per_step(output_dir: Path) -> dict[int, list[int]]:
+    """The blocks every step read, over all ranks (from the trainer's --log_data_blocks audit)."""
+    steps: dict[int, list[int]] = {}
+    for log in sorted(Path(output_dir).glob("data_blocks.rank*.jsonl")):
+        for record in read_jsonl(log):
+            steps.setdefault(record["step"], []).extend(record["blocks"])
+    return {step: sorted(blocks) for step, blocks in steps.items()}
+
+
+def run_pids(output_dir: Path) -> dict[int, int]:
+    """Process id by pid of every process whose command line names ``output_dir`` (the launcher and
+    each rank); ``LOCAL_RANK`` of each rank as value, -1 for others. torch's launcher starts ranks
+    in sessions of their own, so killing the launcher's process group does not reach them."""
+    pids = {}
+    for proc_dir in Path("/proc").iterdir():
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
+            environ = dict(e.split(b"=", 1) for e in (proc_dir / "environ").read_bytes().split(b"\0") if b"=" in e)
+        except (OSError, ValueError):
+            continue
+        if str(output_dir).encode() in cmdline:
+            pids[int(proc_dir.name)] = int(environ.get(b"LOCAL_RANK", b"-1"))
+    return pids
+
+
+def kill_run(output_dir: Path) -> None:
+    """``kill -9`` every process of a run at once: launcher and ranks."""
+    for pid in run_pids(output_dir):
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+
+
+def torchrun(n: int, script: Path, *args, timeout: float = 300, expect_killed: bool = False,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node n script args`` on CPU ranks (1 thread each).
+
+    With ``expect_killed`` the run must end by SIGKILL (a rank killed itself on purpose)."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
+                           "--master_port", str(free_port()), str(script), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    if expect_killed:
+        assert proc.returncode != 0 and "SIGKILL" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def step_losses(stdout: str) -> dict[int, float]:
+    """``step N loss X`` lines a worker printed."""
+    return {int(s): float(v) for s, v in re.findall(r"^step (\d+) loss (\S+)$", stdout, re.M)}
