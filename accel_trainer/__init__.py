@@ -18,10 +18,15 @@ __all__ = sorted([*_WHERE, "load_model_for_inference", "__version__"])
 __getattr__ = lazy_names(__name__, _WHERE)
 
 
-def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None):
+def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None, model_class=None,
+                             storage_options: dict | None = None):
     """:func:`accel_trainer.checkpoint.load_model_for_inference` with this package's model registered;
-    old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`."""
+    old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`.
+
+    ``model, config, step = load_model_for_inference("runs/x/checkpoints/best")`` for any model the
+    trainer trains: our MoE, any transformers causal LM, or your own module (``model_class=``)."""
     from .checkpoint import load_model_for_inference as load
     from .models import MoEConfig
 
-    return load(path, device=device, dtype=dtype, strict=strict, config=config, legacy_config_class=MoEConfig)
+    return load(path, device=device, dtype=dtype, strict=strict, config=config, legacy_config_class=MoEConfig,
+                storage_options=storage_options, model_class=model_class)

@@ -168,6 +168,8 @@ def cmd_export(args) -> int:
     from .console import quiet_library_bars
     from .export import ensure_new_folder, export_model
 
+    from .checkpoint import CUSTOM_MODEL, MODEL_CONFIG, read_json
+
     out = Path(args.out_dir)
     try:
         ensure_new_folder(out)  # before the (possibly long) load
@@ -175,6 +177,12 @@ def cmd_export(args) -> int:
         raise ConfigError(str(err)) from None
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     folder = _checkpoint(args.checkpoint)
+    saved = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else {}
+    if saved.get("model_type") == CUSTOM_MODEL:
+        cls = (saved.get(CUSTOM_MODEL) or {}).get("class", "?").rpartition(":")[2]
+        raise ConfigError(f"{folder}: holds your own module ({cls}), not a transformers model, so there is no Hugging "
+                          f"Face folder to write; load it with load_model_for_inference(path, model_class={cls}) "
+                          "(its weights are model.safetensors there)")
     quiet_library_bars("transformers")
     model, config, step = load_model_for_inference(folder, device="cpu", dtype=dtypes[args.dtype])
     tokenizer = None
@@ -182,9 +190,13 @@ def cmd_export(args) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    files = export_model(model, out, args.format, tokenizer=tokenizer)
+    try:
+        files = export_model(model, out, args.format, tokenizer=tokenizer)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    args.format = args.format or ("qwen2_moe" if config.model_type == "accel_moe" else "native")
     print(f"exported step {step} ({args.format}, {args.dtype}) to {out}: {', '.join(files)}")
-    hint = "" if args.format == "qwen2_moe" else "import accel_trainer.models; "
+    hint = "import accel_trainer.models; " if args.format == "accel_moe" else ""
     print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})"
           + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if tokenizer is not None else ""))
     return 0
@@ -243,12 +255,18 @@ def _data_args(args):
 
 def cmd_train_tokenizer(args) -> int:
     from .console import interactive
-    from .data import load_raw_text
-    from .data import train_tokenizer
+    from .data import character_tokenizer, load_raw_text, train_tokenizer
 
     out = Path(args.output_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"{out} exists and is not empty; choose a new --output_dir")
+    if args.alphabet:
+        tokenizer = character_tokenizer(args.alphabet)
+        tokenizer.save_pretrained(out)
+        print(f"a character tokenizer of {len(tokenizer)} ids ({len(args.alphabet)} characters, bos "
+              f"{tokenizer.bos_token_id}, eos {tokenizer.eos_token_id}, pad {tokenizer.pad_token_id}, unk "
+              f"{tokenizer.unk_token_id}) in {out}; train with --tokenizer_name {out}")
+        return 0
     raw = load_raw_text(_data_args(args))
     texts = (raw[i: i + 1000][args.text_column] for i in range(0, len(raw), 1000))
     tokenizer = train_tokenizer((t for batch in texts for t in batch), args.vocab_size, num_texts=len(raw),
@@ -286,24 +304,42 @@ def _add_text_source(p) -> None:
     p.add_argument("--output_dir", required=True)
 
 
-def cmd_params(args) -> int:
+def _model_config(spec: str):
+    """The model config at ``spec``: a config.json, a folder holding one (a model folder, a checkpoint)
+    or a run dir (its latest checkpoint)."""
     from .checkpoint import MODEL_CONFIG, resolve_path
-    from .models import MoEConfig, parameter_counts
+    from .models import config_from_json
 
-    path = Path(args.config)
+    path = Path(spec)
     if path.is_dir() and not (path / MODEL_CONFIG).is_file():  # a run dir, or a checkpoint like the other verbs
-        path = resolve_path(path, flag=args.config, checksums={MODEL_CONFIG}).path
+        path = resolve_path(path, flag=spec, checksums={MODEL_CONFIG}).path
     if path.is_dir():
         path = path / MODEL_CONFIG
     if not path.is_file():
-        raise ConfigError(f"no {MODEL_CONFIG} at {args.config}")
+        raise ConfigError(f"no {MODEL_CONFIG} at {spec}")
     try:
-        config = MoEConfig.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as err:
-        raise ConfigError(f"{path}: not a valid model config ({err})")
-    counts = parameter_counts(config)
-    print(json.dumps(counts) if args.json else
-          f"total {counts['total']:,}  active {counts['active']:,}  routed experts {counts['experts']:,}")
+        raw = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not JSON ({err})") from None
+    return config_from_json(raw, str(path))
+
+
+def cmd_params(args) -> int:
+    from .models import ModelShape, build_on_meta, count_parameters_of
+    from .optim import assign_parameters, assignment_summary, assignment_table
+
+    config = _model_config(args.config)
+    model = build_on_meta(config)
+    counts = count_parameters_of(model, ModelShape.of(config))
+    assignments = assign_parameters(model)
+    if args.json:
+        summary = {k: {"tensors": v["tensors"], "parameters": v["parameters"]} for k, v in
+                   assignment_summary(assignments).items()}
+        print(json.dumps({**counts, "optimizers": summary}))
+        return 0
+    print(f"{config.model_type}: total {counts['total']:,}  active {counts['active']:,}  routed experts "
+          f"{counts['experts']:,}")
+    print(assignment_table(assignments))
     return 0
 
 
@@ -328,18 +364,28 @@ def load_presets(recipe: str | None) -> dict:
 
 
 def cmd_plan(args) -> int:
-    from .models import MoEConfig
+    import math
+
+    from .models import ModelShape, MoEConfig
     from .planning import GIB, plan, smallest_gpu_count
 
     if args.config:
-        config = MoEConfig.from_json_file(args.config)
-        name = args.config
+        config, name = _model_config(args.config), args.config
     else:
         presets = load_presets(args.recipe)
         if args.preset not in presets:
             raise ConfigError(f"--preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
         config, name = MoEConfig(**presets[args.preset]), f"preset {args.preset}"
-    block = args.block_size or config.max_position_embeddings
+    context = ModelShape.of(config).context
+    block = args.block_size or context
+    problems = [f"--{flag}={value}: must be {rule}" for flag, value, ok, rule in (
+        ("num_gpus", args.num_gpus, args.num_gpus >= 1, ">= 1"),
+        ("gpu_memory_gib", args.gpu_memory_gib, args.gpu_memory_gib > 0 and math.isfinite(args.gpu_memory_gib), "a number > 0"),
+        ("per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1, ">= 1"),
+        ("block_size", block, block is not None and 1 <= block <= (context or block), f"in 1..{context} (the model's context)"),
+        ("disk_gbps", args.disk_gbps, args.disk_gbps > 0 and math.isfinite(args.disk_gbps), "a number > 0")) if not ok]
+    if problems:
+        raise ConfigError("; ".join(problems))
     options = dict(gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
                    disk_gbps=args.disk_gbps)
     p = plan(config, args.num_gpus, args.gpu_memory_gib, args.per_device_train_batch_size, block, **options)
@@ -389,9 +435,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--format", choices=["qwen2_moe", "accel_moe"], default="qwen2_moe",
-                   help="qwen2_moe: the stock transformers architecture, same outputs, loads without this "
-                        "package; accel_moe: our own class (needs `import accel_trainer`)")
+    p.add_argument("--format", choices=["qwen2_moe", "accel_moe", "native"], default=None,
+                   help="our MoE family: qwen2_moe (default; the stock transformers architecture, same outputs, "
+                        "loads without this package) or accel_moe (our own class, needs `import accel_trainer`); "
+                        "any other transformers model: native (default), itself")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("prune", help="apply the retention rules by hand")
     p.add_argument("output_dir")
@@ -419,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text (tokenizers library)")
     _add_text_source(p)
     p.add_argument("--vocab_size", type=int, default=32768)
+    p.add_argument("--alphabet", default=None, help="instead of training: one id per character of this string "
+                   "(e.g. the 20 amino acids), then BOS/EOS/PAD/UNK")
     p.set_defaults(func=cmd_train_tokenizer)
     p = sub.add_parser("prepare-data", help="tokenise text once into token shards that training memory-maps")
     _add_text_source(p)

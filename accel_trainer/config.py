@@ -30,12 +30,49 @@ def _raise_if(problems: list[str]) -> None:
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "Model size preset defined by the recipe (tiny, 4090, b200, 18b)."})
-    vocab_size: int | None = field(default=None, metadata={"help": "Embedding rows; default: the tokenizer's ids rounded up to a multiple of 64 (128 from 16k)."})
+    preset: str | None = field(default=None, metadata={"help": "Our MoE family: a size preset (tiny, 4090, b200, 18b; recipes/moe18b.py, default tiny). Not with the Hugging Face flags below."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from these Hugging Face weights: a model folder or a Hub name (continued pre-training, fine-tuning); the tokenizer defaults to the model's own."})
+    config_name: str | None = field(default=None, metadata={"help": "A fresh model of this Hugging Face config: a folder with config.json or a Hub name."})
+    model_type: str | None = field(default=None, metadata={"help": "A fresh model of any registered transformers architecture (llama, qwen3_moe, gpt2, mixtral, ...), its config's defaults changed by --config_overrides."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Change config values, e.g. 'hidden_size=512,num_hidden_layers=8' (as transformers' run_clm.py); every key must exist in the config."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Embedding rows; default: the tokenizer's ids rounded up to a multiple of 64 (128 from 16k) for fresh models, the model's own for --model_name_or_path (a larger value adds new rows, reported)."})
+    strict: bool = field(default=False, metadata={"help": "Refuse to start when the starting weights and the model differ (missing, unexpected, reshaped or newly initialised tensors) instead of reporting them."})
+    muon_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter names) of tensors that go to Muon, overriding the rule (hidden matrices and expert stacks to Muon; embeddings, output head, norms, biases, routers and 1D to AdamW). Matrices only."})
+    adamw_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter names) of tensors that go to AdamW, overriding the rule."})
+    experts_implementation: str | None = field(default=None, metadata={"help": "How a transformers MoE runs its experts: grouped_mm (grouped GEMMs), batched_mm or eager; default: transformers' choice for the model, said at start."})
 
     def __post_init__(self):
+        problems = []
         if self.vocab_size is not None and self.vocab_size < 1:
-            _raise_if([f"--vocab_size={self.vocab_size}: must be >= 1"])
+            problems.append(f"--vocab_size={self.vocab_size}: must be >= 1")
+        hf = [f"--{n}" for n in ("model_name_or_path", "config_name", "model_type") if getattr(self, n)]
+        if self.preset and hf:
+            problems.append(f"--preset and {hf[0]}: give one (--preset is our MoE family; {hf[0]} a Hugging Face model)")
+        if self.config_name and self.model_type:
+            problems.append("--config_name and --model_type: give one (a config to start from, or an architecture)")
+        if self.model_name_or_path and (self.config_name or self.model_type):
+            problems.append(f"--model_name_or_path and {hf[1]}: the weights bring their config; change it with "
+                            "--config_overrides")
+        if self.config_overrides and not hf:
+            problems.append("--config_overrides: changes a Hugging Face config; give --model_name_or_path, "
+                            "--config_name or --model_type (presets are changed in accel_trainer/models/presets.py)")
+        if self.experts_implementation not in (None, "grouped_mm", "batched_mm", "eager"):
+            problems.append(f"--experts_implementation={self.experts_implementation!r}: choose grouped_mm, batched_mm "
+                            "or eager")
+        import re
+
+        for flag in ("muon_params", "adamw_params"):
+            for pattern in getattr(self, flag) or []:
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    problems.append(f"--{flag} {pattern!r}: not a regular expression ({err})")
+        _raise_if(problems)
+
+    @property
+    def hugging_face(self) -> bool:
+        """Whether the model comes from transformers (weights, a config, or an architecture name)."""
+        return bool(self.model_name_or_path or self.config_name or self.model_type)
 
 
 @dataclass
@@ -47,7 +84,7 @@ class DataArguments:
     data_mix: list[str] | None = field(default=None, metadata={"help": "Prepared folders with weights, e.g. data/web:0.7 data/code:0.3."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text in --data_files/--dataset_name."})
     tokenizer_name: str | None = field(default=None, metadata={"help": "For raw data: 'byte' (built in, the default; no download), a tokenizer folder (accel-trainer train-tokenizer) or Hub name."})
-    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence; default: the recipe's for the preset, else the model's context."})
+    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence; default: the recipe's for the preset, else the model's context (at most 2048)."})
     validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of packed blocks held out for validation (percent)."})
     max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default corpus."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data."})
@@ -141,9 +178,9 @@ class TrainingArguments:
             problems.append(f"--max_steps={self.max_steps}: must be > 0, or -1 to use --num_train_epochs")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             problems.append(f"--num_train_epochs={self.num_train_epochs}: must be > 0")
-        for name in ("learning_rate", "muon_learning_rate"):
-            if not getattr(self, name) > 0:
-                problems.append(f"--{name}={getattr(self, name)}: must be > 0")
+        for name in ("learning_rate", "muon_learning_rate"):  # 0 freezes that optimizer's parameters
+            if not getattr(self, name) >= 0:
+                problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         for name in ("weight_decay", "muon_weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
@@ -249,9 +286,6 @@ HF_TRAINER_ADVICE = {
                             "choose a new --output_dir to start over",
     "do_train": "the recipe always trains (and evaluates every --eval_steps)",
     "do_eval": "the recipe evaluates every --eval_steps steps",
-    "model_name_or_path": "the architecture is --preset; start from existing weights with --init_from <checkpoint "
-                          "or HF model folder>",
-    "config_name": "the architecture is --preset (see recipes/moe18b.py)",
     "deepspeed": "choose DDP, FSDP or DeepSpeed with `accelerate launch --config_file accelerate_configs/<env>.yaml`",
     "fsdp": "choose DDP, FSDP or DeepSpeed with `accelerate launch --config_file accelerate_configs/<env>.yaml`",
     "optim": "the optimizers are fixed: Muon (hidden matrices, --muon_learning_rate) + AdamW (the rest, "

@@ -29,7 +29,7 @@ import torch
 from .checkpoint import SafetensorsFile, fsync_tree, write_json
 from .models import MoEConfig
 
-FORMATS = ("qwen2_moe", "accel_moe")
+FORMATS = ("qwen2_moe", "accel_moe", "native")
 SHARD_BYTES = 5 * 2**30  # the Hugging Face default shard size
 
 
@@ -121,22 +121,32 @@ def ensure_new_folder(out: Path) -> None:
         raise FileExistsError(f"{out} exists and is not empty; choose a new folder")
 
 
-def export_model(model, out: Path, fmt: str = "qwen2_moe", max_shard_bytes: int = SHARD_BYTES,
+def export_model(model, out: Path, fmt: str | None = None, max_shard_bytes: int = SHARD_BYTES,
                  tokenizer=None) -> list[str]:
-    """Write ``model`` (an ``MoEForCausalLM``, already in the wanted dtype) to the new folder ``out``,
-    with ``tokenizer`` and a ``generation_config.json`` of its BOS/EOS/PAD when given, so that
-    ``AutoTokenizer`` + ``AutoModelForCausalLM`` on the folder generate text that stops at EOS.
+    """Write ``model`` (already in the wanted dtype) to the new folder ``out``, with ``tokenizer`` and
+    a ``generation_config.json`` of its BOS/EOS/PAD when given, so that ``AutoTokenizer`` +
+    ``AutoModelForCausalLM`` on the folder generate text that stops at EOS.
+
+    ``fmt``: for our ``MoEForCausalLM``, ``qwen2_moe`` (default) or ``accel_moe``; any other
+    transformers model is written as itself (``native``, its own ``save_pretrained``).
 
     Raises:
-        ValueError: unknown ``fmt``.
+        ValueError: unknown ``fmt``, or one that does not apply to this model.
         FileExistsError: ``out`` exists and is not empty (an export never overwrites).
     """
+    from .models import MoEForCausalLM
+
+    ours = isinstance(model, MoEForCausalLM)
+    fmt = fmt or ("qwen2_moe" if ours else "native")
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r}: unknown; choose one of {', '.join(FORMATS)}")
+    if not ours and fmt != "native":
+        raise ValueError(f"--format={fmt}: only for our MoE family; a {model.config.model_type} model is written "
+                         "as itself (leave --format out)")
     ensure_new_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
-    if fmt == "accel_moe":
+    if fmt in ("accel_moe", "native"):
         model.save_pretrained(out, max_shard_size=max_shard_bytes)
     else:
         qwen2_moe_config(model.config, dtype).save_pretrained(out)

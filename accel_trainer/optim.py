@@ -105,19 +105,38 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = self._orthogonalize(update, group["ns_steps"], owners)
-                out_dim, in_dim = p.shape[-2:]
+                layout = MatrixLayout.of(group)
+                update = self._orthogonalize(update, group["ns_steps"], owners, layout)
                 p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, out_dim / in_dim)))
+                if layout.parts is None:
+                    out_dim, in_dim = layout.out_in(p.shape)
+                    p.add_(update.to(p.dtype), alpha=-lr * math.sqrt(max(1.0, out_dim / in_dim)))
+                else:  # each part was scaled by its own shape in _orthogonalize
+                    p.add_(update.to(p.dtype), alpha=-lr)
         return loss
 
-    def _orthogonalize(self, update: torch.Tensor, steps: int, owners: "_Owners") -> torch.Tensor:
-        if type(update).__name__ == "DTensor":
-            return self._orthogonalize_sharded(update, steps, owners)
-        self.ns_matrices += update[..., 0, 0].numel()
-        return zeropower_via_newtonschulz(update, steps=steps, dtype=self.ns_dtype)
+    def _newton_schulz(self, x: torch.Tensor, steps: int, layout: "MatrixLayout") -> torch.Tensor:
+        """Newton-Schulz of ``x``, or of each part of a fused matrix, each scaled by its own shape."""
+        if layout.parts is None:
+            self.ns_matrices += x[..., 0, 0].numel()
+            return zeropower_via_newtonschulz(x, steps=steps, dtype=self.ns_dtype)
+        dim, sizes = layout.parts
+        pieces = []
+        for piece in x.split(list(sizes), dim=dim):
+            self.ns_matrices += piece[..., 0, 0].numel()
+            out_dim, in_dim = layout.out_in(piece.shape)
+            pieces.append(zeropower_via_newtonschulz(piece, steps=steps, dtype=self.ns_dtype)
+                          * math.sqrt(max(1.0, out_dim / in_dim)))
+        return torch.cat(pieces, dim=dim)
 
-    def _orthogonalize_sharded(self, update, steps: int, owners: "_Owners"):
+    def _orthogonalize(self, update: torch.Tensor, steps: int, owners: "_Owners",
+                       layout: "MatrixLayout | None" = None) -> torch.Tensor:
+        layout = layout or MatrixLayout()
+        if type(update).__name__ == "DTensor":
+            return self._orthogonalize_sharded(update, steps, owners, layout)
+        return self._newton_schulz(update, steps, layout)
+
+    def _orthogonalize_sharded(self, update, steps: int, owners: "_Owners", layout: "MatrixLayout"):
         """Newton-Schulz on an FSDP2-sharded (DTensor) update, each matrix computed once.
 
         Stacked expert weights are sharded on dim 0, the expert dimension, so each rank holds whole
@@ -131,19 +150,14 @@ class Muon(Optimizer):
         mesh, placements = update.device_mesh, update.placements
         matrix_dims = {update.ndim - 2, update.ndim - 1}
         if not any(pl.is_shard() and pl.dim in matrix_dims for pl in placements):
-            local = update.to_local()
-            self.ns_matrices += local[..., 0, 0].numel()
-            local = zeropower_via_newtonschulz(local, steps=steps, dtype=self.ns_dtype)
+            local = self._newton_schulz(update.to_local(), steps, layout)
             return DTensor.from_local(local, mesh, placements, shape=update.shape, stride=update.stride())
         full = update.full_tensor()
         if mesh.ndim != 1:
-            self.ns_matrices += full[..., 0, 0].numel()
-            return distribute_tensor(zeropower_via_newtonschulz(full, steps=steps, dtype=self.ns_dtype), mesh,
-                                     placements, src_data_rank=None)
+            return distribute_tensor(self._newton_schulz(full, steps, layout), mesh, placements, src_data_rank=None)
         owner = owners.pick(full.shape, mesh.size())
         if mesh.get_local_rank() == owner:
-            self.ns_matrices += full[..., 0, 0].numel()
-            result = zeropower_via_newtonschulz(full, steps=steps, dtype=self.ns_dtype)
+            result = self._newton_schulz(full, steps, layout)
         else:  # only the shape and dtype count: distribute_tensor sends the owner's values
             dtype = self.ns_dtype or (torch.bfloat16 if full.is_cuda else torch.float32)
             result = torch.empty(full.shape, dtype=dtype, device=full.device)
@@ -173,22 +187,175 @@ class _Owners:
         return owner
 
 
-def split_parameters(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
-    """Split trainable parameters into (muon, adamw) lists of ``(name, parameter)``.
+@dataclass(frozen=True)
+class MatrixLayout:
+    """How Muon reads one parameter as matrices (kept in its param group, so it survives
+    ``accelerator.prepare``, FSDP2 and checkpoints): ``in_out`` for weights stored [in, out]
+    (transformers' ``Conv1D``, GPT-2's), ``parts`` = ``(dim, sizes)`` for a fused matrix whose
+    parts are orthogonalised one by one (``gate_up_proj`` of transformers' MoE experts, a fused QKV)."""
 
-    Muon takes every hidden weight matrix, the stacked 3D expert weights included; AdamW takes
-    embeddings, the LM head, the router, norms and biases (anything 1D or matching
-    :data:`ADAMW_NAME_PATTERNS`).
+    parts: tuple[int, tuple[int, ...]] | None = None
+    in_out: bool = False
+
+    @classmethod
+    def of(cls, group: dict) -> "MatrixLayout":
+        parts = group.get("parts")
+        return cls(None if parts is None else (int(parts[0]), tuple(int(n) for n in parts[1])),
+                   bool(group.get("in_out", False)))
+
+    def out_in(self, shape) -> tuple[int, int]:
+        rows, cols = shape[-2:]
+        return (cols, rows) if self.in_out else (rows, cols)
+
+    def group_keys(self) -> dict:
+        """Param-group entries (none for a plain matrix: older checkpoints' groups stay as they were)."""
+        keys = {}
+        if self.parts is not None:
+            keys["parts"] = [self.parts[0], list(self.parts[1])]
+        if self.in_out:
+            keys["in_out"] = True
+        return keys
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """One trainable parameter's optimizer and why."""
+
+    name: str
+    optimizer: str
+    reason: str
+    numel: int
+    layout: MatrixLayout = MatrixLayout()
+
+
+ROUTER_MODULE_NAMES = ("gate", "router")
+FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv", "in_proj_weight")
+
+
+def _fused_parts(name: str, module: nn.Module, p: torch.Tensor, layout_in_out: bool, config) -> tuple | None:
+    """``(dim, sizes)`` of a fused matrix, or None. The output dimension is split: -2 for [out, in]
+    weights and stacked experts [E, out, in], -1 for ``Conv1D``'s [in, out]."""
+    out_dim = -1 if layout_in_out else -2
+    out = p.shape[out_dim]
+    parts = name.split(".")
+    leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
+    if (leaf == "gate_up_proj" or owner == "gate_up_proj") and out % 2 == 0:
+        return (out_dim, (out // 2, out // 2))
+    if leaf in FUSED_QKV_NAMES or owner in FUSED_QKV_NAMES:
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        if heads:
+            head_dim = getattr(config, "head_dim", None) or out // (heads + 2 * kv)
+            sizes = (heads * head_dim, kv * head_dim, kv * head_dim)
+            if sum(sizes) == out:
+                return (out_dim, sizes)
+        if out % 3 == 0:
+            return (out_dim, (out // 3,) * 3)
+    return None
+
+
+def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()) -> list[Assignment]:
+    """Which optimizer takes each trainable parameter, by rule, with the reason.
+
+    The rule: Muon for the hidden matrices of the blocks, the stacked 3D expert weights included
+    (orthogonalised per expert, and a fused matrix per part); AdamW for embeddings, the output head,
+    norms, biases, routers/gates and anything 1D. ``muon_patterns``/``adamw_patterns`` (regular
+    expressions searched in the names) override the rule, AdamW's first.
+
+    Raises:
+        ValueError: a pattern sends a parameter of fewer than 2 dimensions to Muon.
     """
-    muon, adamw = [], []
+    import re
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # only transformers' GPT-2 family stores weights [in, out]
+        Conv1D = ()
+    config = getattr(model, "config", None)
+    special = {}
+    for getter, reason in (("get_input_embeddings", "embedding"), ("get_output_embeddings", "output head")):
+        try:
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+        except (NotImplementedError, AttributeError):
+            module = None
+        if module is not None and getattr(module, "weight", None) is not None:
+            special.setdefault(id(module.weight), reason)
+    if not any(reason == "output head" for reason in special.values()):
+        # A module of your own: the output head is its last linear layer when that reads out one row
+        # per id of one of its embeddings (the vocabulary).
+        rows = {m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)}
+        last = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
+        if last is not None and last.out_features in rows:
+            special.setdefault(id(last.weight), "output head")
+    out = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim >= 2 and not any(pattern in name for pattern in ADAMW_NAME_PATTERNS):
-            muon.append((name, p))
+        owner_name = name.rpartition(".")[0]
+        owner = model.get_submodule(owner_name) if owner_name else model
+        in_out = isinstance(owner, Conv1D) if Conv1D else False
+        layout = MatrixLayout(_fused_parts(name, owner, p, in_out, config), in_out) if p.ndim >= 2 else MatrixLayout()
+        if any(re.search(pattern, name) for pattern in adamw_patterns):
+            out.append(Assignment(name, "adamw", "--adamw_params", p.numel()))
+            continue
+        if any(re.search(pattern, name) for pattern in muon_patterns):
+            if p.ndim < 2:
+                raise ValueError(f"--muon_params: {name} has shape {tuple(p.shape)}; Muon takes matrices only")
+            out.append(Assignment(name, "muon", "--muon_params", p.numel(), layout))
+            continue
+        leaf_module = owner_name.rpartition(".")[2]
+        if p.ndim < 2:
+            reason = "bias" if name.endswith("bias") else "norm or other 1D"
+        elif id(p) in special:
+            reason = special[id(p)]
+        elif isinstance(owner, nn.Embedding):
+            reason = "embedding"
+        elif leaf_module in ROUTER_MODULE_NAMES or "router" in type(owner).__name__.lower() \
+                or any(pattern in name for pattern in ADAMW_NAME_PATTERNS):
+            reason = "router" if "router" in name or leaf_module in ROUTER_MODULE_NAMES \
+                or "router" in type(owner).__name__.lower() else "embedding or head"
         else:
-            adamw.append((name, p))
+            kind = "expert stack" if p.ndim == 3 else "hidden matrix"
+            out.append(Assignment(name, "muon", kind + (", fused: per part" if layout.parts else ""), p.numel(), layout))
+            continue
+        out.append(Assignment(name, "adamw", reason, p.numel()))
+    return out
+
+
+def split_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()):
+    """Trainable parameters as (muon, adamw) lists of ``(name, parameter)``, by :func:`assign_parameters`."""
+    params = dict(model.named_parameters())
+    muon, adamw = [], []
+    for a in assign_parameters(model, muon_patterns, adamw_patterns):
+        (muon if a.optimizer == "muon" else adamw).append((a.name, params[a.name]))
     return muon, adamw
+
+
+def assignment_table(assignments: list[Assignment], examples: int = 3) -> str:
+    """What :func:`assign_parameters` decided, as the lines a run prints: per optimizer and reason,
+    tensors, parameters and a few names."""
+    rows = {}
+    for a in assignments:
+        row = rows.setdefault((a.optimizer, a.reason), [0, 0, []])
+        row[0] += 1
+        row[1] += a.numel
+        row[2].append(a.name)
+    lines = [f"{'optimizer':<10}{'why':<30}{'tensors':>8}{'parameters':>14}  e.g."]
+    for (opt, reason), (count, numel, names) in sorted(rows.items()):
+        shown = ", ".join(names[:examples]) + (", ..." if len(names) > examples else "")
+        lines.append(f"{opt:<10}{reason:<30}{count:>8}{numel:>14,}  {shown}")
+    return "\n".join(lines)
+
+
+def assignment_summary(assignments: list[Assignment]) -> dict:
+    """JSON for the run config: per optimizer, its tensors and parameters, and every name."""
+    out: dict = {}
+    for a in assignments:
+        entry = out.setdefault(a.optimizer, {"tensors": 0, "parameters": 0, "names": []})
+        entry["tensors"] += 1
+        entry["parameters"] += a.numel
+        entry["names"].append(a.name)
+    return out
 
 
 class OptimizersContainer(Optimizer):
@@ -312,12 +479,23 @@ class OptimizerSettings:
     adam_epsilon: float = 1e-8
 
 
-def build_optimizers(model: nn.Module, settings: OptimizerSettings) -> OptimizersContainer:
-    """Muon over the hidden matrices and AdamW over everything else, in one container."""
-    muon_params, adamw_params = split_parameters(model)
+def build_optimizers(model: nn.Module, settings: OptimizerSettings,
+                     assignments: list[Assignment] | None = None) -> OptimizersContainer:
+    """Muon over the hidden matrices and AdamW over everything else (by :func:`assign_parameters`,
+    or the ``assignments`` given), in one container."""
+    assignments = assign_parameters(model) if assignments is None else assignments
+    params = dict(model.named_parameters())
+    muon_params = [(a, params[a.name]) for a in assignments if a.optimizer == "muon"]
+    adamw_params = [(a.name, params[a.name]) for a in assignments if a.optimizer == "adamw"]
     optimizers: dict[str, Optimizer] = {}
     if muon_params:
-        optimizers["muon"] = Muon(muon_params, lr=settings.muon_lr, weight_decay=settings.muon_weight_decay,
+        # One group per matrix layout (plain matrices: one group, as older checkpoints have it).
+        by_layout: dict[MatrixLayout, list] = {}
+        for a, p in muon_params:
+            by_layout.setdefault(a.layout, []).append((a.name, p))
+        groups = [{"params": named, **layout.group_keys()} for layout, named in by_layout.items()]
+        optimizers["muon"] = Muon(groups if len(groups) > 1 or groups[0].keys() != {"params"} else groups[0]["params"],
+                                  lr=settings.muon_lr, weight_decay=settings.muon_weight_decay,
                                   momentum=settings.muon_momentum)
     if adamw_params:
         # As the HF Trainer: weight decay on matrices (embeddings, head, router), never on norms and

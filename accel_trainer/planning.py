@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 GIB = 2**30
 
@@ -32,14 +31,21 @@ def activation_elements_per_token(config, gradient_checkpointing: bool = False) 
     before and after RoPE, the attention output and its reshaped copy (4hq + 3gq) and the softmax
     statistics (h); the router's probabilities (E); the k gathered rows and the k outputs of the
     experts (2kd); gate, up, their SwiGLU product and activation per routed slot (4kf); the same four
-    for the shared expert (4s).
+    for the shared expert (4s). A dense model is one expert always used (k = 1, f its MLP width).
     """
-    d, h, g, q = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    e, k, f, s = (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
-                  config.shared_expert_intermediate_size)
+    from .models import ModelShape
+    from .models.building import first_attr
+
+    shape = ModelShape.of(config)
+    d, h, q = shape.hidden_size, shape.num_heads, shape.head_dim
+    g = first_attr(config, "num_key_value_heads", default=h)
+    e, k = shape.num_experts, shape.experts_per_token or 1
+    f = first_attr(config, "moe_intermediate_size") if e else first_attr(config, "intermediate_size", "n_inner", default=4 * d)
+    f = f or 4 * d
+    s = first_attr(config, "shared_expert_intermediate_size", default=0) if e else 0
     layer = 4 * d + 4 * h * q + 3 * g * q + h + e + 2 * k * d + 4 * k * f + 4 * s
     head = 2 * d + 2 * config.vocab_size
-    kept = config.num_hidden_layers * (d if gradient_checkpointing else layer)
+    kept = shape.num_layers * (d if gradient_checkpointing else layer)
     # Checkpointing recomputes one layer at a time in the backward: that layer's activations come back.
     return {"layers": kept + (layer if gradient_checkpointing else 0), "head": head, "layer": layer}
 
@@ -70,17 +76,18 @@ class Plan:
 
 def _parameter_groups(config):
     """(all, per-layer max, root unit, Muon, AdamW, largest non-expert matrix) parameter counts, from
-    a model built on the meta device."""
-    from .models import MoEForCausalLM
+    a model built on the meta device (any architecture: ours, or a transformers one)."""
+    from .efficiency import decoder_layers
+    from .models import build_on_meta
     from .optim import split_parameters
 
-    with torch.device("meta"):
-        model = MoEForCausalLM(config)
+    model = build_on_meta(config)
     total = sum(p.numel() for p in model.parameters())
-    layer = max(sum(p.numel() for p in layer.parameters()) for layer in model.model.layers)
-    root = total - sum(p.numel() for p in model.model.layers.parameters())
+    layers = decoder_layers(model, getattr(model, "_no_split_modules", None) or ())
+    layer = max((sum(p.numel() for p in m.parameters()) for m in layers), default=total)
+    root = total - sum(p.numel() for m in layers for p in m.parameters())
     muon, adamw = split_parameters(model)
-    largest_matrix = max(p.numel() for _, p in muon if p.ndim == 2)
+    largest_matrix = max((p.numel() for _, p in muon if p.ndim == 2), default=0)
     return (total, layer, root, sum(p.numel() for _, p in muon), sum(p.numel() for _, p in adamw), largest_matrix)
 
 
@@ -90,7 +97,7 @@ def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, bl
     """The memory of one GPU and the checkpoint's size and save time for this setup.
 
     Args:
-        config: the model's ``MoEConfig``.
+        config: the model's config (our ``MoEConfig`` or any transformers causal LM's).
         num_gpus: GPUs sharing the model (FSDP2 full sharding over all of them).
         gpu_memory_gib: memory of one GPU.
         per_device_batch: sequences per GPU per micro-batch; ``block_size`` tokens each.

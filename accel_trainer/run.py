@@ -13,27 +13,39 @@ from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import TOKENIZER_DIR, build_datasets, load_tokenizer, parse_mix, read_prepared, vocab_size_for
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .errors import ConfigError, InputError, error_class
-from .models import MoEConfig, MoEForCausalLM, count_parameters
+from .models import (CUSTOM_KEY, MoEConfig, check_folder_or_hub, MoEForCausalLM, ModelPlan, ModelShape, count_parameters_of, plan_custom,
+                     plan_hugging_face)
 from .models.modeling_moe import grouped_mm_works
-from .optim import OptimizerSettings, build_optimizers
+from .models.presets import PRESETS
+from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
 from .process import write_exit_status
 from .telemetry import flops_per_token
 from .trainer import Trainer, build_accelerator
 
 
-def model_config_for(presets: dict[str, dict], preset: str, tokenizer, vocab_size: int | None = None) -> MoEConfig:
-    """The preset's config with the vocabulary of this run's tokenizer (``--vocab_size`` if given).
+def plan_model(model_args: ModelArguments, tokenizer, presets: dict | None = None, model_factory=None,
+               model_config=None) -> ModelPlan:
+    """Which model this run trains, decided (and checked) before any data work: your own module
+    (``model_factory`` and ``model_config``), a transformers model (``--model_name_or_path``,
+    ``--config_name``, ``--model_type``), or a preset of our MoE family.
 
     Raises:
-        ConfigError: unknown ``--preset`` or a ``--vocab_size`` smaller than the tokenizer's ids.
+        ConfigError: naming the flag and what to do.
     """
+    if model_factory is not None:
+        return plan_custom(model_factory, model_config, model_args)
+    if model_args.hugging_face:
+        return plan_hugging_face(model_args, tokenizer)
+    presets = presets if presets is not None else PRESETS
+    preset = model_args.preset or "tiny"
     if preset not in presets:
         raise ConfigError(f"--preset={preset!r}: unknown; choose one of {', '.join(presets)}")
-    config = MoEConfig(**{**presets[preset], "vocab_size": vocab_size or vocab_size_for(tokenizer)})
+    config = MoEConfig(**{**presets[preset], "vocab_size": model_args.vocab_size or vocab_size_for(tokenizer)})
     if len(tokenizer) > config.vocab_size:
-        raise ConfigError(f"--vocab_size={vocab_size}: the tokenizer has {len(tokenizer)} ids; give at least that "
-                          "many (or leave --vocab_size out to follow the tokenizer)")
-    return config
+        raise ConfigError(f"--vocab_size={model_args.vocab_size}: the tokenizer has {len(tokenizer)} ids; give at "
+                          "least that many (or leave --vocab_size out to follow the tokenizer)")
+    return ModelPlan("preset", f"preset {preset}", config, lambda: MoEForCausalLM(config), ModelShape.of(config),
+                     list(MoEForCausalLM._no_split_modules))
 
 
 def run_tokenizer(args: DataArguments):
@@ -44,39 +56,62 @@ def run_tokenizer(args: DataArguments):
     return load_tokenizer(args.tokenizer_name or "byte")
 
 
-def block_size_for(config: MoEConfig, args: DataArguments, preset: str, defaults: dict | None) -> int:
-    """``--block_size``, else the recipe's default for the preset, else the model's context.
+def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, defaults: dict | None) -> int:
+    """``--block_size``, else the recipe's default for the preset, else the model's context (at most
+    :data:`DEFAULT_MAX_BLOCK` for a Hugging Face model).
 
     Raises:
-        ConfigError: longer than the model's context.
+        ConfigError: longer than the model's context, or no context to default to.
     """
-    block = args.block_size or (defaults or {}).get(preset, {}).get("block_size") or config.max_position_embeddings
-    if block > config.max_position_embeddings:
-        raise ConfigError(f"--block_size={block}: longer than the model's context (preset {preset!r}: "
-                          f"max_position_embeddings={config.max_position_embeddings}); use --block_size "
-                          f"{config.max_position_embeddings} or less")
+    context = plan.shape.context
+    default = (defaults or {}).get(preset, {}).get("block_size") if preset else None
+    default = default or (context if plan.source == "preset" else plan.default_block_size())
+    block = args.block_size or default
+    if block is None:
+        raise ConfigError(f"--block_size: {plan.name} says no context length; give --block_size")
+    if context and block > context:
+        raise ConfigError(f"--block_size={block}: longer than the model's context ({plan.name}: {context} "
+                          f"positions); use --block_size {context} or less")
     return block
 
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
-              "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks"}
+              "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks",
+              "optimizer_assignment"}  # the assignment: a change shows as an optimizer that does not load
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
              "validation_split_percentage", "max_corpus_bytes", "seed")
 
 
-def refuse_incompatible(folder: Path, model_config, run_config: dict) -> None:
-    """Refuse a checkpoint this run cannot continue: another architecture (the keys its config
-    class lists in ``architecture_keys``), or other data under a saved data position.
+# Config keys that make another architecture when they differ (any transformers model; our MoE
+# config and your own module's say theirs).
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                     "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "intermediate_size",
+                     "n_inner", "moe_intermediate_size", "num_experts", "num_local_experts", "num_experts_per_tok",
+                     "tie_word_embeddings")
+
+
+def _architecture(config_json: dict, keys) -> dict:
+    if CUSTOM_KEY in config_json:  # your own module: its class and every field of its config
+        custom = config_json[CUSTOM_KEY]
+        return {"class": custom.get("class"), **(custom.get("config") or {})}
+    return {k: config_json.get(k) for k in keys}
+
+
+def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None:
+    """Refuse a checkpoint this run cannot continue: another architecture (the config keys that shape
+    the weights), or other data under a saved data position.
 
     Raises:
         CheckpointError: naming the keys, their values, and what to do instead.
     """
-    current = model_config.to_dict()
+    current = plan.config_json()
     saved = read_json(folder / MODEL_CONFIG) if (folder / MODEL_CONFIG).is_file() else current
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs this run {current.get(k)!r}"
-             for k in getattr(model_config, "architecture_keys", ()) if saved.get(k) != current.get(k)]
+    keys = getattr(plan.config, "architecture_keys", None) or ARCHITECTURE_KEYS
+    now, then = _architecture(current, keys), _architecture(saved, keys)
+    diffs = [f"{k}: checkpoint {then.get(k)!r} vs this run {now.get(k)!r}" for k in sorted(set(now) | set(then))
+             if then.get(k) != now.get(k)]
     if diffs:
         raise CheckpointError(
             f"{folder}: the model architecture differs from this run ({'; '.join(diffs)}). "
@@ -93,13 +128,13 @@ def refuse_incompatible(folder: Path, model_config, run_config: dict) -> None:
             "start this data from its beginning")
 
 
-def resume_policy(model_config, run_config: dict, print_fn=print):
+def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print):
     """What a run checks of the checkpoint it resumes, once, before any data work:
     :func:`refuse_incompatible`, then a printed list of the settings that changed (the new values apply).
     Also usable as a Checkpointer's ``before_resume``."""
 
     def check(folder: Path) -> None:
-        refuse_incompatible(folder, model_config, run_config)
+        refuse_incompatible(folder, plan, run_config)
         saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
         changes = [f"{k}: {saved_run.get(k)!r} -> {v!r}" for k, v in run_config.items()
                    if k not in QUIET_KEYS and saved_run.get(k) != v]
@@ -128,43 +163,80 @@ def main_process_first(accelerator, work):
     return result if accelerator.is_main_process else work()
 
 
-def apply_memory_and_speed_features(model: MoEForCausalLM, args: TrainingArguments, accelerator) -> None:
-    """--gradient_checkpointing and --torch_compile (each decoder layer compiled on its own)."""
+def apply_memory_and_speed_features(model, plan: ModelPlan, args: TrainingArguments, accelerator) -> None:
+    """--gradient_checkpointing and --torch_compile, on the decoder layers (each compiled on its own)."""
     if args.gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, plan.layer_classes)
     if args.torch_compile:
-        # The experts' kernel is chosen eagerly, before tracing (see MoEFeedForward.experts_kernel).
-        grouped_mm_works(accelerator.device, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
-        n = compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+        if plan.source == "preset":  # the experts' kernel is chosen eagerly, before tracing (MoEFeedForward)
+            grouped_mm_works(accelerator.device, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
+        n = compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode,
+                                   layer_classes=plan.layer_classes)
         accelerator.print(f"--torch_compile: {n} decoder layers compiled one by one ({args.torch_compile_backend}); "
                           "the first steps include the compilation")
 
 
-def run(presets: dict[str, dict], model_args: ModelArguments, data_args: DataArguments,
-        train_args: TrainingArguments, defaults: dict | None = None) -> Trainer:
+def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: DataArguments,
+        train_args: TrainingArguments, defaults: dict | None = None, *, model_factory=None,
+        model_config=None) -> Trainer:
     """Build everything and train; returns the trainer (for tests and notebooks).
 
     Args:
-        presets: model configs by name (the recipe's).
+        presets: our MoE family's configs by name (None: the package's).
         defaults: per preset, training defaults the recipe sets (e.g. ``{"tiny": {"block_size": 128}}``).
+        model_factory: your own module (``model_factory(model_config)`` builds it); see
+            ``examples/custom_model.py``.
+        model_config: its config (a dataclass or a dict of plain JSON values).
     """
+    if model_args.model_name_or_path:
+        check_folder_or_hub("model_name_or_path", model_args.model_name_or_path)  # before its tokenizer is read
+        if not (data_args.tokenizer_name or data_args.prepared_data or data_args.data_mix):
+            data_args = dataclasses.replace(data_args, tokenizer_name=model_args.model_name_or_path)  # the model's own
+    if model_factory is None and not model_args.hugging_face and model_args.preset is None:
+        model_args = dataclasses.replace(model_args, preset="tiny")  # recorded as it ran
     # What can be checked without data or a model is checked before any work.
     tokenizer = run_tokenizer(data_args)
-    config = model_config_for(presets, model_args.preset, tokenizer, model_args.vocab_size)
-    block_size = block_size_for(config, data_args, model_args.preset, defaults)
+    plan = plan_model(model_args, tokenizer, presets, model_factory, model_config)
+    block_size = block_size_for(plan, data_args, model_args.preset, defaults)
     accelerator = build_accelerator(train_args)
     # The precision that runs (the launcher's, unless the flag says), so run_config and resumes record it.
     train_args = dataclasses.replace(train_args, mixed_precision=str(accelerator.mixed_precision))
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     write_exit_status(train_args.output_dir, None, "running")
     try:
-        return _run(accelerator, config, block_size, model_args, data_args, train_args)
+        return _run(accelerator, plan, block_size, model_args, data_args, train_args)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args, train_args) -> Trainer:
+def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: TrainingArguments, accelerator):
+    """The model, its parameter counts, and the optimizer assignment, each said once."""
+    model = plan.build()
+    counts = count_parameters_of(model, plan.shape)
+    experts = f" ({counts['active'] / 1e6:.2f}M active per token)" if counts["active"] != counts["total"] else ""
+    accelerator.print(f"model: {plan.name}, {counts['total'] / 1e6:.2f}M parameters{experts}")
+    for note in plan.notes:
+        accelerator.print(f"model: {note}")
+    if plan.source != "preset" and plan.shape.num_experts:  # which kernel transformers chose for this model
+        kernel = getattr(getattr(model, "config", None), "_experts_implementation", None) or "eager"
+        accelerator.print(f"model: experts: {plan.shape.num_experts} per layer, {plan.shape.experts_per_token} per "
+                          f"token, run as {kernel} (transformers' experts_implementation; --experts_implementation "
+                          "to change)")
+    if plan.load_report is not None:
+        accelerator.print(f"--model_name_or_path {model_args.model_name_or_path}: {plan.load_report}")
+    if train_args.init_from:
+        report = load_weights(model, train_args.init_from, strict=model_args.strict)
+        accelerator.print(f"--init_from {train_args.init_from}: {report}")
+    try:
+        assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or ())
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    accelerator.print("optimizers (--muon_params/--adamw_params change this):\n" + assignment_table(assignments))
+    return model, counts, assignments
+
+
+def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, train_args) -> Trainer:
     run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size}
     spec = train_args.resume_from_checkpoint
     # A storage URL that cannot work (no s3fs installed, an unknown scheme) is reported before tokenising.
@@ -177,26 +249,42 @@ def _run(accelerator, config: MoEConfig, block_size: int, model_args, data_args,
     if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
-            resume_policy(config, run_config, accelerator.print)(folder)
+            resume_policy(plan, run_config, accelerator.print)(folder)
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
-    model = MoEForCausalLM(config)
-    counts = count_parameters(model, config)
-    accelerator.print(f"model: preset {model_args.preset}, {counts['total'] / 1e6:.2f}M parameters "
-                      f"({counts['active'] / 1e6:.2f}M active per token)")
-    if train_args.init_from:
-        report = load_weights(model, train_args.init_from, strict=False)
-        accelerator.print(f"--init_from {train_args.init_from}: {report}")
-    apply_memory_and_speed_features(model, train_args, accelerator)
+    model, counts, assignments = build_model(plan, model_args, train_args, accelerator)
+    run_config["optimizer_assignment"] = assignment_summary(assignments)
+    try:
+        apply_memory_and_speed_features(model, plan, train_args, accelerator)
+    except ValueError as err:  # a model without decoder layers to recompute or compile
+        raise ConfigError(str(err)) from None
     optimizers = build_optimizers(model, OptimizerSettings(
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
         weight_decay=train_args.weight_decay, muon_weight_decay=train_args.muon_weight_decay, adam_beta1=train_args.adam_beta1,
-        adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon))
+        adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon), assignments)
+    shape = plan.shape
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,
-                      flops_per_token=flops_per_token(counts["active"], config.num_hidden_layers,
-                                                      config.num_attention_heads, config.head_dim, block_size))
+                      flops_per_token=flops_per_token(counts["active"], shape.num_layers or 0, shape.num_heads or 0,
+                                                      shape.head_dim or 0, block_size),
+                      model_config=None if plan.source != "custom" else plan.config_json(),
+                      experts_per_token=shape.experts_per_token)
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position, folder=folder)
     trainer.train()
     return trainer
+
+
+def main(argv: list[str] | None = None, *, model_factory=None, model_config=None, presets: dict | None = None,
+         defaults: dict | None = None) -> int:
+    """A whole recipe: parse the flags, train, and return the exit status (see :mod:`.process`).
+
+    With ``model_factory`` and ``model_config``, the trainer builds your own module
+    (``model_factory(model_config)``); see ``examples/custom_model.py``.
+    """
+    from .config import parse_args
+    from .process import exit_code_of
+
+    model_args, data_args, train_args = parse_args((ModelArguments, DataArguments, TrainingArguments), argv)
+    return exit_code_of(lambda: run(presets, model_args, data_args, train_args, defaults, model_factory=model_factory,
+                                    model_config=model_config), output_dir=train_args.output_dir)

@@ -83,16 +83,36 @@ class Throughput:
 
 class RouterStats:
     """The routers' balance loss and expert load, summed on the device over a logging interval's
-    micro-batches (no host sync), reported at the logging step."""
+    micro-batches (no host sync), reported at the logging step.
 
-    def __init__(self):
+    Our MoE reports ``expert_load`` [layers, experts]; a transformers MoE with ``output_router_logits``
+    reports each layer's ``router_logits`` [tokens, experts], whose top ``experts_per_token`` choices
+    are counted here (on the device, as the model routes them).
+    """
+
+    def __init__(self, experts_per_token: int = 0):
+        self.experts_per_token = experts_per_token
         self.load: torch.Tensor | None = None
         self.aux: torch.Tensor | None = None
         self.micro_batches = 0
 
+    def _load_from_logits(self, logits) -> torch.Tensor | None:
+        if not self.experts_per_token or not logits or not all(torch.is_tensor(x) for x in logits):
+            return None
+        counts = []
+        for layer in logits:
+            chosen = layer.detach().topk(self.experts_per_token, dim=-1).indices.reshape(-1)
+            counts.append(torch.zeros(layer.shape[-1], device=layer.device, dtype=torch.long)
+                          .scatter_add_(0, chosen, torch.ones_like(chosen)))
+        return torch.stack(counts)
+
     def add(self, output) -> None:
-        """Count one forward's ``expert_load`` [layers, experts] and ``aux_loss`` (models without them are skipped)."""
+        """Count one forward's expert load and ``aux_loss`` (models without them are skipped)."""
+        if torch.is_tensor(output) or isinstance(output, dict) and not hasattr(output, "loss"):
+            return
         load, aux = getattr(output, "expert_load", None), getattr(output, "aux_loss", None)
+        if load is None:
+            load = self._load_from_logits(getattr(output, "router_logits", None))
         if load is None or aux is None:
             return
         load, aux = load.detach(), aux.detach().float()

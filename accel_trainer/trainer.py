@@ -29,6 +29,7 @@ from .errors import ConfigError
 from .console import final_report, interactive, progress_line, progress_postfix
 from .data import TextData, build_eval_dataloader, build_train_dataloader
 from .metrics import MetricsLogger
+from .models import lm_loss_of, loss_of
 from .optim import OptimizersContainer, lr_multiplier
 from .telemetry import RouterStats, Throughput, peak_memory, peak_tflops
 from .train_state import TrainState
@@ -79,10 +80,13 @@ class Trainer:
         before_resume: the Checkpointer's policy for a checkpoint about to be resumed (see
             :func:`accel_trainer.run.resume_policy`).
         flops_per_token: training FLOPs per token (:func:`telemetry.flops_per_token`), for MFU.
+        model_config: the model's ``config.json`` when the model has no transformers config (your own module).
+        experts_per_token: a transformers MoE's top-k, to count the router's choices per expert.
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
-                 args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None):
+                 args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None,
+                 model_config: dict | None = None, experts_per_token: int = 0):
         self.accelerator = accelerator
         self.args = args
         self.run_config = run_config
@@ -106,12 +110,12 @@ class Trainer:
         self.checkpointer = Checkpointer(
             accelerator, args.output_dir, model=self.model, optimizer=optimizers.optimizers, dataloader=train_loader,
             extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
-            settings=args.checkpoint_config(), before_resume=before_resume)
+            settings=args.checkpoint_config(), before_resume=before_resume, model_config=model_config)
         self.train_loader = self.checkpointer.dataloader
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.throughput = Throughput(world, flops_per_token, peak_tflops(accelerator.device, args.peak_tflops))
-        self.router = RouterStats()
+        self.router = RouterStats(experts_per_token)
         self.interrupted_by: str | None = None
         self.diverged = False
         self.last_eval: tuple[int, float] | None = None
@@ -198,7 +202,8 @@ class Trainer:
             init_kwargs["tensorboard"] = {"purge_step": self.state.global_step + 1}
         if saved.get("wandb_run_id"):
             init_kwargs["wandb"] = {"id": saved["wandb_run_id"], "resume": "allow"}
-        self.accelerator.init_trackers(run_name, config=tracker_config(self.run_config), init_kwargs=init_kwargs)
+        shown = {k: v for k, v in self.run_config.items() if k != "optimizer_assignment"}  # run_config.json has it
+        self.accelerator.init_trackers(run_name, config=tracker_config(shown), init_kwargs=init_kwargs)
         saved["run_name"] = run_name
         if self.accelerator.is_main_process and any(t.name == "wandb" for t in self.accelerator.trackers):
             saved["wandb_run_id"] = self.accelerator.get_tracker("wandb", unwrap=True).id
@@ -326,7 +331,7 @@ class Trainer:
             sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else nullcontext()
             with sync:
                 out = model(input_ids=ids, labels=ids)
-                loss = out.loss / len(micro_batches)
+                loss = loss_of(out) / len(micro_batches)
                 accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
             tokens += ids.numel()
@@ -429,7 +434,8 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean LM loss (without the router's aux loss) over the fixed validation subset, all processes."""
         self.model.eval()
-        losses = [self.model(input_ids=b["input_ids"], labels=b["input_ids"]).lm_loss for b in self.eval_loader]
+        losses = [lm_loss_of(self.model(input_ids=b["input_ids"], labels=b["input_ids"]), b["input_ids"])
+                  for b in self.eval_loader]
         self.model.train()
         local = torch.stack(losses).mean() if losses else torch.zeros((), device=self.accelerator.device)
         return self.accelerator.reduce(local, reduction="mean").item()

@@ -9,8 +9,12 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import torch
+from accelerate.utils import load as load_rng  # weights-only, with the numpy globals RNG states need
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -116,3 +120,44 @@ def torchrun(n: int, script: Path, *args, timeout: float = 300, expect_killed: b
 def step_losses(stdout: str) -> dict[int, float]:
     """``step N loss X`` lines a worker printed."""
     return {int(s): float(v) for s, v in re.findall(r"^step (\d+) loss (\S+)$", stdout, re.M)}
+
+
+def popen_recipe(args, out: Path, script: Path = RECIPE) -> subprocess.Popen:
+    """The recipe (or another ``script``) as a plain process (no launcher in between), in its own
+    process group, so that ``os.killpg(proc.pid, SIGKILL)`` kills it all as a node failure would."""
+    return subprocess.Popen([sys.executable, str(script), *args, "--output_dir", str(out)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1) -> None:
+    """Bitwise: per-step losses/LRs, weights, every optimizer state tensor, every rank's RNG."""
+    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
+    assert [r["step"] for r in rb] == [r["step"] for r in ra]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "lr/muon", "lr/adamw", "ema_loss", "tokens_seen", "val_loss"):
+            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
+    ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
+    wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    # Files are a function of the state alone: the same state after a resume gives the same bytes.
+    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json"):
+        assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
+    names = {n for o in json.loads((ca / "optimizer.json").read_text())["optimizers"].values()
+             for g in o["param_groups"] for n in g["param_names"]}
+    assert {k.split("::")[0] for k in load_file(ca / "optimizer.safetensors")} == names  # every parameter has state
+    for rank in range(ranks):
+        sa, sb = (load_rng(c / f"random_states_{rank}.pkl") for c in (ca, cb))
+        assert torch.equal(sa["torch_manual_seed"], sb["torch_manual_seed"]) and sa["random_state"] == sb["random_state"]
+    for name in ("trainer_state.json", "dataloader.json"):
+        # The tracker run is named after each run's own output dir.
+        sa, sb = (json.loads((c / name).read_text()) for c in (ca, cb))
+        assert {k: v for k, v in sa.items() if k != "trackers"} == {k: v for k, v in sb.items() if k != "trackers"}

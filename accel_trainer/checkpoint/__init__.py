@@ -29,6 +29,7 @@ _WHERE = {
     "RunLock": ".lock", "lock_run_dir": ".lock",
     # on-disk names
     "MODEL_CONFIG": ".format", "RUN_CONFIG": ".format", "COMPLETE": ".format", "MANIFEST": ".format",
+    "CUSTOM_MODEL": ".format", "register_model": ".inference",
     # durable files, for other writers of the package (prepared data, exports)
     "atomic_write_text": ".io", "fsync_file": ".io", "fsync_tree": ".io", "read_json": ".io", "write_json": ".io",
     "hash_file": ".checksums", "SafetensorsFile": ".tensor_files",

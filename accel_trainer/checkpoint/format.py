@@ -38,6 +38,8 @@ OPTIMIZER_GROUPS = "optimizer.json"
 SCHEDULERS = "schedulers"
 DATALOADER = "dataloader"
 RUN_CONFIG = "run_config.json"
+# config.json of your own nn.Module: {"model_type": CUSTOM_MODEL, CUSTOM_MODEL: {"class", "config"}}
+CUSTOM_MODEL = "accel_trainer_custom"
 # Written by Accelerate's save_state under its own names.
 SCALER = "scaler.pt"
 RNG_PREFIX = "random_states_"

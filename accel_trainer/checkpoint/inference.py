@@ -7,10 +7,39 @@ from pathlib import Path
 
 import torch
 
-from .format import MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS
+from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS
 from .io import CheckpointError, read_json
 from .layout import resolve_path
-from .weights import LoadReport, read_weights
+from .weights import LoadReport, load_state_into, read_weights
+
+_REGISTERED: dict[str, type] = {}
+
+
+def register_model(model_class: type) -> type:
+    """Make your own module's checkpoints load with :func:`load_model_for_inference` without passing
+    ``model_class=`` (usable as a class decorator). Only registered or given classes are ever built:
+    a checkpoint names its class, but never decides which code is imported."""
+    _REGISTERED[f"{model_class.__module__}:{model_class.__qualname__}"] = model_class
+    _REGISTERED.setdefault(model_class.__qualname__, model_class)
+    return model_class
+
+
+def _build_custom(folder: Path, saved: dict, model_class):
+    """Your own module from the ``config.json`` a run of it saved: ``model_class(config)``, the config
+    rebuilt as ``model_class.config_class(**fields)`` when the class names one."""
+    custom = saved.get(CUSTOM_MODEL) or {}
+    name = custom.get("class") or "?"
+    cls = model_class or _REGISTERED.get(name) or _REGISTERED.get(name.rpartition(":")[2])
+    if cls is None:
+        raise CheckpointError(f"{folder}: holds a {name} (your own module); pass model_class={name.rpartition(':')[2]} "
+                              "or register it with accel_trainer.checkpoint.register_model")
+    fields = custom.get("config") or {}
+    config_class = getattr(cls, "config_class", None)
+    try:
+        config = config_class(**fields) if config_class is not None else fields
+        return cls(config), config
+    except TypeError as err:
+        raise CheckpointError(f"{folder}: {cls.__name__} cannot be built from its saved config ({err})") from None
 
 LEGACY_STEP_KEYS = ("global_step", "step")
 READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_CONFIG, MANIFEST}
@@ -46,7 +75,7 @@ def _config_from(folder_or_extras, source: Path, legacy_config_class):
 
 def load_model_for_inference(path: str | Path, device: str | torch.device | None = None,
                              dtype: torch.dtype | None = None, strict: bool = False, config=None,
-                             legacy_config_class=None, storage_options: dict | None = None):
+                             legacy_config_class=None, storage_options: dict | None = None, model_class=None):
     """Rebuild the model from a checkpoint and load its weights, ready for ``model(input_ids)``.
 
     Args:
@@ -62,6 +91,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
         legacy_config_class: the config class of old single-file checkpoints whose ``config`` dict
             names no ``model_type``.
         storage_options: for a remote ``path`` (s3fs: ``{"endpoint_url": ...}``).
+        model_class: your own module's class, for a checkpoint of a run that trained it (or
+            :func:`register_model` it once).
 
     Returns:
         ``(model, config, step)`` with the model in eval mode; ``step`` is None when unknown. The
@@ -81,6 +112,16 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()
+    saved = read_json(target / MODEL_CONFIG) if is_folder and (target / MODEL_CONFIG).is_file() else {}
+    if saved.get("model_type") == CUSTOM_MODEL:
+        model, config = _build_custom(target, saved, model_class)
+        report = load_state_into(model, state, strict=strict)
+        if dtype is not None:
+            model.to(dtype=dtype)
+        model.to(device=device).eval()
+        model.load_report = report
+        step = read_json(target / MANIFEST).get("step") if (target / MANIFEST).is_file() else None
+        return model, config, step
     if config is None:
         config = _config_from(target if is_folder else extras, target, legacy_config_class)
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:

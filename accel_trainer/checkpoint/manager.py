@@ -139,6 +139,8 @@ class Checkpointer:
             (``save_total_limit=3``), which is the same.
         before_resume: a policy called with the resolved checkpoint folder before anything is loaded
             (e.g. refuse another architecture); it raises :class:`CheckpointError` to refuse.
+        model_config: the model's ``config.json`` as a dict, for a model without a transformers config
+            (by default ``model.config.to_json_file`` writes it), so the folder rebuilds the model.
     """
 
     # Headroom on top of the tensor bytes: JSON, RNG files, safetensors headers, filesystem blocks.
@@ -147,7 +149,7 @@ class Checkpointer:
     def __init__(self, accelerator, output_dir: str | Path, *, model, optimizer=None, scheduler=None,
                  dataloader=None, extra: dict | None = None, config: dict | None = None, tokenizer=None,
                  settings: CheckpointConfig | None = None, before_resume: Callable[[Path], None] | None = None,
-                 **setting_overrides):
+                 model_config: dict | None = None, **setting_overrides):
         if settings is not None and setting_overrides:
             raise TypeError("Checkpointer(settings=..., ...): give a CheckpointConfig or its fields as keywords, not both")
         known = {f.name for f in fields(CheckpointConfig)}
@@ -169,6 +171,7 @@ class Checkpointer:
         self._raw_loader = dataloader
         self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
         self.config = config
+        self.model_config = model_config
         self.tokenizer = tokenizer
         self.best: dict | None = None  # {"metric", "value", "step"} of the best checkpoint saved
         self.last_saved_step: int | None = None
@@ -320,7 +323,9 @@ class Checkpointer:
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(tmp)
         model_config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        if hasattr(model_config, "to_json_file"):  # transformers models: rebuildable from the folder
+        if self.model_config is not None:
+            write_json(tmp / MODEL_CONFIG, self.model_config)
+        elif hasattr(model_config, "to_json_file"):  # transformers models: rebuildable from the folder
             model_config.to_json_file(tmp / MODEL_CONFIG)
 
     def _commit(self, tmp: Path, final: Path, record: dict, digests: dict, upload: bool = True) -> list[str]:

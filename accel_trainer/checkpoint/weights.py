@@ -59,10 +59,11 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    resized: list[tuple[str, int, int]] = field(default_factory=list)  # (what, rows loaded, rows now)
 
     @property
     def exact(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
+        return not (self.missing or self.unexpected or self.mismatched or self.resized)
 
     def __str__(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors by name"]
@@ -77,6 +78,8 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} shape-mismatched (skipped, left as initialised):")
             lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+        for what, loaded, now in self.resized:
+            lines.append(f"{what}: rows 0..{loaded - 1} loaded, rows {loaded}..{now - 1} newly initialised")
         return "\n".join(lines)
 
 

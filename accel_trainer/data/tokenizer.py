@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import TokenizerError
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
 SPECIAL_TOKENS = [BOS, EOS, PAD]
 SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
                  r"""|\s*[\r\n]|\s+(?!\S)|\s+""")
@@ -57,6 +57,29 @@ def byte_tokenizer():
     backend.decoder = decoders.ByteLevel()
     backend.add_special_tokens(SPECIAL_TOKENS)
     return _wrap(backend)
+
+
+def character_tokenizer(alphabet: str):
+    """One id per character of ``alphabet`` (in its order), then an UNK for any other character and
+    BOS/EOS/PAD: the tokenizer of a small-vocabulary model (20 amino acids make 24 ids).
+
+    Raises:
+        TokenizerError: an empty alphabet or one with a character twice.
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    if not alphabet or len(set(alphabet)) != len(alphabet):
+        raise TokenizerError(f"--alphabet={alphabet!r}: give each character once (e.g. ACDEFGHIKLMNPQRSTVWY)")
+    vocab = {char: i for i, char in enumerate(alphabet)}
+    vocab[UNK] = len(vocab)  # BPE's unknown token must be in its own vocabulary
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([UNK, *SPECIAL_TOKENS])
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, clean_up_tokenization_spaces=False, split_special_tokens=True,
+                                   padding_side="left")
 
 
 def train_tokenizer(texts, vocab_size: int, num_texts: int | None = None, show_progress: bool = True):

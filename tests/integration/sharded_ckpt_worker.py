@@ -1,8 +1,11 @@
-"""Worker for test_sharded_checkpoints.py, under torchrun on CPU ranks (gloo): a user's loop with an
-FSDP2-sharded MoE (``fully_shard``), Muon+AdamW and the Checkpointer. Prints ``step N loss X`` on rank 0.
+"""Worker for the sharded-checkpoint tests, under torchrun on CPU ranks (gloo): a user's loop with an
+FSDP2-sharded MoE (``fully_shard`` on each decoder layer), Muon+AdamW and the Checkpointer. Prints
+``step N loss X`` on rank 0.
 
     worker.py OUT --steps 6 --save_every 2 [--async_save] [--resume] [--die_after_save K]
-              [--upload_to URL --storage_options JSON]
+              [--upload_to URL --storage_options JSON] [--model accel_moe|qwen3_moe]
+
+--model qwen3_moe: a transformers Qwen3-MoE built from a config (a Hub architecture) instead of ours.
 
 Every rank trains on the same batch (seeded by the step), so the losses do not depend on the world
 size and a resume on another world size can be compared with the uninterrupted run.
@@ -25,6 +28,7 @@ from torch.distributed.fsdp import fully_shard
 
 from accel_trainer.checkpoint import Checkpointer
 from accel_trainer.checkpoint import sharded
+from accel_trainer.efficiency import decoder_layers
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.optim import OptimizerSettings, build_optimizers
 
@@ -37,14 +41,21 @@ parser.add_argument("--resume", action="store_true")
 parser.add_argument("--die_after_save", type=int, default=None)
 parser.add_argument("--upload_to", default=None)
 parser.add_argument("--storage_options", default=None)
+parser.add_argument("--model", default="accel_moe", choices=["accel_moe", "qwen3_moe"])
 args = parser.parse_args()
 
 accelerator = Accelerator(cpu=True)
 torch.manual_seed(0)
-config = MoEConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                   moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=8)
-model = MoEForCausalLM(config)
-for layer in model.model.layers:
+shape = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2)
+if args.model == "accel_moe":
+    model = MoEForCausalLM(MoEConfig(**shape, shared_expert_intermediate_size=8))
+else:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **shape, intermediate_size=64,
+                                                                  output_router_logits=True))
+for layer in decoder_layers(model, model._no_split_modules):
     fully_shard(layer)
 fully_shard(model)
 container = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))

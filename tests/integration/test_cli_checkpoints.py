@@ -157,7 +157,9 @@ def test_prune_dry_run_then_for_real(run, tmp_path):
 
 def test_params_accepts_a_run_dir_and_a_checkpoint_like_the_other_verbs(run):
     for target in (run, run / "checkpoints" / "step-4", run / "checkpoints" / "step-4" / "config.json"):
-        assert cli("params", target).stdout.startswith("total 673,408  active 476,800"), target
+        out = cli("params", target).stdout
+        assert out.startswith("accel_moe: total 673,408  active 476,800"), target
+        assert "muon      expert stack" in out and "adamw     router" in out  # the optimizer assignment
 
 
 def test_read_only_verbs_start_without_torch_or_transformers(run):

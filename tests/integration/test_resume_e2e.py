@@ -14,44 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.utils import load
 from safetensors.torch import load_file
 
 from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
 from accel_trainer.checkpoint.checksums import HASH, hash_file
-from launching import REPO, RECIPE, RUN, STEPS, TINY, free_port, launch, read_jsonl, run_pids
+from launching import (RECIPE, REPO, RUN, STEPS, TINY, assert_same_final_state, free_port, launch, popen_recipe, read_jsonl,
+                       run_pids, wait_for)
 
 
 
 def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
-
-
-def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1) -> None:
-    """Bitwise: per-step losses/LRs, weights, every optimizer state tensor, every rank's RNG."""
-    ra, rb = read_jsonl(a / "metrics.jsonl"), read_jsonl(b / "metrics.jsonl")
-    assert [r["step"] for r in rb] == [r["step"] for r in ra]
-    for x, y in zip(ra, rb):
-        for key in ("loss", "lr/muon", "lr/adamw", "ema_loss", "tokens_seen", "val_loss"):
-            assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
-    ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
-    wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    # Files are a function of the state alone: the same state after a resume gives the same bytes.
-    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json"):
-        assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
-    names = {n for o in json.loads((ca / "optimizer.json").read_text())["optimizers"].values()
-             for g in o["param_groups"] for n in g["param_names"]}
-    assert {k.split("::")[0] for k in load_file(ca / "optimizer.safetensors")} == names  # every parameter has state
-    for rank in range(ranks):
-        sa, sb = load(ca / f"random_states_{rank}.pkl"), load(cb / f"random_states_{rank}.pkl")
-        assert torch.equal(sa["torch_manual_seed"], sb["torch_manual_seed"]) and sa["random_state"] == sb["random_state"]
-    for name in ("trainer_state.json", "dataloader.json"):
-        # The tracker run is named after each run's own output dir.
-        sa, sb = (json.loads((c / name).read_text()) for c in (ca, cb))
-        assert {k: v for k, v in sa.items() if k != "trackers"} == {k: v for k, v in sb.items() if k != "trackers"}
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +48,6 @@ def test_straight_run_layout_retention_and_pointers(straight):
     # Named state only: Accelerate's positional optimizer file and a second copy of the RNG are not written.
     assert not files & {"optimizer.bin", "scheduler.bin", "rng_state_0.pt", "pytorch_model.bin"}
     assert not list(root.glob(".tmp-*"))
-
-
-def popen_recipe(args, out: Path) -> subprocess.Popen:
-    """The recipe as a plain process (no launcher in between), in its own process group."""
-    return subprocess.Popen([sys.executable, str(RECIPE), *args, "--output_dir", str(out)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
 
 
 def test_kill_9_during_training_then_resume_is_bit_exact(straight, tmp_path):

@@ -33,7 +33,9 @@ def test_config_fields(name):
     if state_dict_type:
         assert config.fsdp_config["fsdp_version"] == 2
         assert config.fsdp_config["fsdp_state_dict_type"] == state_dict_type
-        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == "DecoderLayer"
+        # No class named: Accelerate wraps the model's own _no_split_modules, so any model's layers.
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert "fsdp_transformer_layer_cls_to_wrap" not in config.fsdp_config
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -50,7 +50,7 @@ def test_fp16_on_cpu_is_a_clear_error(recipe, tmp_path):
     ("--save_strategy", "save with --save_steps N and/or --save_on_each_epoch"),
     ("--load_best_model_at_end", "checkpoints/best"),
     ("--push_to_hub", "accel-trainer export"),
-    ("--model_name_or_path", "--init_from"),
+    ("--hub_model_id", "accel-trainer export"),
 ])
 def test_hf_trainer_flags_say_what_to_use_instead(recipe, flag, advice):
     code, err = recipe(flag, "steps")

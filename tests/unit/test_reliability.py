@@ -223,7 +223,7 @@ def test_a_block_size_longer_than_the_models_context_is_refused_at_once(recipe_m
     code = recipe_module.main([*TINY, "--block_size", "100000", "--output_dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "tokenising" not in err
-    assert "--block_size=100000: longer than the model's context (preset 'tiny': max_position_embeddings=1024)" in err
+    assert "--block_size=100000: longer than the model's context (preset tiny: 1024 positions)" in err
 
 
 # ------------------------------------------------------ 10. no pointer is skipped without a word
