@@ -7,9 +7,11 @@
     accel-trainer export  <ckpt> <out_dir> [--dtype bf16] [--format qwen2_moe|accel_moe]   HF model folder
     accel-trainer prune   <output_dir> --keep K [--keep_every_n_steps N] [--dry_run]
     accel-trainer plot    <output_dir> [--out loss.png]   loss and LR curves from metrics.jsonl
-    accel-trainer params  <config.json|ckpt>           total/active parameter counts (meta device)
+    accel-trainer params  <config.json|model dir|ckpt> total/active parameters, the optimizer assignment
+    accel-trainer eval    <ckpt|run|export> --tasks hellaswag,arc_easy [--limit N]   lm-evaluation-harness
     accel-trainer plan    --preset 18b --num_gpus 64 [--gradient_checkpointing] ...   per-GPU memory, checkpoint cost
     accel-trainer train-tokenizer --data_files ... --vocab_size 32768 --output_dir tok/   byte-level BPE
+    accel-trainer train-tokenizer --alphabet ACDEFGHIKLMNPQRSTVWY --output_dir tok/   one id per character
     accel-trainer prepare-data --data_files ... --tokenizer_name tok/ --output_dir data/x   token shards
     accel-trainer env                                  versions and devices
 
@@ -199,6 +201,54 @@ def cmd_export(args) -> int:
     hint = "import accel_trainer.models; " if args.format == "accel_moe" else ""
     print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})"
           + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if tokenizer is not None else ""))
+    return 0
+
+
+def _model_folder(path: str, storage_options: dict) -> Path:
+    """The folder a model is read from: a checkpoint (``path`` a step-N folder, a run dir meaning its
+    latest, ``<run>/best``, or ``s3://...``, downloaded to the cache), or a plain model folder (an export)."""
+    from .checkpoint import CheckpointError, checkpoint_folder, fetch, is_url
+
+    if is_url(path):
+        return fetch(path, storage_options)
+    try:
+        return checkpoint_folder(path, checksums=True)
+    except CheckpointError:
+        if (Path(path) / "config.json").is_file():
+            return Path(path)
+        raise
+
+
+def cmd_eval(args) -> int:
+    from .console import quiet_library_bars
+    from .evaluation import check_tasks, log_to_tensorboard, run_tasks, scalars, table, task_manager, write_results
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise ConfigError("--tasks: give at least one task name (e.g. --tasks hellaswag,arc_easy)")
+    if args.limit is not None and not args.limit > 0:
+        raise ConfigError(f"--limit={args.limit}: must be > 0 (a count, or a fraction below 1)")
+    manager = task_manager(args.include_path)  # a missing lm-eval or an unknown task fails before the load
+    check_tasks(tasks, manager)
+    folder = _model_folder(args.path, args.storage_options_dict)
+    quiet_library_bars("transformers")
+    from transformers import AutoTokenizer
+
+    from . import load_model_for_inference
+
+    model, _, step = load_model_for_inference(folder, device=args.device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{folder}: no tokenizer saved there ({str(err).splitlines()[0][:200]})") from None
+    results = run_tasks(model, tokenizer, tasks, limit=args.limit, num_fewshot=args.num_fewshot,
+                        batch_size=args.batch_size, device=args.device, manager=manager)
+    print(table(results))
+    run_dir = folder.parent.parent if folder.parent.name == "checkpoints" else None
+    if run_dir is not None:
+        path = write_results(run_dir, step, tasks, results)
+        board = log_to_tensorboard(run_dir, step, scalars(results))
+        print(f"wrote {path}" + (f"; TensorBoard {board} at step {step}" if board else ""))
     return 0
 
 
@@ -440,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "loads without this package) or accel_moe (our own class, needs `import accel_trainer`); "
                         "any other transformers model: native (default), itself")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="standard benchmarks (lm-evaluation-harness) on a checkpoint, a run or an export")
+    p.add_argument("path", help="a step-N folder, a run's output dir (its latest) or <run>/best, an export folder, "
+                                "or s3://...")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (hellaswag,arc_easy,...)")
+    p.add_argument("--include_path", default=None, help="a folder of task YAML files of your own (works offline)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction below 1)")
+    p.add_argument("--num_fewshot", type=int, default=None)
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--storage_options", help=remote)
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("prune", help="apply the retention rules by hand")
     p.add_argument("output_dir")
     p.add_argument("--keep", type=int, required=True, help="keep the newest K (plus latest and best)")

@@ -144,8 +144,14 @@ class TrainingArguments:
     max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with an emergency checkpoint) after this many steps in a row with a non-finite loss or gradient; 0 never stops."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
+    eval_tasks: str | None = field(default=None, metadata={"help": "lm-evaluation-harness tasks (comma-separated) to run on the main process every --eval_tasks_steps steps; results in metrics.jsonl as eval/<task>/<metric> (pip install 'accel_trainer[eval]')."})
+    eval_tasks_steps: int = field(default=0, metadata={"help": "Run --eval_tasks every N steps (and at the last step); 0: at the last step only."})
+    eval_tasks_limit: float | None = field(default=None, metadata={"help": "Examples per task for --eval_tasks (a fraction below 1)."})
+    eval_include_path: str | None = field(default=None, metadata={"help": "A folder of task YAML files of your own for --eval_tasks (works offline)."})
+    eval_tasks_strict: bool = field(default=False, metadata={"help": "Stop the run when --eval_tasks fails (default: one line, and training goes on)."})
     max_eval_batches: int = field(default=20, metadata={"help": "Cap on eval batches per process per evaluation."})
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps; 0 disables periodic saves."})
+    metric_for_best_model: str = field(default="val_loss", metadata={"help": "What 'best' follows (lower is better): val_loss (nats per token of this run's tokenizer) or val_bpb (bits per byte: compares runs with different tokenizers)."})
     save_total_limit: int | None = field(default=None, metadata={"help": "Keep the newest K checkpoints (plus latest and best); default keeps all."})
     keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a multiple of N."})
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
@@ -222,6 +228,16 @@ class TrainingArguments:
         for name in ("reset_optimizer", "reset_data_position"):
             if getattr(self, name) and not self.resume_from_checkpoint:
                 problems.append(f"--{name}: only meaningful with --resume_from_checkpoint")
+        if self.eval_tasks_steps < 0:
+            problems.append(f"--eval_tasks_steps={self.eval_tasks_steps}: must be >= 0")
+        if self.eval_tasks_limit is not None and not self.eval_tasks_limit > 0:
+            problems.append(f"--eval_tasks_limit={self.eval_tasks_limit}: must be > 0 (a count, or a fraction below 1)")
+        for name in ("eval_tasks_steps", "eval_tasks_limit", "eval_include_path", "eval_tasks_strict"):
+            if getattr(self, name) not in (None, 0, False) and not self.eval_tasks:
+                problems.append(f"--{name}: only used with --eval_tasks; give that too")
+        if self.metric_for_best_model not in ("val_loss", "val_bpb"):
+            problems.append(f"--metric_for_best_model={self.metric_for_best_model!r}: choose val_loss or val_bpb "
+                            "(lower is better)")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             problems.append(f"--report_to={self.report_to!r}: choose tensorboard, wandb, all or none")
         _raise_if(problems)
@@ -251,8 +267,13 @@ class TrainingArguments:
         from .checkpoint import CheckpointConfig
 
         return CheckpointConfig(save_total_limit=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
+                                best_metric=self.metric_for_best_model,
                                 async_save=self.async_save, save_strict=self.save_strict, handle_signals=True,
                                 upload_to=self.checkpoint_upload_to, storage_options=self.parsed_storage_options or None)
+
+    @property
+    def eval_task_names(self) -> list[str]:
+        return [t.strip() for t in (self.eval_tasks or "").split(",") if t.strip()]
 
     @property
     def parsed_storage_options(self) -> dict:
@@ -274,7 +295,6 @@ HF_TRAINER_ADVICE = {
     "logging_strategy": "log with --logging_steps N",
     "load_best_model_at_end": "the best checkpoint is always kept as <output_dir>/checkpoints/best; load it with "
                               "load_model_for_inference('<output_dir>/checkpoints/best') or --resume_from_checkpoint best",
-    "metric_for_best_model": "'best' is the lowest val loss (--eval_steps decides how often it is measured)",
     "greater_is_better": "'best' is the lowest val loss",
     "save_only_model": "checkpoints hold the whole state (that is what makes them resumable); "
                        "`accel-trainer export <checkpoint> <dir>` writes the model alone",

@@ -45,6 +45,8 @@ def progress_line(step: int, total: int, metrics: dict) -> str:
         parts.append(f"{metrics['tokens_per_second']:,.0f} tokens/s")
     if metrics.get("val_loss") is not None:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    if metrics.get("val_bpb") is not None:
+        parts.append(f"val_bpb {metrics['val_bpb']:.4f}")
     return "  ".join(parts)
 
 
@@ -67,7 +69,8 @@ def final_report(*, step: int, total_steps: int, stopped_by: str | None, seconds
     if last_eval is not None:
         losses.append(f"last val loss {last_eval[1]:.4f} (step {last_eval[0]})")
     if best is not None:
-        losses.append(f"best val loss {best['value']:.4f} (step {best['step']})")
+        what = "val loss" if best.get("metric", "val_loss") == "val_loss" else best["metric"]
+        losses.append(f"best {what} {best['value']:.4f} (step {best['step']})")
     lines.append("; ".join(losses))
     if metrics_file is not None:
         lines.append(f"metrics      {metrics_file}")

@@ -8,8 +8,9 @@ from .metrics import read_metrics
 
 
 def metrics_figure(output_dir: str | Path):
-    """A matplotlib ``Figure`` of train/val loss and the LR of every optimizer against step and tokens;
-    nothing is written (a notebook shows it, :func:`plot_metrics` saves it).
+    """A matplotlib ``Figure`` of train/val loss and the LR of every optimizer against step and tokens,
+    and, when the run measured them, validation bits per byte and benchmark task metrics against
+    step; nothing is written (a notebook shows it, :func:`plot_metrics` saves it).
 
     Raises:
         ValueError: no metrics.jsonl, or it holds no loss records.
@@ -26,8 +27,24 @@ def metrics_figure(output_dir: str | Path):
     if not train:
         raise ValueError(f"{source}: no records with a 'loss' to plot")
     lr_keys = sorted({k for r in train for k in r if k.startswith("lr/")})
-    fig = Figure(figsize=(12, 8), constrained_layout=True)
-    axes = fig.subplots(2, 2)
+    bpb = [r for r in records if r.get("val_bpb") is not None]
+    task_keys = sorted({k for r in records for k in r if k.startswith("eval/")})
+    quality = bool(bpb or task_keys)
+    fig = Figure(figsize=(12, 12 if quality else 8), constrained_layout=True)
+    axes = fig.subplots(3 if quality else 2, 2)
+    if quality:
+        ax = axes[2][0]
+        ax.plot([r["step"] for r in bpb], [r["val_bpb"] for r in bpb], "o-", label="val bits per byte")
+        ax.set(xlabel="step", ylabel="bits per byte", title="validation bits per byte (compares tokenizers)")
+        if bpb:
+            ax.legend()
+        ax = axes[2][1]
+        for key in task_keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax.plot([s for s, _ in points], [v for _, v in points], "o-", label=key[5:])
+        ax.set(xlabel="step", ylabel="score", title="benchmark tasks (lm-evaluation-harness)")
+        if task_keys:
+            ax.legend()
     for col, (x_key, x_label) in enumerate((("step", "step"), ("tokens_seen", "tokens seen"))):
         ax = axes[0][col]
         ax.plot([r[x_key] for r in train], [r["loss"] for r in train], label="train loss", alpha=0.6)

@@ -78,7 +78,8 @@ def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, def
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
               "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks",
-              "optimizer_assignment"}  # the assignment: a change shows as an optimizer that does not load
+              "optimizer_assignment", "eval_tasks", "eval_tasks_steps", "eval_tasks_limit", "eval_include_path",
+              "eval_tasks_strict", "metric_for_best_model"}  # the assignment: a change shows as an optimizer that does not load
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
              "validation_split_percentage", "max_corpus_bytes", "seed")
@@ -195,6 +196,10 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     if model_factory is None and not model_args.hugging_face and model_args.preset is None:
         model_args = dataclasses.replace(model_args, preset="tiny")  # recorded as it ran
     # What can be checked without data or a model is checked before any work.
+    if train_args.eval_tasks:  # lm-eval installed, every task known
+        from .evaluation import check_tasks, task_manager
+
+        check_tasks(train_args.eval_task_names, task_manager(train_args.eval_include_path))
     tokenizer = run_tokenizer(data_args)
     plan = plan_model(model_args, tokenizer, presets, model_factory, model_config)
     block_size = block_size_for(plan, data_args, model_args.preset, defaults)

@@ -27,9 +27,9 @@ from .checkpoint import Checkpointer
 from .config import TrainingArguments
 from .errors import ConfigError
 from .console import final_report, interactive, progress_line, progress_postfix
-from .data import TextData, build_eval_dataloader, build_train_dataloader
+from .data import TextData, build_eval_dataloader, build_train_dataloader, token_byte_lengths
 from .metrics import MetricsLogger
-from .models import lm_loss_of, loss_of
+from .models import logits_of, loss_of
 from .optim import OptimizersContainer, lr_multiplier
 from .telemetry import RouterStats, Throughput, peak_memory, peak_tflops
 from .train_state import TrainState
@@ -99,6 +99,9 @@ class Trainer:
         self.model, self.optimizer, train_loader, self.eval_loader = accelerator.prepare(
             model, optimizers, train_loader, eval_loader)
         self.optimizers = optimizers
+        # Bytes of text per token id, for bits per byte (a loss that compares across tokenizers).
+        self.token_bytes = torch.as_tensor(token_byte_lengths(data.tokenizer), device=accelerator.device)
+        self.tokenizer = data.tokenizer
 
         self.steps_per_epoch = len(train_loader) // args.gradient_accumulation_steps
         if self.steps_per_epoch == 0:
@@ -112,6 +115,10 @@ class Trainer:
             extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
             settings=args.checkpoint_config(), before_resume=before_resume, model_config=model_config)
         self.train_loader = self.checkpointer.dataloader
+        if args.eval_tasks and self.checkpointer.sharded:
+            raise ConfigError("--eval_tasks: the harness needs the whole model in one process and this run's model is "
+                              "sharded (FSDP); run `accel-trainer eval <checkpoint> --tasks ...` on the saved "
+                              "checkpoints instead (in another process, or after the run)")
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)
         self.throughput = Throughput(world, flops_per_token, peak_tflops(accelerator.device, args.peak_tflops))
@@ -378,8 +385,10 @@ class Trainer:
         if logging:
             metrics.update(self.train_metrics(mean_loss, grad_norm))
         if args.eval_steps and (step % args.eval_steps == 0 or last):
-            metrics["val_loss"] = self.evaluate()
+            metrics.update(self.evaluate())
             self.last_eval = (step, metrics["val_loss"])
+        if args.eval_tasks and ((args.eval_tasks_steps and step % args.eval_tasks_steps == 0) or last):
+            metrics.update(self.evaluate_tasks(step))
         if logging:
             self.show_progress(progress, metrics)
         if metrics:
@@ -431,14 +440,68 @@ class Trainer:
         return loader.epoch + loader.samples_in_epoch / (self.steps_per_epoch * self.samples_per_step)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean LM loss (without the router's aux loss) over the fixed validation subset, all processes."""
+    def evaluate(self) -> dict[str, float]:
+        """Over the fixed validation subset, all processes: ``val_loss``, the mean next-token loss in
+        nats (without the router's aux loss), and ``val_bpb``, bits per byte: the loss summed over the
+        tokens that stand for text, divided by ln 2 and by that text's UTF-8 bytes."""
         self.model.eval()
-        losses = [lm_loss_of(self.model(input_ids=b["input_ids"], labels=b["input_ids"]), b["input_ids"])
-                  for b in self.eval_loader]
+        sums = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)  # loss, tokens, text loss, bytes
+        for batch in self.eval_loader:
+            ids = batch["input_ids"]
+            logits = logits_of(self.model(input_ids=ids))
+            targets = ids[:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
+                                                     reduction="none")
+            nbytes = self.token_bytes[targets]
+            sums += torch.stack([loss.sum().double(), loss.new_tensor(loss.numel()).double(),
+                                 (loss * (nbytes > 0)).sum().double(), nbytes.sum().double()])
         self.model.train()
-        local = torch.stack(losses).mean() if losses else torch.zeros((), device=self.accelerator.device)
-        return self.accelerator.reduce(local, reduction="mean").item()
+        loss_sum, tokens, text_loss, text_bytes = self.accelerator.reduce(sums, reduction="sum").tolist()
+        return {"val_loss": loss_sum / max(tokens, 1), "val_bpb": text_loss / (math.log(2) * max(text_bytes, 1))}
+
+    def evaluate_tasks(self, step: int) -> dict[str, float]:
+        """--eval_tasks on the main process (the others wait): ``eval/<task>/<metric>`` on every rank.
+
+        The harness seeds the global generators itself: they are put back afterwards, so a run with
+        in-loop tasks stays bitwise resumable. A failure is one line and training goes on, unless
+        --eval_tasks_strict (then every rank stops with it)."""
+        import random
+
+        import numpy as np
+        from accelerate.utils import broadcast_object_list
+
+        from .evaluation import run_tasks, scalars, write_results
+
+        acc, args = self.accelerator, self.args
+        answer = [None, None]
+        if acc.is_main_process:
+            saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+                     torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+            model = acc.unwrap_model(self.model)
+            try:
+                results = run_tasks(model, self.tokenizer, args.eval_task_names, include_path=args.eval_include_path,
+                                    limit=args.eval_tasks_limit, batch_size=args.per_device_eval_batch_size,
+                                    device=str(acc.device))
+                write_results(Path(args.output_dir), step, args.eval_task_names, results)
+                answer[0] = scalars(results)
+            except Exception as err:  # the harness's errors are its own kinds: all reported the same way
+                answer[1] = f"--eval_tasks at step {step} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            finally:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+                if saved[3] is not None:
+                    torch.cuda.set_rng_state_all(saved[3])
+                self.model.train()
+        if acc.num_processes > 1:
+            broadcast_object_list(answer, from_process=0)
+        values, problem = answer
+        if problem:
+            if args.eval_tasks_strict:
+                raise ConfigError(problem + " (--eval_tasks_strict)")
+            acc.print(f"WARNING: {problem}; training goes on")
+            return {}
+        return values
 
     def print_run_summary(self) -> None:
         a = self.args

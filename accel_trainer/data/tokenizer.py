@@ -135,6 +135,30 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+def token_byte_lengths(tokenizer):
+    """UTF-8 bytes of text each id stands for (an int64 array over the tokenizer's ids); 0 for special
+    tokens. Exact for byte-level BPEs (each token is a run of bytes, partial characters included);
+    for other tokenizers, the bytes of each id decoded on its own.
+
+    Bits per byte divide a loss summed over tokens by these bytes: runs with different tokenizers compare.
+    """
+    import numpy as np
+
+    byte_of = {char: b for b, char in bytes_to_unicode().items()}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__ + repr(backend.decoder)
+    special = set(tokenizer.all_special_ids)
+    lengths = np.zeros(len(tokenizer), dtype=np.int64)
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if i in special or token is None:
+            continue
+        if byte_level and all(char in byte_of for char in token):
+            lengths[i] = len(token)
+        else:
+            lengths[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return lengths
+
+
 def vocab_size_for(tokenizer) -> int:
     """The embedding size for a tokenizer: its ids rounded up to a multiple of 128 (64 under 16k),
     the sizes GPU matrix kernels are fastest on."""

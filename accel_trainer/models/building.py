@@ -299,6 +299,17 @@ def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
                      model_class=model_factory if isinstance(model_factory, type) else None)
 
 
+def logits_of(output) -> torch.Tensor:
+    """The logits a forward without labels returned: a tensor, or ``.logits`` / ``["logits"]``."""
+    if torch.is_tensor(output):
+        return output
+    logits = output.get("logits") if isinstance(output, dict) else getattr(output, "logits", None)
+    if logits is None:
+        raise ConfigError(f"the model's forward(input_ids) returned {type(output).__name__} without logits; "
+                          "return the logits (a tensor, or an object or dict with 'logits') when no labels are given")
+    return logits
+
+
 def lm_loss_of(output, labels: torch.Tensor) -> torch.Tensor:
     """The language-modelling loss alone (what validation reports): our MoE's ``lm_loss``; for a
     model whose loss includes a router's balance term, cross-entropy of its logits; else the loss."""
