@@ -29,3 +29,9 @@ def test_every_manual_page_is_in_the_docs_navigation():
     nav = (REPO / "mkdocs.yml").read_text()
     for page in sorted((REPO / "docs").glob("*.md")):
         assert f": {page.name}" in nav, page.name
+
+
+def test_test_modules_have_unique_names():
+    """pytest imports test modules by their basename (no __init__.py): two alike stop the collection."""
+    names = [p.name for p in (REPO / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
