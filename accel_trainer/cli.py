@@ -427,7 +427,7 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
         config, name = MoEConfig(**presets[args.preset]), f"preset {args.preset}"
     context = ModelShape.of(config).context
-    block = args.block_size or context
+    block = args.block_size if args.block_size is not None else context
     problems = [f"--{flag}={value}: must be {rule}" for flag, value, ok, rule in (
         ("num_gpus", args.num_gpus, args.num_gpus >= 1, ">= 1"),
         ("gpu_memory_gib", args.gpu_memory_gib, args.gpu_memory_gib > 0 and math.isfinite(args.gpu_memory_gib), "a number > 0"),
@@ -548,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         args.storage_options_dict = _storage_options(args)
         return args.func(args)
     except InputError as err:  # bad input: one line, exit status 2
-        print(f"accel-trainer {args.command}: {err}", file=sys.stderr)
+        from .secrets import redact_text
+
+        print(f"accel-trainer {args.command}: {redact_text(str(err))}", file=sys.stderr)
         return 2
 
 

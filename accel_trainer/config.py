@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointError, ConfigError
+from .secrets import redact_mapping
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "wsd", "constant")
@@ -368,8 +369,6 @@ def to_dict(*configs) -> dict:
         out.update(dataclasses.asdict(cfg))
     for cfg in configs:  # saved with checkpoints and sent to trackers: never credentials
         if getattr(cfg, "storage_options", None):
-            from .checkpoint import redact
-
-            out["storage_options"] = json.dumps(redact(cfg.parsed_storage_options))
-    return out
+            out["storage_options"] = json.dumps(redact_mapping(cfg.parsed_storage_options))
+    return redact_mapping(out)
 

@@ -2,7 +2,7 @@
 end of the process groups. :mod:`.run` composes a run; this module decides how the process ends.
 
     0  finished            2  bad input (one line on stderr)       3  stopped after non-finite steps
-    1  crashed             128 + N  stopped by signal N (emergency checkpoint saved)
+    1  crashed             4  finished, the object store behind   128 + N  stopped by signal N (emergency checkpoint saved)
 """
 
 from __future__ import annotations
@@ -14,13 +14,15 @@ from pathlib import Path
 
 from .checkpoint import read_json, write_json
 from .errors import InputError
+from .secrets import redact_text
 
 
 EXIT_STATUS = "exit_status.json"
 # What each exit status means, for the status file (restart scripts decide on the code).
 EXIT_MEANINGS = {0: "finished", 1: "crashed (an unexpected error; see the log)", 2: "bad input (flags, data or "
                  "checkpoint): fix the command, a retry would fail the same way", 3: "stopped after non-finite "
-                 "losses or gradients (checkpoint of the last good step saved)"}
+                 "losses or gradients (checkpoint of the last good step saved)", 4: "finished, but the object store "
+                 "does not hold the newest checkpoints (uploads failed); the local checkpoints are complete"}
 
 
 def write_exit_status(output_dir: str | None, code: int | None, reason: str, step: int | None = None) -> None:
@@ -33,15 +35,17 @@ def write_exit_status(output_dir: str | None, code: int | None, reason: str, ste
         return
     meaning = "running" if code is None else EXIT_MEANINGS.get(code, "stopped by a signal (emergency checkpoint saved)"
                                                                if code > 128 else "failed")
-    record = {"exit_code": code, "meaning": meaning, "reason": reason, "step": step, "pid": os.getpid(),
+    record = {"exit_code": code, "meaning": meaning, "reason": redact_text(reason), "step": step, "pid": os.getpid(),
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     path = Path(output_dir) / EXIT_STATUS
     try:
         if code is not None and _another_live_run(path):
             return  # a run refused because another one trains here must not overwrite that one's status
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path.with_name(f".{EXIT_STATUS}.tmp"), record)
-        os.replace(path.with_name(f".{EXIT_STATUS}.tmp"), path)
+        tmp = path.with_name(f".{EXIT_STATUS}.tmp")
+        write_json(tmp, record)
+        os.chmod(tmp, 0o600)  # its reason may quote the command's error
+        os.replace(tmp, path)
     except OSError:
         pass  # a status file must never be why a run fails
 
@@ -71,16 +75,23 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
     try:
         trainer = job()
     except InputError as err:
-        if PartialState().is_main_process:
-            print(f"error: {err}", file=sys.stderr)
-        code, reason = 2, str(err)
+        message = redact_text(str(err))  # an error may quote a flag's value, a URL, a command
+        if PartialState().is_local_main_process:  # every node's log says why the run stopped
+            print(f"error: {message}", file=sys.stderr)
+        code, reason = 2, message
     except BaseException as err:
-        write_exit_status(output_dir, 1, f"{type(err).__name__}: {err}")
+        write_exit_status(output_dir, 1, redact_text(f"{type(err).__name__}: {err}"))
         raise
     else:
         signum = trainer.checkpointer.stop_signal
         code = 3 if trainer.diverged else 128 + int(signum) if trainer.interrupted_by and signum else 0
         reason, step = trainer.interrupted_by or "finished", trainer.state.global_step
+        behind = trainer.checkpointer.remote_behind
+        if code == 0 and behind:
+            code, reason = 4, f"finished, but {behind}"
+            if PartialState().is_main_process:
+                print(f"error: {redact_text(reason)}; upload the local checkpoints (resume with the same "
+                      "--checkpoint_upload_to uploads the next one) or check the store", file=sys.stderr)
         del trainer
     write_exit_status(output_dir, code, reason, step)
     _free_process_groups(PartialState())

@@ -10,7 +10,8 @@ import torch
 from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, RemoteTier, load_weights, lock_run_dir, read_json,
                          resolve_on_main)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import TOKENIZER_DIR, build_datasets, load_tokenizer, parse_mix, read_prepared, vocab_size_for
+from .data import (TOKENIZER_DIR, build_datasets, data_identity, load_tokenizer, parse_mix, read_prepared,
+                   vocab_size_for)
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .errors import ConfigError, InputError, error_class
 from .models import (CUSTOM_KEY, MoEConfig, check_folder_or_hub, MoEForCausalLM, ModelPlan, ModelShape, count_parameters_of, plan_custom,
@@ -21,6 +22,47 @@ from .optim import OptimizerSettings, assign_parameters, assignment_summary, ass
 from .process import write_exit_status
 from .telemetry import flops_per_token
 from .trainer import Trainer, build_accelerator
+
+
+def check_shared_output_dir(accelerator, output_dir: str | Path) -> None:
+    """With several processes, before any work: every rank writes a probe file into ``output_dir``
+    and reads every other rank's. A checkpoint is one folder written by all ranks (each its RNG, under
+    FSDP its shards) and committed by rank 0, so nodes that do not see one file system (cloud VMs with
+    local disks) would commit checkpoints without their files and resume into a crash. A collective call.
+
+    Raises:
+        ConfigError: on every rank, naming ``--output_dir``, the ranks and hosts that do not see each other.
+    """
+    import platform
+    import uuid
+
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    if accelerator.num_processes < 2:
+        return
+    nonce = [uuid.uuid4().hex[:12] if accelerator.is_main_process else None]
+    broadcast_object_list(nonce, from_process=0)
+    folder, rank, world = Path(output_dir), accelerator.process_index, accelerator.num_processes
+    probe = folder / f".probe-{nonce[0]}-rank{rank}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_text(platform.node())
+        problem = None
+    except OSError as err:
+        problem = f"rank {rank} cannot write there ({err.strerror})"
+    accelerator.wait_for_everyone()
+    if problem is None:
+        unseen = [r for r in range(world) if not (folder / f".probe-{nonce[0]}-rank{r}").is_file()]
+        if unseen:
+            problem = f"rank {rank} on host {platform.node()} does not see the files of rank(s) {unseen}"
+    problems = [p for p in gather_object([problem]) if p]
+    accelerator.wait_for_everyone()
+    probe.unlink(missing_ok=True)
+    if problems:
+        raise ConfigError(f"--output_dir={str(output_dir)!r} is not one file system shared by every process "
+                          f"({'; '.join(problems[:4])}): checkpoints need it (all ranks write into each one, rank 0 "
+                          "commits it). Use a shared file system (NFS, Lustre, GPFS, a shared volume) for "
+                          "--output_dir; with node-local disks the checkpoints cannot be committed")
 
 
 def plan_model(model_args: ModelArguments, tokenizer, presets: dict | None = None, model_factory=None,
@@ -81,8 +123,8 @@ QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to
               "optimizer_assignment", "eval_tasks", "eval_tasks_steps", "eval_tasks_limit", "eval_include_path",
               "eval_tasks_strict", "metric_for_best_model"}  # the assignment: a change shows as an optimizer that does not load
 # What the saved data position means: with other values, sample k of an epoch is another text.
-DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "text_column", "tokenizer_name", "block_size",
-             "validation_split_percentage", "max_corpus_bytes", "seed")
+DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "prepared_data", "data_mix", "text_column",
+             "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity")
 
 
 # Config keys that make another architecture when they differ (any transformers model; our MoE
@@ -119,7 +161,8 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None
             f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
             "instead of --resume_from_checkpoint")
     saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
-    changed = [f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}" for k in DATA_KEYS
+    changed = [("the data's contents (a file edited or re-prepared under the same name)" if k == "data_identity"
+                else f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}") for k in DATA_KEYS
                if k in saved_run and saved_run.get(k) != run_config.get(k)]
     if changed and not run_config.get("reset_data_position"):
         raise CheckpointError(
@@ -206,6 +249,7 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     accelerator = build_accelerator(train_args)
     # The precision that runs (the launcher's, unless the flag says), so run_config and resumes record it.
     train_args = dataclasses.replace(train_args, mixed_precision=str(accelerator.mixed_precision))
+    check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     write_exit_status(train_args.output_dir, None, "running")
     try:
@@ -242,7 +286,12 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
 
 
 def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, train_args) -> Trainer:
-    run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size}
+    # data_identity: the data by content (an edited file under the same name is other data).
+    run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size,
+                  "data_identity": data_identity(data_args),
+                  # samples per optimizer step over all processes: a resume on another world size says so
+                  "global_batch_size": train_args.per_device_train_batch_size
+                  * train_args.gradient_accumulation_steps * accelerator.num_processes}
     spec = train_args.resume_from_checkpoint
     # A storage URL that cannot work (no s3fs installed, an unknown scheme) is reported before tokenising.
     try:

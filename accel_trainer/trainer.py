@@ -165,6 +165,11 @@ class Trainer:
         self.report_schedule_change(step)
         best = self.checkpointer.best
         best = "none yet" if best is None else f"{best['value']:.4f} (step {best['step']})"
+        if self.total_steps <= step:
+            self.accelerator.print(f"the checkpoint is at step {step}, at or past the end of this run ({self.total_steps} "
+                                   "steps: --max_steps or --num_train_epochs): nothing left to train; raise it to "
+                                   "train more")
+            return
         self.accelerator.print(f"continuing at step {step + 1}: epoch {self.train_loader.epoch}, "
                                f"{self.state.tokens_seen:,} tokens seen, best val loss {best}")
 

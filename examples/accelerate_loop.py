@@ -72,7 +72,8 @@ def main(argv=None) -> None:
     set_seed(args.seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=args.block_size))
+                                         max_position_embeddings=args.block_size,
+                                         attention_dropout=0.1))  # random ops in the loop: resume stays exact
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
     scheduler = get_cosine_schedule_with_warmup(optimizer, args.max_steps // 10, args.max_steps)
     blocks = byte_blocks(args.block_size)

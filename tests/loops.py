@@ -33,7 +33,7 @@ class Loop:
         set_seed(0)
         self.model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
                                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                                  max_position_embeddings=16))
+                                                  max_position_embeddings=16, attention_dropout=0.2))
         params = list(self.model.parameters())
         groups = {name: params[i::len(optimizers)] for i, name in enumerate(optimizers)}
         opts = {name: torch.optim.AdamW(p, lr=1e-2) for name, p in groups.items()}

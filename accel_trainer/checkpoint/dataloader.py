@@ -16,6 +16,11 @@ one driven by its own ``generator``, whose state at the start of the epoch is sa
 A sampler with ``set_start(samples)`` (the trainer's) starts the next pass there directly: O(1).
 A ``RandomSampler`` without a generator (it would draw from the global RNG each epoch) is given
 one, seeded from ``torch.initial_seed()``.
+
+Nothing here draws from the global RNG, so a resumed loop's dropout sees the numbers an
+uninterrupted one would: a DataLoader without a ``generator`` draws its workers' base seed from the
+global RNG each time an iterator is made (after a resume, at a point where the uninterrupted run
+drew nothing), so the loader is given a generator of its own, seeded by the epoch.
 """
 
 from __future__ import annotations
@@ -84,6 +89,15 @@ class ResumableLoader:
         sampler = _sampler_of(loader)
         if isinstance(sampler, RandomSampler) and sampler.generator is None:
             sampler.generator = torch.Generator().manual_seed(torch.initial_seed())
+        # Making an iterator draws the workers' base seed from the loader's generator, or from the
+        # global RNG when it has none: give it one (its draws then depend on the epoch alone).
+        self._iter_seed = None
+        if hasattr(loader, "generator") and getattr(loader, "generator", None) is None:
+            try:
+                loader.generator = torch.Generator()
+                self._iter_seed = torch.initial_seed()
+            except (AttributeError, ValueError):  # a loader that refuses the attribute: said at resume
+                pass
         self._generator = getattr(sampler, "generator", None)
         self._sampler = sampler
 
@@ -119,6 +133,8 @@ class ResumableLoader:
                 self._epoch_start_state = self._generator.get_state()
             elif self._epoch_start_state is not None:  # replay this epoch's order
                 self._generator.set_state(self._epoch_start_state)
+        if self._iter_seed is not None:
+            self.loader.generator.manual_seed(self._iter_seed + self.epoch)
         loader = self.loader
         if self.starts_anywhere:
             self._sampler.set_start(self.samples_in_epoch)
@@ -167,6 +183,10 @@ class ResumableLoader:
                               f"this run's global batch of {self.global_batch_size}; the last {remainder} "
                               "sample(s) are read again")
         self.samples_in_epoch = samples - remainder
+        if getattr(self.loader, "generator", True) is None:
+            self.notes.append("this loader draws from the global random generator when it starts an epoch (it has "
+                              "no generator= of its own): random ops in the loop after this resume (dropout) may "
+                              "differ from an uninterrupted run's; give the DataLoader a generator to make it exact")
         saved = _decode(state.get("epoch_generator_state"))
         if saved is not None and self._generator is not None:
             self._generator.set_state(saved)

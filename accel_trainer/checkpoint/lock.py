@@ -25,6 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
+from ..secrets import redact_argv, redact_text
 from .format import RUN_LOCK
 from .io import CheckpointError
 
@@ -59,7 +60,7 @@ class RunLock:
     def _take(self) -> None:
         try:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)  # it describes a command: its owner's only
         except OSError as err:
             raise CheckpointError(f"{self.output_dir}: cannot create the run's lock file ({err.strerror})") from None
         try:
@@ -74,7 +75,7 @@ class RunLock:
             return
         self._fd = fd
         info = {"host": platform.node(), "pid": os.getpid(), "started_unix": time.time(),
-                "command": " ".join(sys.argv)}
+                "command": " ".join(redact_argv(sys.argv))}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -83,7 +84,7 @@ class RunLock:
         try:
             info = json.loads(self.path.read_text(encoding="utf-8"))
             started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started_unix"]))
-            return f"pid {info['pid']} on host {info['host']}, started {started}: {info['command']}"
+            return f"pid {info['pid']} on host {info['host']}, started {started}: {redact_text(info['command'])}"
         except (OSError, ValueError, KeyError, TypeError):
             return f"see {self.path}"
 

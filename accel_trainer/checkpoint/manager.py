@@ -455,6 +455,12 @@ class Checkpointer:
             if failed:
                 raise CheckpointError(failed + " (--save_strict)")
 
+    @property
+    def remote_behind(self) -> str | None:
+        """After :meth:`close`: why the object store does not hold the newest checkpoint (None when it
+        does, or there is no object-storage tier)."""
+        return self._uploader.behind if self._uploader is not None and self.accelerator.is_main_process else None
+
     def wait_for_uploads(self) -> None:
         """Block until every checkpoint saved so far is uploaded (or its upload failed)."""
         if self._uploader is not None:

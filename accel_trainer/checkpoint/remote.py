@@ -34,8 +34,8 @@ from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, STEP_RE, TMP_PREFIX
 from .io import CheckpointError, fsync_tree
 from .manifest import MANIFEST_HASH, verify
 from .storage import CheckpointStorage, LocalStorage
+from ..secrets import redact_mapping, redact_url
 
-SECRET_WORDS = ("key", "secret", "token", "password", "credential", "session")
 
 
 class RemoteError(CheckpointError):
@@ -47,11 +47,9 @@ def is_url(spec) -> bool:
 
 
 def redact(storage_options: dict | None) -> dict | None:
-    """``storage_options`` fit for a log or a saved config: credentials replaced by ``***``."""
-    if not storage_options:
-        return storage_options
-    return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) else
-            redact(v) if isinstance(v, dict) else v for k, v in storage_options.items()}
+    """``storage_options`` fit for a log or a saved config: credentials replaced by ``***``
+    (:func:`accel_trainer.secrets.redact_mapping`, the one place that decides what is a secret)."""
+    return redact_mapping(storage_options) if storage_options else storage_options
 
 
 def parse_storage_options(text: str | None, flag: str = "--storage_options") -> dict:
@@ -69,6 +67,8 @@ def parse_storage_options(text: str | None, flag: str = "--storage_options") -> 
 
 def _reason(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, CheckpointError):  # our own message already says what failed
+        return text[:300]
     return f"{type(err).__name__}: {text}"[:300]
 
 
@@ -90,24 +90,25 @@ class RemoteTier(CheckpointStorage):
         import fsspec
 
         self.url = url.rstrip("/")
+        self.shown = redact_url(self.url)  # what messages and listings show
         try:
             # skip_instance_cache: listings cached by another instance would hide other writers' objects.
             self.fs, base = fsspec.url_to_fs(self.url, skip_instance_cache=True, **(storage_options or {}))
         except (ImportError, ValueError) as err:
             hint = " (pip install 'accel_trainer[s3]')" if self.url.startswith("s3") else ""
-            raise RemoteError(f"{self.url}: cannot open this storage: {_reason(err)}{hint}") from None
+            raise RemoteError(f"{self.shown}: cannot open this storage: {_reason(err)}{hint}") from None
         self.base = base.rstrip("/")
         self.root = f"{self.base}/{CHECKPOINTS}"
         self.retries, self.backoff, self.workers = retries, backoff, workers
 
     def __str__(self) -> str:
-        return self.url
+        return self.shown
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def display(self, *parts: str) -> str:
-        return "/".join([self.url, CHECKPOINTS, *parts])
+        return "/".join([self.shown, CHECKPOINTS, *parts])
 
     def _retry(self, what: str, fn):
         """``fn()``, retried with exponential backoff; a :class:`RemoteError` naming ``what`` at the end.
@@ -126,11 +127,11 @@ class RemoteTier(CheckpointStorage):
     def check(self) -> None:
         """Raise :class:`RemoteError` unless the location can be listed (credentials, bucket, network)."""
         try:
-            self._retry(f"cannot reach {self.url}", lambda: self.fs.ls(self.base, refresh=True))
+            self._retry(f"cannot reach {self.shown}", lambda: self.fs.ls(self.base, refresh=True))
         except FileNotFoundError:  # nothing under the prefix yet: fine if its bucket exists
             top = self.base.split("/")[0]
-            if top and top != self.base and not self._retry(f"cannot reach {self.url}", lambda: self.fs.exists(top)):
-                raise RemoteError(f"{self.url}: the bucket {top!r} does not exist (or these credentials cannot "
+            if top and top != self.base and not self._retry(f"cannot reach {self.shown}", lambda: self.fs.exists(top)):
+                raise RemoteError(f"{self.shown}: the bucket {top!r} does not exist (or these credentials cannot "
                                   "see it); create it or fix --checkpoint_upload_to") from None
 
     def cat(self, *parts: str) -> bytes:
@@ -328,6 +329,10 @@ class Uploader:
         self._cond = threading.Condition()
         self._closed = False
         self.failures: list[str] = []
+        self.last_submitted: str | None = None   # the newest local checkpoint handed over
+        self.last_uploaded: str | None = None    # the newest one the remote tier holds whole
+        self._outage: list[str] = []             # failed uploads since the last that worked
+        self._superseded: list[str] = []         # steps dropped since the last report
         self._thread = threading.Thread(target=self._run, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
@@ -339,10 +344,29 @@ class Uploader:
                 dropped = [item[0].name for item in self._queue if "best" not in item[1]]
                 self._queue = deque(item for item in self._queue if "best" in item[1])
             self._queue.append((folder, list(pointers)))
+            self.last_submitted = folder.name
             self._cond.notify_all()
-        if dropped:
-            self.report(f"checkpoint upload: {', '.join(dropped)} not uploaded (superseded by {folder.name} "
-                        "before its turn; uploads are slower than saves)")
+            self._superseded += dropped  # said once per stretch (see _summary), not once per save
+
+    @property
+    def behind(self) -> str | None:
+        """Why the remote tier does not hold the newest checkpoint handed over (None when it does)."""
+        if self.last_submitted is None or self.last_submitted == self.last_uploaded:
+            return None
+        held = self.last_uploaded or "nothing"
+        return (f"the object store's newest complete checkpoint is {held}, the local one {self.last_submitted} "
+                f"({len(self.failures)} upload(s) failed{': ' + self._outage[-1] if self._outage else ''})")
+
+    def _summary(self) -> None:
+        """One line for a stretch of failed or skipped uploads, when it ends (or at close)."""
+        if len(self._outage) > 1:  # the first was said when it happened
+            self.report(f"WARNING: checkpoint upload failed {len(self._outage)} times in a row (the last: "
+                        f"{self._outage[-1]}); the local checkpoints are kept")
+        if self._superseded:
+            self.report(f"checkpoint upload: {len(self._superseded)} checkpoint(s) not uploaded ({', '.join(self._superseded[:3])}"
+                        f"{', ...' if len(self._superseded) > 3 else ''}): newer ones came before their turn (uploads are "
+                        "slower than saves)")
+        self._outage, self._superseded = [], []
 
     def pending(self) -> set[str]:
         """Step folders queued or uploading: local retention keeps them."""
@@ -362,7 +386,9 @@ class Uploader:
                 self._upload(folder, pointers)
             except Exception as err:  # a broken channel: say so, keep the thread (wait() must return)
                 self.failures.append(f"checkpoint upload of {folder.name} failed ({_reason(err)})")
-                self.report(f"WARNING: {self.failures[-1]}")
+                self._outage.append(_reason(err))
+                if len(self._outage) == 1:
+                    self.report(f"WARNING: {self.failures[-1]}")
             finally:
                 with self._cond:
                     self._in_flight = None
@@ -406,8 +432,13 @@ class Uploader:
             message = (f"checkpoint upload of {folder.name} to {self.tier} failed ({_reason(err)}); the local "
                        f"checkpoint is kept and training continues; the next save uploads again")
             self.failures.append(message)
-            self.report(f"WARNING: {message}")
+            self._outage.append(_reason(err))
+            if len(self._outage) == 1:  # the first of an outage; the rest are counted, said when it ends
+                self.report(f"WARNING: {message}")
             return
+        if self._outage or self._superseded:
+            self._summary()
+        self.last_uploaded = folder.name
         total, seconds = sum(n for _, n in reports), time.perf_counter() - start
         shares = f"; {len(reports)} ranks in parallel" if len(reports) > 1 else ""
         self.report(f"checkpoint: uploaded {folder.name} to {self.tier.display(folder.name)} "
@@ -425,6 +456,8 @@ class Uploader:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+        if self.rank == 0:
+            self._summary()
 
 
 def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, checksums: bool | set[str] = True,

@@ -130,8 +130,12 @@ def _plan(dataset, tokenizer, out: Path, source: dict, shard_text_bytes: int) ->
     """The shard plan, made once: a rerun reuses it so that it writes the same shards."""
     if (out / PLAN).is_file():
         plan = read_json(out / PLAN)
-        _check_same(out, plan, source)
-        return plan
+        if plan.get("source") != source:  # unfinished, and its inputs changed since: start over
+            print(f"{out}: an unfinished preparation of other inputs is there; preparing again from the start")
+            for stale in [*out.glob("shard-*"), out / PLAN]:
+                stale.unlink()
+        else:
+            return plan
     n = len(dataset)
     if n == 0:
         raise DataError(f"{out}: the data has no documents")
@@ -149,8 +153,14 @@ def _plan(dataset, tokenizer, out: Path, source: dict, shard_text_bytes: int) ->
 
 def _check_same(out: Path, recorded: dict, source: dict) -> None:
     if recorded.get("source") != source:
-        changed = sorted(k for k in set(source) | set(recorded.get("source", {}))
-                         if source.get(k) != recorded.get("source", {}).get(k))
+        from .sources import changed_files
+
+        before = recorded.get("source", {})
+        edited = changed_files(before, source) if before.get("data_files") == source.get("data_files") else []
+        if edited:
+            raise DataError(f"{out} was prepared from other contents of {', '.join(edited)} (the file changed since); "
+                            "pass another --output_dir or remove it to prepare the new contents")
+        changed = sorted(k for k in set(source) | set(before) if k != "files" and source.get(k) != before.get(k))
         raise DataError(f"{out} holds data prepared from other inputs (differs in {', '.join(changed)}); "
                         "pass another --output_dir or remove it")
 

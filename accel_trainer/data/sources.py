@@ -114,7 +114,9 @@ def _check_record(where: str, record, column: str) -> None:
         texts = [k for k, v in record.items() if isinstance(v, str)]
         hint = f"; pass --text_column {texts[0]}" if len(texts) == 1 else ""
         raise DataError(f"--data_files: {where}: no {column!r} key (it has {sorted(record)}){hint}")
-    if record[column] is not None and not isinstance(record[column], str):
+    if record[column] is None:
+        raise DataError(f"--data_files: {where}: {column!r} is null; give the row its text or remove the row")
+    if not isinstance(record[column], str):
         raise DataError(f"--data_files: {where}: {column!r} is a {type(record[column]).__name__}, not text")
 
 
@@ -177,9 +179,49 @@ def load_raw_text(args: DataArguments):
     return raw
 
 
+def file_identity(path: str | Path) -> dict:
+    """What a source file is, by content: its size, modification time and xxh3-128 of its bytes
+    (streamed; cheap next to tokenising it)."""
+    from ..checkpoint import hash_file
+
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _IDENTITIES:  # hashed once per process while the file stays as it is
+        _IDENTITIES[key] = hash_file(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "xxh3_128": _IDENTITIES[key]}
+
+
+_IDENTITIES: dict[tuple, str] = {}
+
+
 def raw_source(args: DataArguments) -> dict:
-    """What raw data is: the flags that decide the documents and their tokens."""
+    """What raw data is: the flags that decide the documents and their tokens, and every local file
+    by content (``files``): an edited file is other data, never trained on as its old tokens."""
+    files = sorted(args.data_files) if args.data_files else None
     return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
-            "data_files": sorted(args.data_files) if args.data_files else None, "text_column": args.text_column,
+            "data_files": files, "text_column": args.text_column,
             "tokenizer_name": args.tokenizer_name or "byte",
-            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes}
+            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes,
+            "files": {f: {k: v for k, v in file_identity(f).items() if k != "mtime_ns"} for f in files or ()}}
+
+
+def data_identity(args: DataArguments) -> str:
+    """One digest of what this run trains on, by content: the raw inputs (every local file's bytes),
+    or the prepared folders' manifests (``tokens.json``). A resume compares it with the checkpoint's."""
+    import hashlib
+
+    from ..checkpoint import hash_file
+
+    folders = [item.rpartition(":")[0] for item in args.data_mix] if args.data_mix else args.prepared_data
+    if folders:
+        what = {str(f): hash_file(Path(f) / "tokens.json") if (Path(f) / "tokens.json").is_file() else None
+                for f in folders}
+    else:
+        what = raw_source(args)
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def changed_files(recorded: dict, source: dict) -> list[str]:
+    """The local files whose content differs between two :func:`raw_source` records."""
+    then, now = recorded.get("files") or {}, source.get("files") or {}
+    return sorted(f for f in set(then) | set(now) if then.get(f) != now.get(f))

@@ -237,3 +237,71 @@ def test_network_errors_are_retried_with_backoff_then_reported_naming_the_file(s
     with pytest.raises(CheckpointError, match=r"uploading .*model\.safetensors to s3://.*step-1/model\.safetensors: "
                                               r"ConnectionError: network is unreachable"):
         tier.put_files(folder, ["model.safetensors"])
+
+
+HOLD_WITH_SECRETS = """
+import sys, time
+from accel_trainer.checkpoint import RunLock
+RunLock.acquire(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_no_credential_reaches_a_file_a_log_or_an_error(tmp_path, s3, url, capsys):
+    """A credential hunt over every file and stream of a run that used --storage_options with secrets,
+    and over the lock and the one-line error a second run on the busy dir gets."""
+    import subprocess
+
+    from launching import RECIPE, TINY, launch
+
+    secrets = {"key": "testing", "secret": "SuperSecret-9f8e7d", "client_kwargs": {"aws_session_token": "SessTok-4c3b2a"}}
+    options = json.dumps({**s3, **secrets})
+    out = tmp_path / "run"
+    proc = launch([*TINY, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--report_to", "tensorboard",
+                   "--checkpoint_upload_to", url, "--storage_options", options])
+    leaks = ("SuperSecret-9f8e7d", "SessTok-4c3b2a")
+    streams = proc.stdout + proc.stderr
+    assert not [s for s in leaks if s in streams]
+    for path in out.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [s for s in leaks if s.encode() in data], path
+    assert (out / "exit_status.json").stat().st_mode & 0o077 == 0  # describes the run: its owner's only
+    # A second run on a dir another run holds: the lock file and the error name the holder, not its secrets.
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_WITH_SECRETS, str(busy), "--storage_options", options,
+                               "--hub_token", "hf_abcdefghijklmnopqrstuvwx"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = (busy / ".lock").read_text()
+        assert (busy / ".lock").stat().st_mode & 0o077 == 0
+        refused = launch([*TINY, "--max_steps", "1", "--output_dir", str(busy)], check=False, script=RECIPE)
+        assert refused.returncode == 2 and "is in use by another run" in refused.stderr
+        for text in (lock, refused.stderr, refused.stdout):
+            assert not [s for s in (*leaks, "hf_abcdefghijklmnopqrstuvwx") if s in text], text
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_store_gone_for_good_ends_with_status_4_saying_so_once_per_outage(tmp_path):
+    """The run trains on and keeps every checkpoint locally, but does not claim a plain 'finished':
+    exit status 4, one warning when the outage begins and one summary, not a line per request."""
+    from launching import TINY, free_port, launch
+
+    options = {"endpoint_url": f"http://127.0.0.1:{free_port()}",  # nothing listens there
+               "config_kwargs": {"retries": {"max_attempts": 1}}}
+    out = tmp_path / "run"
+    proc = launch([*TINY, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--output_dir", str(out),
+                   "--checkpoint_upload_to", "s3://bucket/run", "--storage_options", json.dumps(options)], check=False,
+                  env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    status = json.loads((out / "exit_status.json").read_text())
+    assert status["exit_code"] == 4 and "object store" in status["meaning"]
+    assert "the object store's newest complete checkpoint is nothing, the local one step-4" in proc.stderr
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "checkpoint upload" in line]
+    assert 1 <= len(lines) <= 3, lines
+    assert not [line for line in lines if "RemoteError: RemoteError" in line]
+    assert (out / "checkpoints" / "step-4" / "COMPLETE").is_file()  # the local tier is whole
