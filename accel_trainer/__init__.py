@@ -20,7 +20,7 @@ __getattr__ = lazy_names(__name__, _WHERE)
 
 def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None, model_class=None,
                              storage_options: dict | None = None):
-    """:func:`accel_trainer.checkpoint.load_model_for_inference` with this package's model registered;
+    """The checkpoint component's ``load_model_for_inference`` with this package's model registered;
     old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`.
 
     ``model, config, step = load_model_for_inference("runs/x/checkpoints/best")`` for any model the
