@@ -96,6 +96,7 @@ class Muon(Optimizer):
         self.ns_matrices = 0
         for group in self.param_groups:
             lr, momentum = group["lr"], group["momentum"]
+            layout = MatrixLayout.of(group)  # once per group: every parameter of it is read the same way
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -105,7 +106,6 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                layout = MatrixLayout.of(group)
                 update = self._orthogonalize(update, group["ns_steps"], owners, layout)
                 p.mul_(1 - lr * group["weight_decay"])
                 if layout.parts is None:
@@ -232,7 +232,7 @@ ROUTER_MODULE_NAMES = ("gate", "router")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv", "in_proj_weight")
 
 
-def _fused_parts(name: str, module: nn.Module, p: torch.Tensor, layout_in_out: bool, config) -> tuple | None:
+def _fused_parts(name: str, p: torch.Tensor, layout_in_out: bool, config) -> tuple | None:
     """``(dim, sizes)`` of a fused matrix, or None. The output dimension is split: -2 for [out, in]
     weights and stacked experts [E, out, in], -1 for ``Conv1D``'s [in, out]."""
     out_dim = -1 if layout_in_out else -2
@@ -294,7 +294,7 @@ def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()) -> 
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         in_out = isinstance(owner, Conv1D) if Conv1D else False
-        layout = MatrixLayout(_fused_parts(name, owner, p, in_out, config), in_out) if p.ndim >= 2 else MatrixLayout()
+        layout = MatrixLayout(_fused_parts(name, p, in_out, config), in_out) if p.ndim >= 2 else MatrixLayout()
         if any(re.search(pattern, name) for pattern in adamw_patterns):
             out.append(Assignment(name, "adamw", "--adamw_params", p.numel()))
             continue

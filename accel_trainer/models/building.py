@@ -310,18 +310,6 @@ def logits_of(output) -> torch.Tensor:
     return logits
 
 
-def lm_loss_of(output, labels: torch.Tensor) -> torch.Tensor:
-    """The language-modelling loss alone (what validation reports): our MoE's ``lm_loss``; for a
-    model whose loss includes a router's balance term, cross-entropy of its logits; else the loss."""
-    lm = getattr(output, "lm_loss", None)
-    if lm is not None:
-        return lm
-    logits = getattr(output, "logits", None)
-    if getattr(output, "aux_loss", None) is not None and logits is not None:
-        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
-    return loss_of(output)
-
-
 def loss_of(output) -> torch.Tensor:
     """The loss a model's forward returned: a tensor, or ``.loss`` / ``["loss"]``.
 
