@@ -86,7 +86,7 @@ def _parameter_line(info: dict) -> str:
     if counts is None:
         return f"{kind}: no model weights in this checkpoint"
     active = f" ({counts['active']:,} active per token)" if "active" in counts else ""
-    sharded = ", sharded (FSDP) weights" if info.get("sharded_weights") else ""
+    sharded = ", sharded (DCP: FSDP2 or expert parallel) weights" if info.get("sharded_weights") else ""
     return f"{kind}: {counts['total']:,} parameters{active}{sharded}"
 
 

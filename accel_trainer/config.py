@@ -132,6 +132,7 @@ class TrainingArguments:
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
+    expert_parallel_size: int = field(default=1, metadata={"help": "Expert parallelism for our MoE family: ranks that share one copy of every MoE layer's experts, each holding num_experts/N of them; tokens move to their experts with all_to_all. Divides the number of processes and num_experts; under DDP or FSDP2. See docs/cluster.md."})
     mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU). Default: what `accelerate launch` was configured with (e.g. accelerate_configs/*.yaml), else no."})
     full_determinism: bool = field(default=False, metadata={"help": "Deterministic kernels (the HF Trainer's flag: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): bit-exact runs and resumes on GPU, somewhat slower. CPU runs are deterministic without it."})
     bf16: bool = field(default=False, metadata={"help": "Same as --mixed_precision bf16 (the HF Trainer's flag)."})
@@ -175,7 +176,7 @@ class TrainingArguments:
     def __post_init__(self):
         problems = []
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "max_eval_batches"):
+                     "logging_steps", "max_eval_batches", "expert_parallel_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 1")
         for name in ("eval_steps", "save_steps", "warmup_steps", "max_nonfinite_steps", "dataloader_num_workers"):

@@ -18,6 +18,7 @@ from .models import (CUSTOM_KEY, MoEConfig, check_folder_or_hub, MoEForCausalLM,
                      plan_hugging_face)
 from .models.modeling_moe import grouped_mm_works
 from .models.presets import PRESETS
+from .parallel import ExpertParallel, check_expert_parallel_size
 from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
 from .process import write_exit_status
 from .telemetry import flops_per_token
@@ -249,6 +250,12 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     accelerator = build_accelerator(train_args)
     # The precision that runs (the launcher's, unless the flag says), so run_config and resumes record it.
     train_args = dataclasses.replace(train_args, mixed_precision=str(accelerator.mixed_precision))
+    if train_args.expert_parallel_size > 1:  # before any work: the model's family, then the world
+        if getattr(plan.config, "model_type", None) != MoEConfig.model_type:
+            raise ConfigError(f"--expert_parallel_size={train_args.expert_parallel_size}: expert parallelism is built "
+                              f"for our MoE family (accel_moe: --preset, or a folder of model_type accel_moe), not "
+                              f"{plan.name}; use --expert_parallel_size 1 (docs/cluster.md says why)")
+        check_expert_parallel_size(train_args.expert_parallel_size, accelerator.num_processes)
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     write_exit_status(train_args.output_dir, None, "running")
@@ -260,7 +267,8 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
 
 
 def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: TrainingArguments, accelerator):
-    """The model, its parameter counts, and the optimizer assignment, each said once."""
+    """The model, its parameter counts, the optimizer assignment (each said once), and its
+    :class:`ExpertParallel` layout (None without ``--expert_parallel_size``)."""
     model = plan.build()
     counts = count_parameters_of(model, plan.shape)
     experts = f" ({counts['active'] / 1e6:.2f}M active per token)" if counts["active"] != counts["total"] else ""
@@ -277,12 +285,17 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if train_args.init_from:
         report = load_weights(model, train_args.init_from, strict=model_args.strict)
         accelerator.print(f"--init_from {train_args.init_from}: {report}")
+    experts = None
+    if train_args.expert_parallel_size > 1:  # before the optimizers: they must see the sharded stacks
+        experts = ExpertParallel(train_args.expert_parallel_size, accelerator.device.type)
+        experts.shard(model)
+        accelerator.print(f"model: {experts.describe()}")
     try:
         assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or ())
     except ValueError as err:
         raise ConfigError(str(err)) from None
     accelerator.print("optimizers (--muon_params/--adamw_params change this):\n" + assignment_table(assignments))
-    return model, counts, assignments
+    return model, counts, assignments, experts
 
 
 def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, train_args) -> Trainer:
@@ -306,7 +319,7 @@ def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, t
             resume_policy(plan, run_config, accelerator.print)(folder)
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
-    model, counts, assignments = build_model(plan, model_args, train_args, accelerator)
+    model, counts, assignments, experts = build_model(plan, model_args, train_args, accelerator)
     run_config["optimizer_assignment"] = assignment_summary(assignments)
     try:
         apply_memory_and_speed_features(model, plan, train_args, accelerator)
@@ -321,7 +334,7 @@ def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, t
                       flops_per_token=flops_per_token(counts["active"], shape.num_layers or 0, shape.num_heads or 0,
                                                       shape.head_dim or 0, block_size),
                       model_config=None if plan.source != "custom" else plan.config_json(),
-                      experts_per_token=shape.experts_per_token)
+                      experts_per_token=shape.experts_per_token, expert_parallel=experts)
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position, folder=folder)

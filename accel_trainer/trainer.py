@@ -31,6 +31,7 @@ from .data import TextData, build_eval_dataloader, build_train_dataloader, token
 from .metrics import MetricsLogger
 from .models import logits_of, loss_of
 from .optim import OptimizersContainer, lr_multiplier
+from .parallel import clip_grad_norm_
 from .telemetry import RouterStats, Throughput, peak_memory, peak_tflops
 from .train_state import TrainState
 
@@ -82,12 +83,15 @@ class Trainer:
         flops_per_token: training FLOPs per token (:func:`telemetry.flops_per_token`), for MFU.
         model_config: the model's ``config.json`` when the model has no transformers config (your own module).
         experts_per_token: a transformers MoE's top-k, to count the router's choices per expert.
+        expert_parallel: the :class:`~accel_trainer.parallel.ExpertParallel` that sharded the model's
+            experts (``--expert_parallel_size``); the trainer reduces and clips their gradients.
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
                  args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None,
-                 model_config: dict | None = None, experts_per_token: int = 0):
+                 model_config: dict | None = None, experts_per_token: int = 0, expert_parallel=None):
         self.accelerator = accelerator
+        self.expert_parallel = expert_parallel
         self.args = args
         self.run_config = run_config
         self.state = TrainState()
@@ -96,6 +100,8 @@ class Trainer:
         # Evaluate a fixed subset so every evaluation sees the same blocks and iterates to the end.
         n_eval = min(len(data.validation), args.max_eval_batches * args.per_device_eval_batch_size * world)
         eval_loader = build_eval_dataloader(Subset(data.validation, range(n_eval)), args.per_device_eval_batch_size)
+        if expert_parallel is not None:
+            expert_parallel.leave_experts_to_us(accelerator, model)
         self.model, self.optimizer, train_loader, self.eval_loader = accelerator.prepare(
             model, optimizers, train_loader, eval_loader)
         self.optimizers = optimizers
@@ -117,7 +123,7 @@ class Trainer:
         self.train_loader = self.checkpointer.dataloader
         if args.eval_tasks and self.checkpointer.sharded:
             raise ConfigError("--eval_tasks: the harness needs the whole model in one process and this run's model is "
-                              "sharded (FSDP); run `accel-trainer eval <checkpoint> --tasks ...` on the saved "
+                              "sharded (FSDP2 or --expert_parallel_size); run `accel-trainer eval <checkpoint> --tasks ...` on the saved "
                               "checkpoints instead (in another process, or after the run)")
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)
@@ -255,6 +261,8 @@ class Trainer:
                                         "(the weights are those of the last good step; lower the learning rate or "
                                         "resume from an earlier checkpoint)")
                     break
+            # Before end_training: a sharded save still in flight needs the process groups it destroys.
+            self.checkpointer.close()  # training ends only once the last checkpoint is on disk
         except Exception as err:
             self.save_after_exception(err)
             try:
@@ -266,7 +274,6 @@ class Trainer:
             progress.close()
             self.metrics.close()
             self.accelerator.end_training()
-        self.checkpointer.close()  # training ends only once the last checkpoint is on disk
         self.accelerator.print(self.final_report(time.perf_counter() - began, state.tokens_seen - tokens_before))
         return state
 
@@ -351,7 +358,11 @@ class Trainer:
             if self._block_log is not None:
                 self._block_log.write(json.dumps({"step": self.state.global_step + 1, "blocks": batch["block"].tolist()}) + "\n")
         grad_norm = None
-        if self.args.max_grad_norm > 0:
+        if self.expert_parallel is not None:  # the experts' data-parallel mean (the engine does the rest)
+            self.expert_parallel.reduce_gradients()
+        if self.args.max_grad_norm > 0 and self.expert_parallel is not None:  # mixed layouts: one norm over all
+            grad_norm = clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        elif self.args.max_grad_norm > 0:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
         # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
         mean_loss = accelerator.reduce(total, reduction="mean")

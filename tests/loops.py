@@ -25,6 +25,19 @@ class Counter:
         self.tokens = state["tokens"]
 
 
+class StepCounter:
+    """A loop's step, saved by name (the workers' loops)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state):
+        self.step = state["step"]
+
+
 class Loop:
     """A user's loop: model, AdamW, a transformers schedule, a shuffled loader, its own counter."""
 

@@ -202,3 +202,15 @@ def safe_torch_load(path: str | Path, map_location="cpu", numpy: bool = False):
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
         raise CheckpointError(f"{path}: could not be loaded as data ({type(err).__name__}: {err})") from None
+
+
+def like_parameter(param, value):
+    """``value`` (a whole tensor read from a checkpoint) laid out as ``param``: this rank's slice when
+    ``param`` is a DTensor (expert-parallel stacks), sliced locally without communication."""
+    import torch
+    from torch.distributed.tensor import distribute_tensor
+
+    if type(param).__name__ != "DTensor" or not isinstance(value, torch.Tensor) or value.shape != param.shape:
+        return value
+    return distribute_tensor(value.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                             src_data_rank=None)

@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from .format import OPTIMIZER_GROUPS, OPTIMIZER_TENSORS
-from .io import CheckpointError, read_json, write_json
+from .io import CheckpointError, like_parameter, read_json, write_json
 
 FORMAT = "accel_trainer.optimizer/2"
 
@@ -101,11 +101,12 @@ def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], devic
         names = parameter_names(opt_name, opt, names_by_id)
         _check_matches(opt_name, opt, names, saved, tensors)
         state, pid = {}, 0
+        params = [p for group in opt.param_groups for p in group["params"]]
         for group_names in names:
             for pname in group_names:
                 values = {**saved["scalars"].get(pname, {}), **tensors.get(pname, {})}
-                if values:
-                    state[pid] = values
+                if values:  # a whole tensor becomes this rank's slice where the parameter is a DTensor
+                    state[pid] = {k: like_parameter(params[pid], v) for k, v in values.items()}
                 pid += 1
         regrouped = [g.get("param_names", []) for g in saved["param_groups"]] != names
         groups, offset = [], 0

@@ -190,7 +190,11 @@ class Sharded(WriteStrategy):
         return outcome[1] if self.accelerator.is_main_process else []
 
     def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
-        if not (folder / SHARDED_DIR / ".metadata").is_file():
+        from torch.distributed.fsdp import FSDPModule
+
+        # Expert parallelism under DDP shards only the expert stacks: whole tensors are sliced per rank.
+        fsdp = any(isinstance(m, FSDPModule) for m in self.accelerator.unwrap_model(self.ckpt.model).modules())
+        if fsdp and not (folder / SHARDED_DIR / ".metadata").is_file():
             raise CheckpointError(f"{folder}: saved by a run whose model was not sharded; this sharded (FSDP2) run "
                                   "resumes sharded checkpoints only. Start from its weights with --init_from "
                                   f"{folder} (the optimizer starts fresh)")

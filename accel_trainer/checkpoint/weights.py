@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .format import FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS, SHARDED_DIR
-from .io import CheckpointError, check_dcp_metadata_is_data, safe_torch_load
+from .io import CheckpointError, check_dcp_metadata_is_data, like_parameter, safe_torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -240,4 +240,8 @@ def load_weights_in_place(path: Path, model: torch.nn.Module) -> None:
                                       f"{list(target.shape)}; use --init_from for non-strict loading")
         with torch.no_grad():
             for name, target in own.items():
-                target.copy_(f.get_tensor(name))
+                value = like_parameter(target, f.get_tensor(name))
+                if type(value).__name__ == "DTensor":  # this rank's slice of an expert-parallel stack
+                    target.to_local().copy_(value.to_local())
+                else:
+                    target.copy_(value)

@@ -7,6 +7,11 @@ every expert is then one grouped matmul (``F.grouped_mm``) over the sorted rows,
 row offsets computed on the device: no host sync in the forward or the backward. Where grouped_mm
 refuses the device or dtype, a loop over experts is used instead (chosen once per device and dtype).
 
+Under expert parallelism (``accel_trainer.parallel.ExpertParallel``) the expert stacks are DTensors
+sharded on the expert dimension over an ``ep`` process group: the sorted rows travel to the rank of
+their expert and back with two autograd-aware ``all_to_all`` calls (:func:`experts_on_their_ranks`);
+routing, the balance loss and the load counts are computed before the exchange, so they are unchanged.
+
 Generation goes through transformers' ``GenerationMixin`` (``model.generate(...)``) with a KV cache
 (``DynamicCache``); training passes neither a cache nor a mask and takes SDPA's causal fast path.
 """
@@ -175,6 +180,49 @@ def experts_forward(x: torch.Tensor, offsets: torch.Tensor, gate: torch.Tensor, 
 _experts_outside_compile = torch.compiler.disable(experts_forward)
 
 
+def _waited(tensor: torch.Tensor) -> torch.Tensor:
+    # A functional collective returns an async tensor that waits when first used; wait here, explicitly.
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return tensor.wait() if isinstance(tensor, AsyncCollectiveTensor) else tensor
+
+
+@torch.compiler.disable  # the split sizes are data (a host sync); compiled layers run around it
+def experts_on_their_ranks(rows: torch.Tensor, counts: torch.Tensor, weights: tuple, group, experts_fn,
+                           grouped: bool) -> torch.Tensor:
+    """Expert parallelism: ``rows`` (sorted by global expert; ``counts[e]`` rows for expert ``e``) go
+    to the rank that holds their expert, through that rank's experts, and back in the same order.
+
+    ``weights`` are the (gate, up, down) stacks as DTensors sharded on dim 0 over ``group``: this rank
+    holds experts ``[rank * E/ep, (rank + 1) * E/ep)``. Two ``all_to_all`` with uneven splits move the
+    rows (autograd-aware: the backward sends the gradients the opposite way); one more exchanges the
+    counts, whose sizes the host needs (one sync per layer, as every expert-parallel MoE has).
+    """
+    import torch.distributed as dist
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    ep = dist.get_world_size(group)
+    local = [w.to_local() for w in weights]
+    if not torch.is_autocast_enabled(rows.device.type) and local[0].dtype != rows.dtype:
+        local = [w.to(rows.dtype) for w in local]  # FSDP2 mixed precision casts the inputs, not these weights
+    per_rank = local[0].shape[0]
+    # Row counts from every source rank for this rank's experts: [source, local expert].
+    arriving = torch.empty_like(counts)
+    dist.all_to_all_single(arriving, counts, group=group)
+    arriving = arriving.view(ep, per_rank)
+    sizes = torch.cat([counts.view(ep, per_rank).sum(1), arriving.sum(1)]).tolist()
+    send, receive = sizes[:ep], sizes[ep:]
+    received = _waited(all_to_all_single_autograd(rows, receive, send, group))
+    # Rows arrive grouped by source, then by expert: one stable sort groups them by expert.
+    expert_of_row = torch.arange(per_rank, device=rows.device).repeat(ep).repeat_interleave(
+        arriving.reshape(-1), output_size=sum(receive))
+    order = expert_of_row.argsort(stable=True)
+    offsets = arriving.sum(0).cumsum(0).to(torch.int32)
+    out = experts_fn(received[order], offsets, *local, grouped=grouped)
+    out = torch.zeros_like(out).index_copy(0, order, out)  # back to arrival order
+    return _waited(all_to_all_single_autograd(out, send, receive, group))
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts with stacked weights, an optional shared expert, and a balance loss."""
 
@@ -191,6 +239,8 @@ class MoEFeedForward(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, d, f))
         self.shared_expert = (SwiGLU(d, config.shared_expert_intermediate_size)
                               if config.shared_expert_intermediate_size > 0 else None)
+        # The expert-parallel process group once ExpertParallel sharded the stacks (None: all experts here).
+        self.expert_group = None
 
     @staticmethod
     def experts_kernel(x: torch.Tensor):
@@ -221,7 +271,11 @@ class MoEFeedForward(nn.Module):
             0, flat_experts, torch.ones_like(flat_experts))
         offsets = counts.cumsum(0).to(torch.int32)
         experts, grouped = self.experts_kernel(x)
-        routed = experts(x[token_of_slot], offsets, self.gate_proj, self.up_proj, self.down_proj, grouped=grouped)
+        if self.expert_group is None:
+            routed = experts(x[token_of_slot], offsets, self.gate_proj, self.up_proj, self.down_proj, grouped=grouped)
+        else:
+            routed = experts_on_their_ranks(x[token_of_slot], counts, (self.gate_proj, self.up_proj, self.down_proj),
+                                            self.expert_group, experts_forward, grouped)
         routed = routed * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
         out = torch.zeros_like(x).index_add_(0, token_of_slot, routed)
         if self.shared_expert is not None:

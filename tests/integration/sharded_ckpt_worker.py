@@ -21,6 +21,9 @@ import os
 import signal
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
@@ -31,6 +34,9 @@ from accel_trainer.checkpoint import sharded
 from accel_trainer.efficiency import decoder_layers
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.optim import OptimizerSettings, build_optimizers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from loops import StepCounter  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")
@@ -60,19 +66,7 @@ for layer in decoder_layers(model, model._no_split_modules):
 fully_shard(model)
 container = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
 
-
-class Loop:
-    def __init__(self):
-        self.step = 0
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
-
-
-loop = Loop()
+loop = StepCounter()
 ckpt = Checkpointer(accelerator, args.out, model=model, optimizer=container.optimizers, extra={"loop": loop},
                     async_save=args.async_save, upload_to=args.upload_to,
                     storage_options=json.loads(args.storage_options) if args.storage_options else None)

@@ -20,7 +20,7 @@ from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
 from accel_trainer.checkpoint.checksums import HASH, hash_file
-from launching import (RECIPE, REPO, RUN, STEPS, TINY, assert_same_final_state, free_port, launch, popen_recipe, read_jsonl,
+from launching import (REPO, RUN, STEPS, TINY, assert_same_final_state, launch, popen_launch, popen_recipe, read_jsonl,
                        run_pids, wait_for)
 
 
@@ -218,12 +218,7 @@ def test_exception_in_loop_saves_emergency_checkpoint(tmp_path):
 
 # ------------------------------------------------------------------------------------ two processes
 def test_two_process_sigterm_to_one_rank_then_resume_is_bit_exact(straight_2proc, tmp_path):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(RECIPE), *RUN, "--output_dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
-                            start_new_session=True)
+    proc = popen_launch([*RUN, "--output_dir", str(tmp_path)])
     wait_for(tmp_path / "checkpoints" / "step-3" / "COMPLETE", proc)
     ranks = {rank: pid for pid, rank in run_pids(tmp_path).items() if rank >= 0}
     assert set(ranks) == {0, 1}, ranks
