@@ -434,10 +434,19 @@ def cmd_plan(args) -> int:
         ("per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1, ">= 1"),
         ("block_size", block, block is not None and 1 <= block <= (context or block), f"in 1..{context} (the model's context)"),
         ("disk_gbps", args.disk_gbps, args.disk_gbps > 0 and math.isfinite(args.disk_gbps), "a number > 0")) if not ok]
+    ep = args.expert_parallel_size
+    if ep != 1 and getattr(config, "model_type", None) != MoEConfig.model_type:
+        problems.append(f"--expert_parallel_size={ep}: expert parallelism is built for our MoE family "
+                        f"(accel_moe), not {getattr(config, 'model_type', name)}")
+    elif ep != 1 and not (ep >= 1 and args.num_gpus % ep == 0 and config.num_experts % ep == 0):
+        problems.append(f"--expert_parallel_size={ep}: must divide --num_gpus ({args.num_gpus}) and the "
+                        f"{config.num_experts} experts of {name}")
     if problems:
         raise ConfigError("; ".join(problems))
     options = dict(gradient_checkpointing=args.gradient_checkpointing, mixed_precision=args.mixed_precision,
                    disk_gbps=args.disk_gbps)
+    if ep > 1:
+        return _print_expert_parallel_plan(config, name, args, block, options)
     p = plan(config, args.num_gpus, args.gpu_memory_gib, args.per_device_train_batch_size, block, **options)
     print(f"{name}: {p.counts['total'] / 1e9:.2f}B parameters; FSDP2 over {args.num_gpus} GPUs of "
           f"{args.gpu_memory_gib:g} GiB; {args.per_device_train_batch_size} x {block} tokens per GPU per micro-batch, "
@@ -453,6 +462,37 @@ def cmd_plan(args) -> int:
     print(f"fewest GPUs of {args.gpu_memory_gib:g} GiB that fit this setup: {fewest or 'more than 4096'}")
     print(f"checkpoint   {p.checkpoint_bytes / 1e9:.1f} GB ({p.checkpoint_bytes_per_rank / 1e9:.2f} GB per rank), "
           f"~{p.save_seconds:.0f} s to write at {args.disk_gbps:g} GB/s")
+    return 0
+
+
+def _print_expert_parallel_plan(config, name: str, args, block: int, options: dict) -> int:
+    """FSDP2 alone next to FSDP2 + expert parallelism: memory per GPU and the experts' traffic."""
+    from .planning import GIB, plan
+
+    ep, w = args.expert_parallel_size, args.num_gpus
+    plans = [plan(config, w, args.gpu_memory_gib, args.per_device_train_batch_size, block, **options,
+                  expert_parallel_size=size) for size in (1, ep)]
+    print(f"{name}: {plans[0].counts['total'] / 1e9:.2f}B parameters ({plans[0].counts['experts'] / 1e9:.2f}B in "
+          f"routed experts); {w} GPUs of {args.gpu_memory_gib:g} GiB; {args.per_device_train_batch_size} x {block} "
+          f"tokens per GPU per micro-batch, {args.mixed_precision}, activation checkpointing "
+          f"{'on' if args.gradient_checkpointing else 'off'}")
+    print(f"expert parallel {ep}: {config.num_experts // ep} of the {config.num_experts} experts of each layer per "
+          f"GPU, {w // ep} cop{'y' if w == ep else 'ies'} of the experts; the rest sharded by FSDP2 over all {w} GPUs")
+    columns = ("FSDP2", f"FSDP2+EP={ep}")
+    print(f"{'per GPU (GiB)':<30}{columns[0]:>10}{columns[1]:>14}")
+    for label, attr in (("parameters", "parameters"), ("gradients", "gradients"),
+                        ("optimizer (Muon + AdamW)", "optimizer"), ("activations", "activations"),
+                        ("reserve (allocator, runtime)", "reserve"), ("total", "total")):
+        a, b = (getattr(p, attr) / GIB for p in plans)
+        print(f"  {label:<28}{a:>10.2f}{b:>14.2f}")
+    print(f"  {'fits in ' + format(args.gpu_memory_gib, 'g') + ' GiB':<28}"
+          f"{'yes' if plans[0].fits else 'NO':>10}{'yes' if plans[1].fits else 'NO':>14}")
+    print("expert traffic per GPU per step of one micro-batch (GB received):")
+    before, after = plans[0].traffic, plans[1].traffic
+    print(f"  FSDP2      all-gather {before['all_gather'] / 1e9:8.2f}  reduce-scatter {before['reduce_scatter'] / 1e9:8.2f}"
+          f"  total {sum(before.values()) / 1e9:8.2f}")
+    print(f"  EP={ep:<7} all-to-all {after['all_to_all'] / 1e9:8.2f}  all-reduce     {after['all_reduce'] / 1e9:8.2f}"
+          f"  total {sum(after.values()) / 1e9:8.2f}  ({sum(before.values()) / max(sum(after.values()), 1):.1f}x less)")
     return 0
 
 
@@ -523,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="bf16")
     p.add_argument("--disk_gbps", type=float, default=2.0, help="checkpoint storage write bandwidth, GB/s")
+    p.add_argument("--expert_parallel_size", type=int, default=1,
+                   help="GPUs sharing one copy of the experts: compare memory and expert traffic with FSDP2 alone")
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on text (tokenizers library)")
     _add_text_source(p)

@@ -12,6 +12,18 @@ Per GPU, with W GPUs:
   for the backward (see :func:`activation_elements_per_token`); with activation checkpointing only
   each layer's input is kept, plus one layer's activations while it is recomputed;
 * a reserve for the CUDA allocator's fragmentation and the runtime (``overhead_fraction``).
+
+With expert parallelism (``expert_parallel_size`` e > 1, our MoE family) the expert stacks are not
+FSDP-sharded: each GPU keeps ``1/e`` of them whole (fp32 weights, gradients and Muon momentum), casts
+one layer's share to the compute dtype while it runs, and holds the token rows it sends and receives.
+
+Traffic per GPU per micro-batch for the experts (:attr:`Plan.traffic`, bytes received; ring
+collectives move ``(n-1)/n`` of the data): FSDP2 alone all-gathers every expert weight in the forward
+and again in the backward (a third time when activation checkpointing recomputes the forward) and
+reduce-scatters their fp32 gradients; expert parallelism instead sends each routed token row to its
+expert's GPU and back, in the forward and again (as gradients) in the backward, and all-reduces the
+expert gradients over the ``W/e`` GPUs that hold the same experts. Everything else moves the same
+bytes either way.
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ class Plan:
     checkpoint_bytes_per_rank: float
     save_seconds: float
     counts: dict
+    traffic: dict  # expert bytes received per GPU per micro-batch, by collective (see the module docstring)
 
     @property
     def total(self) -> float:
@@ -91,9 +104,19 @@ def _parameter_groups(config):
     return (total, layer, root, sum(p.numel() for _, p in muon), sum(p.numel() for _, p in adamw), largest_matrix)
 
 
+def _expert_parameters(config) -> tuple[int, int]:
+    """(routed-expert parameters in all layers, those of the largest layer) of our MoE family; (0, 0) otherwise."""
+    from .models import MoEConfig, parameter_counts
+
+    if getattr(config, "model_type", None) != MoEConfig.model_type or not config.num_experts:
+        return 0, 0
+    experts = parameter_counts(config)["experts"]
+    return experts, experts // config.num_hidden_layers
+
+
 def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, block_size: int,
          gradient_checkpointing: bool = False, mixed_precision: str = "bf16", disk_gbps: float = 2.0,
-         overhead_fraction: float = 0.1) -> Plan:
+         overhead_fraction: float = 0.1, expert_parallel_size: int = 1) -> Plan:
     """The memory of one GPU and the checkpoint's size and save time for this setup.
 
     Args:
@@ -105,22 +128,42 @@ def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, bl
         mixed_precision: ``bf16``/``fp16`` computes (and gathers layers) in 2 bytes, ``no`` in 4.
         disk_gbps: aggregate write bandwidth of the checkpoint storage, GB/s.
         overhead_fraction: share of the GPU kept for the allocator's fragmentation and the runtime.
+        expert_parallel_size: GPUs sharing one copy of the experts (our MoE family; divides
+            ``num_gpus`` and the number of experts); 1 shards the experts with FSDP2 like the rest.
     """
     total, layer, root, muon, adamw, largest_matrix = _parameter_groups(config)
-    w = num_gpus
+    w, e = num_gpus, expert_parallel_size
+    experts, layer_experts = _expert_parameters(config)
     compute_bytes = 4 if mixed_precision == "no" else 2
-    parameters = 4 * total / w + compute_bytes * (2 * layer + root)
-    gradients = 4 * total / w + 4 * layer
-    optimizer = (4 * muon + 8 * adamw) / w + 5 * 4 * largest_matrix
     elements = activation_elements_per_token(config, gradient_checkpointing)
     tokens = per_device_batch * block_size
     activations = tokens * (compute_bytes * elements["layers"] + 4 * elements["head"])
+    sharded = total - (experts if e > 1 else 0)  # what FSDP2 shards over all W GPUs
+    gathered = layer - (layer_experts if e > 1 else 0)  # what it gathers per layer
+    parameters = 4 * sharded / w + compute_bytes * (2 * gathered + root)
+    gradients = 4 * sharded / w + 4 * gathered
+    optimizer = (4 * (muon - (experts if e > 1 else 0)) + 8 * adamw) / w + 5 * 4 * largest_matrix
+    # Token rows sent and received for each routed slot (per layer kept for the backward).
+    k, d = (config.num_experts_per_tok, config.hidden_size) if experts else (0, 0)
+    rows = tokens * k * d * compute_bytes
+    if e > 1:
+        parameters += 4 * experts / e + compute_bytes * layer_experts / e
+        gradients += 4 * experts / e
+        optimizer += 4 * experts / e  # Muon's momentum of this GPU's experts
+        activations += 2 * rows * (1 if gradient_checkpointing else config.num_hidden_layers)
+    gathers = 3 if gradient_checkpointing else 2  # forward, backward (and the recomputed forward)
+    layers = getattr(config, "num_hidden_layers", 0)
+    traffic = ({"all_gather": gathers * experts * compute_bytes * (w - 1) / w,
+                "reduce_scatter": 4 * experts * (w - 1) / w} if e == 1 else
+               {"all_to_all": (2 * gathers) * rows * layers * (e - 1) / e,
+                "all_reduce": 2 * 4 * experts / e * (w // e - 1) / (w // e)}) if experts else {}
     checkpoint = 4 * total + 4 * muon + 8 * adamw
     gpu_memory = gpu_memory_gib * GIB
     return Plan(parameters=parameters, gradients=gradients, optimizer=optimizer, activations=activations,
                 reserve=overhead_fraction * gpu_memory, gpu_memory=gpu_memory, checkpoint_bytes=checkpoint,
                 checkpoint_bytes_per_rank=checkpoint / w, save_seconds=checkpoint / (disk_gbps * 1e9),
-                counts={"total": total, "muon": muon, "adamw": adamw, "largest_layer": layer})
+                counts={"total": total, "muon": muon, "adamw": adamw, "largest_layer": layer, "experts": experts},
+                traffic=traffic)
 
 
 def smallest_gpu_count(config, gpu_memory_gib: float, per_device_batch: int, block_size: int, **kwargs) -> int | None:

@@ -14,6 +14,7 @@ from accel_trainer.cli import main as cli_main
 from accel_trainer.efficiency import compile_decoder_layers, enable_activation_checkpointing
 from accel_trainer.models import MoEConfig, MoEForCausalLM
 from accel_trainer.planning import activation_elements_per_token, plan
+from accel_trainer.models.presets import PRESETS
 from launching import TINY, read_jsonl
 
 SMALL = dict(vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -168,6 +169,36 @@ def test_the_18b_preset_plan_on_h100s():
     assert with_ac.fits and with_ac.activations < without.activations / 5
     assert not plan(config, 2, 80, 1, 4096, gradient_checkpointing=True).fits
     assert 140e9 < with_ac.checkpoint_bytes < 150e9  # fp32 weights + Muon momentum + AdamW moments
+
+
+def test_expert_parallel_plans_the_experts_per_gpu_and_their_traffic(capsys):
+    config = MoEConfig(**PRESETS["18b"])
+    fsdp, ep = (plan(config, 16, 80, 1, 4096, expert_parallel_size=n) for n in (1, 8))
+    experts = fsdp.counts["experts"]
+    assert 16.5e9 < experts < 17.5e9  # 28 layers x 64 experts x 3 matrices of 2048 x 1536
+    # FSDP2 gathers every expert twice and reduce-scatters fp32 gradients: ~2 x 2 B + 4 B per expert weight.
+    assert fsdp.traffic["all_gather"] == pytest.approx(2 * 2 * experts * 15 / 16)
+    # EP: 4 exchanges of 6 bf16 rows of 2048 per token in each of 28 layers, 7/8 of them leaving the GPU,
+    # and the gradient all-reduce between the 2 copies of each GPU's 8 experts.
+    assert ep.traffic["all_to_all"] == pytest.approx(4 * 4096 * 6 * 2048 * 2 * 28 * 7 / 8)
+    assert ep.traffic["all_reduce"] == pytest.approx(2 * 4 * experts / 8 / 2)
+    assert sum(ep.traffic.values()) < sum(fsdp.traffic.values()) / 5
+    # Each GPU keeps its 8 experts' fp32 weights, gradients and momentum whole: more than FSDP2's shard.
+    assert ep.optimizer - fsdp.optimizer == pytest.approx(4 * experts / 8 - 4 * experts / 16)
+    assert cli_main(["plan", "--preset", "18b", "--num_gpus", "16", "--expert_parallel_size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel 8: 8 of the 64 experts of each layer per GPU, 2 copies of the experts" in out
+    assert "all-to-all" in out and "x less)" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_gpus", "8", "--expert_parallel_size", "3"], "--expert_parallel_size=3: must divide --num_gpus (8)"),
+    (["--num_gpus", "8", "--expert_parallel_size", "0"], "--expert_parallel_size=0: must divide"),
+])
+def test_plan_refuses_an_expert_parallel_size_that_does_not_divide(args, message, capsys):
+    assert cli_main(["plan", "--preset", "18b", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
 
 
 @pytest.fixture(scope="module", autouse=True)
