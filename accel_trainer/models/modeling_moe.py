@@ -180,6 +180,26 @@ def experts_forward(x: torch.Tensor, offsets: torch.Tensor, gate: torch.Tensor, 
 _experts_outside_compile = torch.compiler.disable(experts_forward)
 
 
+class _Rows(torch.autograd.Function):
+    """``x[index]`` where ``index`` repeats each row of ``x`` ``copies`` times and ``inverse`` says
+    where each (row, copy) went: the backward is a gather too (``grad[inverse]`` summed over the
+    copies) instead of the scatter-add autograd would use, which on CPU sorts the indices first."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, copies):
+        ctx.save_for_backward(inverse)
+        ctx.copies = copies
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        grad = grad.index_select(0, inverse)
+        if ctx.copies > 1:
+            grad = grad.view(-1, ctx.copies, grad.shape[-1]).sum(1)
+        return grad, None, None, None
+
+
 def _waited(tensor: torch.Tensor) -> torch.Tensor:
     # A functional collective returns an async tensor that waits when first used; wait here, explicitly.
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
@@ -264,20 +284,22 @@ class MoEFeedForward(nn.Module):
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
         flat_experts = experts.reshape(-1)
-        order = flat_experts.argsort(stable=True)
-        token_of_slot = order // self.top_k
+        order = flat_experts.argsort(stable=True)  # sorted row i is slot order[i] (slot = token * k + choice)
+        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
         # scatter_add, not bincount: bincount's output size depends on the data (a host sync on GPU).
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, flat_experts, torch.ones_like(flat_experts))
         offsets = counts.cumsum(0).to(torch.int32)
         experts, grouped = self.experts_kernel(x)
+        rows = _Rows.apply(x, order // self.top_k, position, self.top_k)  # one gather in
         if self.expert_group is None:
-            routed = experts(x[token_of_slot], offsets, self.gate_proj, self.up_proj, self.down_proj, grouped=grouped)
+            routed = experts(rows, offsets, self.gate_proj, self.up_proj, self.down_proj, grouped=grouped)
         else:
-            routed = experts_on_their_ranks(x[token_of_slot], counts, (self.gate_proj, self.up_proj, self.down_proj),
+            routed = experts_on_their_ranks(rows, counts, (self.gate_proj, self.up_proj, self.down_proj),
                                             self.expert_group, experts_forward, grouped)
-        routed = routed * weights.reshape(-1)[order].unsqueeze(-1).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, token_of_slot, routed)
+        # One gather out, back to (token, choice) order, then each token's k outputs weighted and summed.
+        slots = _Rows.apply(routed, position, order, 1).view(num_tokens, self.top_k, -1)
+        out = torch.bmm(weights.to(x.dtype).unsqueeze(1), slots).squeeze(1)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x)
 
