@@ -8,7 +8,7 @@ set -u
 DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"tests moe runs fsdp"}  # a subset reruns part of it
+STAGES=${STAGES:-"tests moe mfu runs fsdp"}  # a subset reruns part of it
 PRESET=${PRESET:-4090} STEPS=${STEPS:-150} BLOCK=${BLOCK:-2048}  # smaller for a CPU dry run of this script
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 steps() {  # tokens/s, MFU and peak memory of a run, from its metrics.jsonl (steps after the first log)
@@ -39,6 +39,11 @@ if stage moe; then
 log "MoE layer at the 18b shape, bf16: grouped vs loop vs dense"
 timeout 90 $PY benchmarks/moe.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --expert 1536 \
   --experts 64 --top_k 6 2>&1 | tail -8 | tee -a "$OUT/summary.txt"
+fi
+
+if stage mfu; then
+log "18b layer shapes (4 layers), bf16, 1 x 4096 tokens: eager/compiled x AC off/on, and the eager profile"
+timeout 420 $PY benchmarks/mfu.py --layers 4 --steps 5 --warmup 2 2>&1 | grep -v USDT | tail -14 | tee -a "$OUT/summary.txt"
 fi
 
 COMMON=(--preset $PRESET --prepared_data "$DATA/stdlib" --mixed_precision bf16 --per_device_train_batch_size 8

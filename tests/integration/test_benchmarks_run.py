@@ -15,6 +15,9 @@ from launching import REPO
     ("step_overhead.py", ["--steps", "3", "--rounds", "1", "--logging_steps", "2"], "logging steps among them: 4"),
     ("muon.py", ["--world_sizes", "2", "4"], "less work"),
     ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
+    # Every variant of the default run (compiled and activation-checkpointed too) and the profile.
+    ("mfu.py", ["--preset", "tiny", "--layers", "2", "--block_size", "64", "--batch_size", "2", "--steps", "1",
+                "--warmup", "1"], "router + permutation"),
     ("cli_startup.py", ["--repeats", "1"], "accel-trainer inspect"),
     ("data.py", ["--corpus_bytes", "300000", "--num_proc", "1", "--vocab_size", "400", "--block_size", "256"],
      "skip_first_batches"),
