@@ -10,7 +10,7 @@ import torch
 from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, RemoteTier, load_weights, lock_run_dir, read_json,
                          resolve_on_main)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import (TOKENIZER_DIR, build_datasets, data_identity, load_tokenizer, parse_mix, read_prepared,
+from .data import (TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared,
                    vocab_size_for)
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .errors import ConfigError, InputError, error_class
@@ -122,7 +122,7 @@ def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, def
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
               "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks",
               "optimizer_assignment", "eval_tasks", "eval_tasks_steps", "eval_tasks_limit", "eval_include_path",
-              "eval_tasks_strict", "metric_for_best_model"}  # the assignment: a change shows as an optimizer that does not load
+              "eval_tasks_strict", "metric_for_best_model", "data_file_hashes"}  # the assignment: a change shows as an optimizer that does not load
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "prepared_data", "data_mix", "text_column",
              "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity")
@@ -162,9 +162,12 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None
             f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
             "instead of --resume_from_checkpoint")
     saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
-    changed = [("the data's contents (a file edited or re-prepared under the same name)" if k == "data_identity"
-                else f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}") for k in DATA_KEYS
-               if k in saved_run and saved_run.get(k) != run_config.get(k)]
+    then_files, now_files = saved_run.get("data_file_hashes") or {}, run_config.get("data_file_hashes") or {}
+    edited = sorted(f for f in set(then_files) & set(now_files) if then_files[f] != now_files[f])
+    contents = ("the data's contents (" + (f"edited since: {', '.join(edited)}" if edited else
+                                           "a file edited or re-prepared under the same name") + ")")
+    changed = [(contents if k == "data_identity" else f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}")
+               for k in DATA_KEYS if k in saved_run and saved_run.get(k) != run_config.get(k)]
     if changed and not run_config.get("reset_data_position"):
         raise CheckpointError(
             f"{folder}: the data differs from the checkpoint's ({'; '.join(changed)}) and its data position counts "
@@ -301,7 +304,7 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
 def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, train_args) -> Trainer:
     # data_identity: the data by content (an edited file under the same name is other data).
     run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size,
-                  "data_identity": data_identity(data_args),
+                  "data_identity": data_identity(data_args), "data_file_hashes": file_hashes(data_args),
                   # samples per optimizer step over all processes: a resume on another world size says so
                   "global_batch_size": train_args.per_device_train_batch_size
                   * train_args.gradient_accumulation_steps * accelerator.num_processes}

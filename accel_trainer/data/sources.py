@@ -12,6 +12,7 @@ import codecs
 import json
 import os
 import sysconfig
+import time
 from pathlib import Path
 
 from ..config import DataArguments
@@ -185,10 +186,17 @@ def file_identity(path: str | Path) -> dict:
     from ..checkpoint import hash_file
 
     stat = Path(path).stat()
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _IDENTITIES:  # hashed once per process while the file stays as it is
-        _IDENTITIES[key] = hash_file(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "xxh3_128": _IDENTITIES[key]}
+    # Hashed once per process while the file stays as it is. The change time is in the key because a
+    # write sets it and, unlike the modification time, no one can set it back (`touch -d`, os.utime).
+    # A file changed within the last seconds is hashed every time: a second write in the same
+    # clock tick would leave every time stamp as it was (git's "racily clean" entries).
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    digest = _IDENTITIES.get(key)
+    if digest is None:
+        digest = hash_file(path)
+        if time.time_ns() - stat.st_ctime_ns > 2_000_000_000:
+            _IDENTITIES[key] = digest
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "xxh3_128": digest}
 
 
 _IDENTITIES: dict[tuple, str] = {}
@@ -219,6 +227,12 @@ def data_identity(args: DataArguments) -> str:
     else:
         what = raw_source(args)
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_hashes(args: DataArguments) -> dict[str, str]:
+    """Every local ``--data_files`` file's xxh3 (recorded with a run, so that a refused resume can
+    name the files that changed)."""
+    return {f: file_identity(f)["xxh3_128"] for f in sorted(args.data_files or ()) if Path(f).is_file()}
 
 
 def changed_files(recorded: dict, source: dict) -> list[str]:

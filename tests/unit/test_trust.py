@@ -30,6 +30,24 @@ def test_prepare_data_rerun_after_the_input_grew_is_refused_naming_the_file(tmp_
     assert f"was prepared from other contents of {data} (the file changed since)" in capsys.readouterr().err
 
 
+def test_a_byte_changed_with_size_and_mtime_kept_is_another_file_in_the_same_process(tmp_path):
+    """A notebook prepares, the file is edited in place with its size and mtime restored, it prepares
+    again: the content hash must be taken again (found by the fault campaign)."""
+    import os
+
+    from accel_trainer.data.sources import file_identity
+
+    data = tmp_path / "a.txt"
+    data.write_text("the quick brown fox\n")
+    before = file_identity(data)
+    stat = data.stat()
+    data.write_text("the quick brown cat\n")
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = file_identity(data)
+    assert (after["size"], after["mtime_ns"]) == (before["size"], before["mtime_ns"])
+    assert after["xxh3_128"] != before["xxh3_128"]
+
+
 def test_an_unfinished_preparation_of_a_file_fixed_since_starts_over(tmp_path, capsys, monkeypatch):
     from accel_trainer.data import shards
 
@@ -62,7 +80,7 @@ def test_an_edited_file_is_prepared_again_and_a_resume_on_it_is_refused(tmp_path
     capsys.readouterr()
     assert recipe_module.main([*run, "--max_steps", "4", "--resume_from_checkpoint", "latest"]) == 2
     err = capsys.readouterr().err
-    assert "the data's contents (a file edited or re-prepared under the same name)" in err
+    assert f"the data's contents (edited since: {data})" in err  # the file is named
     assert "--reset_data_position" in err
     assert recipe_module.main([*run, "--max_steps", "4", "--resume_from_checkpoint", "latest",
                                "--reset_data_position"]) == 0
