@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from accel_trainer import load_model_for_inference
+from accel_trainer.cli import main as cli_main
 from accel_trainer.checkpoint import verify_run
 from accel_trainer.checkpoint.layout import read_pointer
 from launching import REPO, TINY, launch, popen_launch, read_jsonl, step_losses, torchrun, wait_for
@@ -79,6 +80,13 @@ def test_an_ep2_checkpoint_resumes_in_one_process_and_loads_whole(runs, tmp_path
     gate = model.model.layers[0].mlp.gate_proj
     assert type(gate.data) is torch.Tensor and gate.shape[0] == 4
     torch.testing.assert_close(gate, reference.model.layers[0].mlp.gate_proj, rtol=1e-4, atol=1e-6)
+    # export writes the whole experts too (stock Qwen2-MoE, one tensor per expert: all 4 of them)
+    assert cli_main(["export", str(ep2), str(tmp_path / "hf"), "--format", "qwen2_moe"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(next((tmp_path / "hf").glob("*.safetensors")), "pt") as f:
+        experts = {k.split(".experts.")[1].split(".")[0] for k in f.keys() if "layers.0.mlp.experts." in k}
+    assert experts == {"0", "1", "2", "3"}
 
 
 def test_an_ep1_checkpoint_resumes_under_ep2(runs, tmp_path):
@@ -119,3 +127,12 @@ def test_fsdp2_as_accelerate_prepares_it_leaves_the_experts_to_ep(tmp_path):
     assert_close(reference, again, (3, 4), SAME_WORLD)
     alone = step_losses(torchrun(1, WORKER, str(out), "--resume", "--ranks_of_data", "2").stdout)
     assert_close(reference, alone, (3, 4), ONE_PROCESS)
+
+
+def test_ep2_times_dp2_on_4_ranks_trains_as_fsdp2_alone(tmp_path):
+    """Two copies of every expert (dp = 2): their gradients are summed between the copies."""
+    reference = step_losses(torchrun(4, WORKER, str(tmp_path / "ep1"), "--expert_parallel_size", "1").stdout)
+    out = torchrun(4, WORKER, str(tmp_path / "ep2"), "--expert_parallel_size", "2").stdout
+    assert sorted(reference) == [1, 2, 3, 4]
+    assert_close(reference, step_losses(out), range(1, 5), SAME_WORLD)
+    assert out.count("expert momentum per rank [(2, 16, 32), (2, 32, 16)]") == 4, out
