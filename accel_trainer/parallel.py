@@ -151,11 +151,9 @@ class ExpertParallel:
         grads = [p.grad.to_local() for p in self.params.values() if p.grad is not None]
         if not grads:
             return
-        if self.world // self.size > 1:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.dp_group)
-            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-                g.copy_(part.view_as(g))
+        if self.world // self.size > 1:  # in place, one stack at a time: no second copy of the experts' gradients
+            for g in grads:
+                dist.all_reduce(g, group=self.dp_group)
         torch._foreach_div_(grads, float(self.world))
 
     def describe(self) -> str:

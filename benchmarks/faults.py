@@ -283,7 +283,11 @@ def full_disk_trial(work: Path, reference: Path, rng: random.Random) -> tuple[st
     try:
         out = mount / "run"
         proc = start(out, 1, ["--save_steps", "1", "--save_total_limit", "2"])
-        time.sleep(rng.uniform(4, 8))
+        first = out / "checkpoints" / "step-1" / "COMPLETE"
+        deadline = time.time() + 300
+        while not first.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)  # training has begun (a full disk while preparing data: tests/unit/test_trust.py)
+        time.sleep(rng.uniform(0, 1.5))
         filler = mount / "filler"
         with open(filler, "wb") as f:  # another job fills the disk while checkpoints are written
             with contextlib.suppress(OSError):

@@ -85,18 +85,31 @@ def prepare(dataset, column: str, tokenizer, output_dir: str | Path, source: dic
         The completed ``tokens.json`` manifest.
 
     Raises:
-        DataError: ``output_dir`` holds a preparation of other data or with another tokenizer.
+        DataError: ``output_dir`` holds a preparation of other data or with another tokenizer, or
+            its disk is full (or fails) while the shards are written.
     """
-    from tqdm.auto import tqdm
-
-    from ..console import interactive
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if (out / COMPLETE_MANIFEST).is_file():
         manifest = read_prepared(out)
         _check_same(out, manifest, source)
         return manifest
+    try:
+        return _prepare(dataset, column, tokenizer, out, source, num_proc, shard_text_bytes, progress)
+    except OSError as err:  # a full or failing disk: one line; the shards written so far are kept
+        for partial in out.glob(".tmp-*"):
+            partial.unlink(missing_ok=True)
+        raise DataError(f"{out}: could not write the prepared data ({err.strerror or err}); free space on that disk "
+                        "(or prepare elsewhere) and run again: the shards already written are kept and it continues "
+                        "from there") from None
+
+
+def _prepare(dataset, column: str, tokenizer, out: Path, source: dict, num_proc: int, shard_text_bytes: int,
+             progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..console import interactive
+
     plan = _plan(dataset, tokenizer, out, source, shard_text_bytes)
     dtype = np.dtype(plan["dtype"])
     todo = [i for i in range(len(plan["shards"])) if not _shard_done(out, i)]

@@ -48,6 +48,31 @@ def test_a_byte_changed_with_size_and_mtime_kept_is_another_file_in_the_same_pro
     assert after["xxh3_128"] != before["xxh3_128"]
 
 
+def test_a_full_disk_while_preparing_is_one_line_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    """Found by the fault campaign: a disk that filled up while the shards were written was a raw
+    OSError traceback."""
+    import errno
+
+    from accel_trainer.data import shards
+
+    data = tmp_path / "a.jsonl"
+    write_jsonl(data, DOCS)
+    real = shards._write_shard
+
+    def full(out, i, *args):
+        (out / f".tmp-shard-{i}").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "_write_shard", full)
+    args = ["prepare-data", "--data_files", str(data), "--output_dir", str(tmp_path / "prep"), "--num_proc", "1"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not write the prepared data (No space left on device); free space on that disk" in err
+    assert "Traceback" not in err and not list((tmp_path / "prep").glob(".tmp-*"))
+    monkeypatch.setattr(shards, "_write_shard", real)  # space again: the same command finishes
+    assert cli_main(args) == 0
+
+
 def test_an_unfinished_preparation_of_a_file_fixed_since_starts_over(tmp_path, capsys, monkeypatch):
     from accel_trainer.data import shards
 
