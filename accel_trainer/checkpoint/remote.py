@@ -72,6 +72,26 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"[:300]
 
 
+def _quiet_orphaned_connection_errors(loop) -> None:
+    """When the store drops a connection mid-request, aiohttp leaves a task behind whose write failed,
+    and asyncio prints its traceback ("Task exception was never retrieved") from the filesystem's
+    event-loop thread, although the request's own error already reached us (the uploader reports it,
+    once per outage). Such orphaned connection errors are dropped; anything else still goes to
+    asyncio's default handler."""
+    if loop is None or getattr(loop, "_accel_trainer_quiet", False):
+        return
+
+    def handler(loop, context):
+        error = context.get("exception")
+        orphan = str(context.get("message", "")).startswith("Task exception was never retrieved")
+        if orphan and isinstance(error, (ConnectionError, TimeoutError, OSError)):
+            return
+        loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    loop._accel_trainer_quiet = True
+
+
 class RemoteTier(CheckpointStorage):
     """The checkpoints of one run under an fsspec URL (the object-store tier of :class:`CheckpointStorage`).
 
@@ -100,6 +120,7 @@ class RemoteTier(CheckpointStorage):
         self.base = base.rstrip("/")
         self.root = f"{self.base}/{CHECKPOINTS}"
         self.retries, self.backoff, self.workers = retries, backoff, workers
+        _quiet_orphaned_connection_errors(getattr(self.fs, "loop", None))
 
     def __str__(self) -> str:
         return self.shown

@@ -158,3 +158,22 @@ def test_one_redaction_masks_every_form_a_credential_takes():
     assert "--tokenizer_name tok/" in shown  # names that merely contain 'token' stay
     assert redact_text("aws_secret_access_key=xyz password: hunter2 --hub_token hf_abcdefghijklmnopqrstuv") == \
         "aws_secret_access_key=*** password: *** --hub_token ***"
+
+
+def test_a_dropped_connections_orphaned_task_prints_no_traceback(capsys, caplog):
+    """Found by the fault campaign: when the store died mid-upload, aiohttp's orphaned write task made
+    asyncio print "Task exception was never retrieved" with a traceback; the uploader already says it."""
+    import asyncio
+
+    from accel_trainer.checkpoint.remote import _quiet_orphaned_connection_errors
+
+    loop = asyncio.new_event_loop()
+    try:
+        _quiet_orphaned_connection_errors(loop)
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": ConnectionResetError("Cannot write to closing transport")})
+        assert "Traceback" not in capsys.readouterr().err and not caplog.records
+        loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": ValueError("bug")})
+        assert any("ValueError" in str(r.exc_info) for r in caplog.records)  # anything else still reported
+    finally:
+        loop.close()
