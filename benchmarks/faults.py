@@ -610,7 +610,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kills", type=int, default=16, help="kill -9 trials per kind (6 kinds)")
     parser.add_argument("--edits", type=int, default=6, help="edited-source trials per kind of edit (4 kinds)")
     parser.add_argument("--hunts", type=int, default=8, help="credential hunts per scenario (4 scenarios)")
-    parser.add_argument("--loops", type=int, default=70, help="kills of the plain loop with dropout")
+    parser.add_argument("--loops", type=int, default=75, help="kills of the plain loop with dropout")
     parser.add_argument("--stores", type=int, default=25, help="runs whose object store disappears")
     parser.add_argument("--budget_min", type=float, default=100, help="start no trial after this many minutes")
     parser.add_argument("--sample", action="store_true",
