@@ -237,9 +237,11 @@ def experts_on_their_ranks(rows: torch.Tensor, counts: torch.Tensor, weights: tu
     expert_of_row = torch.arange(per_rank, device=rows.device).repeat(ep).repeat_interleave(
         arriving.reshape(-1), output_size=sum(receive))
     order = expert_of_row.argsort(stable=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=rows.device))
     offsets = arriving.sum(0).cumsum(0).to(torch.int32)
-    out = experts_fn(received[order], offsets, *local, grouped=grouped)
-    out = torch.zeros_like(out).index_copy(0, order, out)  # back to arrival order
+    # A permutation there and back: gathers both ways, also in the backward (as in the layer itself).
+    out = experts_fn(_Rows.apply(received, order, position, 1), offsets, *local, grouped=grouped)
+    out = _Rows.apply(out, position, order, 1)  # back to arrival order
     return _waited(all_to_all_single_autograd(out, send, receive, group))
 
 
