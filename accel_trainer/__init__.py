@@ -21,12 +21,14 @@ __getattr__ = lazy_names(__name__, _WHERE)
 def load_model_for_inference(path, device=None, dtype=None, strict: bool = False, config=None, model_class=None,
                              storage_options: dict | None = None):
     """The checkpoint component's ``load_model_for_inference`` with this package's model registered;
-    old single-file checkpoints whose ``config`` names no model type are read as :class:`MoEConfig`.
+    old single-file checkpoints whose ``config`` names no model type are read as the default family's
+    config (our MoE's).
 
     ``model, config, step = load_model_for_inference("runs/x/checkpoints/best")`` for any model the
     trainer trains: our MoE, any transformers causal LM, or your own module (``model_class=``)."""
     from .checkpoint import load_model_for_inference as load
-    from .models import MoEConfig
+    from .models import default_family
 
-    return load(path, device=device, dtype=dtype, strict=strict, config=config, legacy_config_class=MoEConfig,
+    return load(path, device=device, dtype=dtype, strict=strict, config=config,
+                legacy_config_class=default_family().config_class,
                 storage_options=storage_options, model_class=model_class)

@@ -169,6 +169,7 @@ def cmd_export(args) -> int:
     from .checkpoint import load_model_for_inference
     from .console import quiet_library_bars
     from .export import ensure_new_folder, export_model
+    from .models import family_of_model
 
     from .checkpoint import CUSTOM_MODEL, MODEL_CONFIG, read_json
 
@@ -196,9 +197,10 @@ def cmd_export(args) -> int:
         files = export_model(model, out, args.format, tokenizer=tokenizer)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    args.format = args.format or ("qwen2_moe" if config.model_type == "accel_moe" else "native")
+    family = family_of_model(model)
+    args.format = args.format or family.default_format
     print(f"exported step {step} ({args.format}, {args.dtype}) to {out}: {', '.join(files)}")
-    hint = "import accel_trainer.models; " if args.format == "accel_moe" else ""
+    hint = family.load_hint if args.format == family.name else ""  # the family's own class: registered first
     print(f"load with: {hint}AutoModelForCausalLM.from_pretrained({str(out)!r})"
           + (f" and AutoTokenizer.from_pretrained({str(out)!r})" if tokenizer is not None else ""))
     return 0
@@ -375,13 +377,13 @@ def _model_config(spec: str):
 
 
 def cmd_params(args) -> int:
-    from .models import ModelShape, build_on_meta, count_parameters_of
+    from .models import ModelShape, build_on_meta, count_parameters_of, family_of
     from .optim import assign_parameters, assignment_summary, assignment_table
 
     config = _model_config(args.config)
     model = build_on_meta(config)
     counts = count_parameters_of(model, ModelShape.of(config))
-    assignments = assign_parameters(model)
+    assignments = assign_parameters(model, rule=family_of(config).parameter_rule)
     if args.json:
         summary = {k: {"tensors": v["tensors"], "parameters": v["parameters"]} for k, v in
                    assignment_summary(assignments).items()}
@@ -393,12 +395,10 @@ def cmd_params(args) -> int:
     return 0
 
 
-def load_presets(recipe: str | None) -> dict:
-    """The ``PRESETS`` of a recipe file, or the package's own (:mod:`accel_trainer.models.presets`)."""
+def load_presets(recipe: str | None) -> dict | None:
+    """The ``PRESETS`` of a recipe file, or None for the registered families' own."""
     if recipe is None:
-        from .models.presets import PRESETS
-
-        return PRESETS
+        return None
     import importlib.util
 
     path = Path(recipe)
@@ -416,16 +416,13 @@ def load_presets(recipe: str | None) -> dict:
 def cmd_plan(args) -> int:
     import math
 
-    from .models import ModelShape, MoEConfig
+    from .models import ModelShape, family_of, plan_preset
     from .planning import GIB, plan, smallest_gpu_count
 
     if args.config:
         config, name = _model_config(args.config), args.config
     else:
-        presets = load_presets(args.recipe)
-        if args.preset not in presets:
-            raise ConfigError(f"--preset={args.preset!r}: unknown; choose one of {', '.join(presets)}")
-        config, name = MoEConfig(**presets[args.preset]), f"preset {args.preset}"
+        config, name = plan_preset(args.preset, None, None, load_presets(args.recipe)).config, f"preset {args.preset}"
     context = ModelShape.of(config).context
     block = args.block_size if args.block_size is not None else context
     problems = [f"--{flag}={value}: must be {rule}" for flag, value, ok, rule in (
@@ -434,10 +431,10 @@ def cmd_plan(args) -> int:
         ("per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1, ">= 1"),
         ("block_size", block, block is not None and 1 <= block <= (context or block), f"in 1..{context} (the model's context)"),
         ("disk_gbps", args.disk_gbps, args.disk_gbps > 0 and math.isfinite(args.disk_gbps), "a number > 0")) if not ok]
-    ep = args.expert_parallel_size
-    if ep != 1 and getattr(config, "model_type", None) != MoEConfig.model_type:
-        problems.append(f"--expert_parallel_size={ep}: expert parallelism is built for our MoE family "
-                        f"(accel_moe), not {getattr(config, 'model_type', name)}")
+    ep, family = args.expert_parallel_size, family_of(config)
+    if ep != 1 and not family.supports("ep"):
+        problems.append(f"--expert_parallel_size={ep}: expert parallelism is built for families that support it "
+                        f"(our accel_moe), not {getattr(config, 'model_type', name)} ({family.name})")
     elif ep != 1 and not (ep >= 1 and args.num_gpus % ep == 0 and config.num_experts % ep == 0):
         problems.append(f"--expert_parallel_size={ep}: must divide --num_gpus ({args.num_gpus}) and the "
                         f"{config.num_experts} experts of {name}")
@@ -525,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--format", choices=["qwen2_moe", "accel_moe", "native"], default=None,
-                   help="our MoE family: qwen2_moe (default; the stock transformers architecture, same outputs, "
+    p.add_argument("--format", default=None,
+                   help="one of the model family's formats; our MoE family: qwen2_moe (default; the stock transformers architecture, same outputs, "
                         "loads without this package) or accel_moe (our own class, needs `import accel_trainer`); "
                         "any other transformers model: native (default), itself")
     p.set_defaults(func=cmd_export)

@@ -26,11 +26,6 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_STEPS = 5
 NS_EPS = 1e-7
 
-# Parameter names containing one of these stay on AdamW even when they are matrices: embeddings and
-# the LM head are lookups/readouts, not hidden transforms, and the router is tiny and sensitive.
-ADAMW_NAME_PATTERNS = ("embed_tokens", "lm_head", "router")
-
-
 def zeropower_via_newtonschulz(update: torch.Tensor, steps: int = NS_STEPS, eps: float = NS_EPS,
                                coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
                                dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -120,14 +115,13 @@ class Muon(Optimizer):
         if layout.parts is None:
             self.ns_matrices += x[..., 0, 0].numel()
             return zeropower_via_newtonschulz(x, steps=steps, dtype=self.ns_dtype)
-        dim, sizes = layout.parts
         pieces = []
-        for piece in x.split(list(sizes), dim=dim):
+        for piece in layout.split(x):
             self.ns_matrices += piece[..., 0, 0].numel()
             out_dim, in_dim = layout.out_in(piece.shape)
             pieces.append(zeropower_via_newtonschulz(piece, steps=steps, dtype=self.ns_dtype)
                           * math.sqrt(max(1.0, out_dim / in_dim)))
-        return torch.cat(pieces, dim=dim)
+        return layout.join(pieces)
 
     def _orthogonalize(self, update: torch.Tensor, steps: int, owners: "_Owners",
                        layout: "MatrixLayout | None" = None) -> torch.Tensor:
@@ -192,16 +186,37 @@ class MatrixLayout:
     """How Muon reads one parameter as matrices (kept in its param group, so it survives
     ``accelerator.prepare``, FSDP2 and checkpoints): ``in_out`` for weights stored [in, out]
     (transformers' ``Conv1D``, GPT-2's), ``parts`` = ``(dim, sizes)`` for a fused matrix whose
-    parts are orthogonalised one by one (``gate_up_proj`` of transformers' MoE experts, a fused QKV)."""
+    parts are orthogonalised one by one (``gate_up_proj`` of transformers' MoE experts, a fused QKV),
+    or ``(dim, sizes, heads)`` when the parts repeat per head (GPT-NeoX's q/k/v of each head in turn:
+    part ``j`` is the ``j``-th slice of every head, put together)."""
 
-    parts: tuple[int, tuple[int, ...]] | None = None
+    parts: tuple | None = None
     in_out: bool = False
 
     @classmethod
     def of(cls, group: dict) -> "MatrixLayout":
         parts = group.get("parts")
-        return cls(None if parts is None else (int(parts[0]), tuple(int(n) for n in parts[1])),
-                   bool(group.get("in_out", False)))
+        if parts is not None:
+            parts = (int(parts[0]), tuple(int(n) for n in parts[1]), *(int(h) for h in parts[2:3]))
+        return cls(parts, bool(group.get("in_out", False)))
+
+    def split(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of the fused matrix ``x`` (per-head parts gathered into one matrix each)."""
+        dim, sizes = self.parts[0], list(self.parts[1])
+        if len(self.parts) == 2:
+            return list(x.split(sizes, dim=dim))
+        heads, flip = self.parts[2], dim == -1  # work with the split dimension at -2
+        x = (x.mT if flip else x).unflatten(-2, (heads, sum(sizes)))  # [..., heads, per_head, in]
+        return [p.flatten(-3, -2).mT if flip else p.flatten(-3, -2) for p in x.split(sizes, dim=-2)]
+
+    def join(self, pieces: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of :meth:`split`."""
+        dim = self.parts[0]
+        if len(self.parts) == 2:
+            return torch.cat(pieces, dim=dim)
+        heads, flip = self.parts[2], dim == -1
+        x = torch.cat([(p.mT if flip else p).unflatten(-2, (heads, -1)) for p in pieces], dim=-2).flatten(-3, -2)
+        return x.mT if flip else x
 
     def out_in(self, shape) -> tuple[int, int]:
         rows, cols = shape[-2:]
@@ -211,7 +226,7 @@ class MatrixLayout:
         """Param-group entries (none for a plain matrix: older checkpoints' groups stay as they were)."""
         keys = {}
         if self.parts is not None:
-            keys["parts"] = [self.parts[0], list(self.parts[1])]
+            keys["parts"] = [self.parts[0], list(self.parts[1]), *self.parts[2:3]]
         if self.in_out:
             keys["in_out"] = True
         return keys
@@ -228,42 +243,90 @@ class Assignment:
     layout: MatrixLayout = MatrixLayout()
 
 
-ROUTER_MODULE_NAMES = ("gate", "router")
-FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "Wqkv", "c_attn", "qkv", "in_proj_weight")
+@dataclass(frozen=True)
+class ParameterRule:
+    """A model family's parameter rule, as tables of regular expressions searched in parameter names
+    (first match wins), on top of what holds for every model: 1D tensors, the input embeddings and
+    the output head (found by the model's own getters) and ``nn.Embedding`` weights go to AdamW;
+    every other matrix goes to Muon.
+
+    Attributes:
+        adamw: ``(pattern, reason)``: matrices that stay on AdamW (routers and gates: tiny, sensitive).
+        adamw_modules: substrings of a module's class name whose matrices stay on AdamW (``Router``).
+        fused: ``(pattern, kind)``: matrices Muon orthogonalises part by part. ``halves``: two equal
+            parts (``gate_up_proj``); ``qkv``: q, k, v one after the other (sized by the config's heads);
+            ``qkv_per_head``: q, k, v interleaved per head (GPT-NeoX's ``query_key_value``).
+    """
+
+    adamw: tuple[tuple[str, str], ...] = ()
+    adamw_modules: tuple[str, ...] = ()
+    fused: tuple[tuple[str, str], ...] = ()
+
+    def adamw_reason(self, name: str, owner: nn.Module) -> str | None:
+        import re
+
+        for pattern, reason in self.adamw:
+            if re.search(pattern, name):
+                return reason
+        kind = type(owner).__name__.lower()
+        return next((f"{sub} module" for sub in self.adamw_modules if sub.lower() in kind), None)
+
+    def fused_kind(self, name: str) -> str | None:
+        import re
+
+        return next((kind for pattern, kind in self.fused if re.search(pattern, name)), None)
 
 
-def _fused_parts(name: str, p: torch.Tensor, layout_in_out: bool, config) -> tuple | None:
-    """``(dim, sizes)`` of a fused matrix, or None. The output dimension is split: -2 for [out, in]
-    weights and stacked experts [E, out, in], -1 for ``Conv1D``'s [in, out]."""
+#: The rule for any transformers causal LM (the names their architectures use).
+GENERIC_RULE = ParameterRule(
+    adamw=((r"(^|\.)(gate|router)(\.weight)?$", "router"),
+           (r"(^|\.)shared_expert_gate\.weight$", "shared-expert gate"),
+           (r"(^|\.)(embed_tokens|wte|wpe|embed_positions|lm_head)\.", "embedding or head")),
+    adamw_modules=("Router",),
+    fused=((r"(^|\.)gate_up_proj(\.weight)?$", "halves"),
+           (r"(^|\.)query_key_value\.weight$", "qkv_per_head"),
+           (r"(^|\.)(qkv_proj|Wqkv|c_attn|qkv)\.weight$|(^|\.)in_proj_weight$", "qkv")),
+)
+
+
+def _fused_parts(kind: str | None, p: torch.Tensor, layout_in_out: bool, config) -> tuple | None:
+    """``(dim, sizes)`` (or ``(dim, sizes, heads)`` when the parts are interleaved per head) of a
+    fused matrix, or None. The output dimension is split: -2 for [out, in] weights and stacked
+    experts [E, out, in], -1 for ``Conv1D``'s [in, out]."""
+    if kind is None:
+        return None
     out_dim = -1 if layout_in_out else -2
     out = p.shape[out_dim]
-    parts = name.split(".")
-    leaf, owner = parts[-1], parts[-2] if len(parts) > 1 else ""
-    if (leaf == "gate_up_proj" or owner == "gate_up_proj") and out % 2 == 0:
-        return (out_dim, (out // 2, out // 2))
-    if leaf in FUSED_QKV_NAMES or owner in FUSED_QKV_NAMES:
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
-        kv = getattr(config, "num_key_value_heads", None) or heads
-        if heads:
-            head_dim = getattr(config, "head_dim", None) or out // (heads + 2 * kv)
-            sizes = (heads * head_dim, kv * head_dim, kv * head_dim)
-            if sum(sizes) == out:
-                return (out_dim, sizes)
-        if out % 3 == 0:
-            return (out_dim, (out // 3,) * 3)
-    return None
+    if kind == "halves":
+        return (out_dim, (out // 2, out // 2)) if out % 2 == 0 else None
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    if kind == "qkv_per_head":  # [heads, 3, head_dim] along the output: GPT-NeoX
+        if heads and out % (3 * heads) == 0:
+            head_dim = out // (3 * heads)
+            return (out_dim, (head_dim,) * 3, heads)
+        return None
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads:
+        head_dim = getattr(config, "head_dim", None) or out // (heads + 2 * kv)
+        sizes = (heads * head_dim, kv * head_dim, kv * head_dim)
+        if sum(sizes) == out:
+            return (out_dim, sizes)
+    return (out_dim, (out // 3,) * 3) if out % 3 == 0 else None
 
 
-def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()) -> list[Assignment]:
+def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=(),
+                      rule: ParameterRule | None = None) -> list[Assignment]:
     """Which optimizer takes each trainable parameter, by rule, with the reason.
 
-    The rule: Muon for the hidden matrices of the blocks, the stacked 3D expert weights included
-    (orthogonalised per expert, and a fused matrix per part); AdamW for embeddings, the output head,
-    norms, biases, routers/gates and anything 1D. ``muon_patterns``/``adamw_patterns`` (regular
-    expressions searched in the names) override the rule, AdamW's first.
+    The rule (``rule``: the model family's; :data:`GENERIC_RULE` by default): Muon for the hidden
+    matrices of the blocks, the stacked 3D expert weights included (orthogonalised per expert, and a
+    fused matrix per part); AdamW for embeddings, the output head, norms, biases, routers/gates and
+    anything 1D. ``muon_patterns``/``adamw_patterns`` (regular expressions searched in the names)
+    override the rule, AdamW's first. Every trainable parameter lands in exactly one optimizer.
 
     Raises:
-        ValueError: a pattern sends a parameter of fewer than 2 dimensions to Muon.
+        ValueError: a pattern sends a parameter of fewer than 2 dimensions to Muon, or matches no
+            trainable parameter (a typo would silently change nothing).
     """
     import re
 
@@ -271,6 +334,7 @@ def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()) -> 
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # only transformers' GPT-2 family stores weights [in, out]
         Conv1D = ()
+    rule = rule if rule is not None else GENERIC_RULE
     config = getattr(model, "config", None)
     special = {}
     for getter, reason in (("get_input_embeddings", "embedding"), ("get_output_embeddings", "output head")):
@@ -287,46 +351,57 @@ def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()) -> 
         last = next((m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)), None)
         if last is not None and last.out_features in rows:
             special.setdefault(id(last.weight), "output head")
-    out = []
+    out, used = [], set()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         owner_name = name.rpartition(".")[0]
         owner = model.get_submodule(owner_name) if owner_name else model
         in_out = isinstance(owner, Conv1D) if Conv1D else False
-        layout = MatrixLayout(_fused_parts(name, p, in_out, config), in_out) if p.ndim >= 2 else MatrixLayout()
-        if any(re.search(pattern, name) for pattern in adamw_patterns):
+        layout = (MatrixLayout(_fused_parts(rule.fused_kind(name), p, in_out, config), in_out) if p.ndim >= 2
+                  else MatrixLayout())
+        adamw_hit = next((pat for pat in adamw_patterns if re.search(pat, name)), None)
+        if adamw_hit is not None:
+            used.add(("adamw", adamw_hit))
             out.append(Assignment(name, "adamw", "--adamw_params", p.numel()))
             continue
-        if any(re.search(pattern, name) for pattern in muon_patterns):
+        muon_hit = next((pat for pat in muon_patterns if re.search(pat, name)), None)
+        if muon_hit is not None:
+            used.add(("muon", muon_hit))
             if p.ndim < 2:
                 raise ValueError(f"--muon_params: {name} has shape {tuple(p.shape)}; Muon takes matrices only")
             out.append(Assignment(name, "muon", "--muon_params", p.numel(), layout))
             continue
-        leaf_module = owner_name.rpartition(".")[2]
         if p.ndim < 2:
             reason = "bias" if name.endswith("bias") else "norm or other 1D"
         elif id(p) in special:
             reason = special[id(p)]
         elif isinstance(owner, nn.Embedding):
             reason = "embedding"
-        elif leaf_module in ROUTER_MODULE_NAMES or "router" in type(owner).__name__.lower() \
-                or any(pattern in name for pattern in ADAMW_NAME_PATTERNS):
-            reason = "router" if "router" in name or leaf_module in ROUTER_MODULE_NAMES \
-                or "router" in type(owner).__name__.lower() else "embedding or head"
         else:
+            reason = rule.adamw_reason(name, owner)
+        if reason is None:
             kind = "expert stack" if p.ndim == 3 else "hidden matrix"
             out.append(Assignment(name, "muon", kind + (", fused: per part" if layout.parts else ""), p.numel(), layout))
             continue
         out.append(Assignment(name, "adamw", reason, p.numel()))
+    for flag, patterns in (("adamw", adamw_patterns), ("muon", muon_patterns)):
+        unused = [pat for pat in patterns if (flag, pat) not in used]
+        if unused:
+            raise ValueError(f"--{flag}_params {unused[0]!r}: matches no trainable parameter (names look like "
+                             f"{', '.join(n for n, p in list(model.named_parameters())[:3])}); fix the pattern or "
+                             "drop it")
+    names = [a.name for a in out]
+    if len(names) != len(set(names)):  # nanochat's assert: each parameter in exactly one optimizer
+        raise ValueError(f"parameters assigned twice: {sorted({n for n in names if names.count(n) > 1})}")
     return out
 
 
-def split_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=()):
+def split_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=(), rule: ParameterRule | None = None):
     """Trainable parameters as (muon, adamw) lists of ``(name, parameter)``, by :func:`assign_parameters`."""
     params = dict(model.named_parameters())
     muon, adamw = [], []
-    for a in assign_parameters(model, muon_patterns, adamw_patterns):
+    for a in assign_parameters(model, muon_patterns, adamw_patterns, rule):
         (muon if a.optimizer == "muon" else adamw).append((a.name, params[a.name]))
     return muon, adamw
 

@@ -91,7 +91,7 @@ def _parameter_groups(config):
     """(all, per-layer max, root unit, Muon, AdamW, largest non-expert matrix) parameter counts, from
     a model built on the meta device (any architecture: ours, or a transformers one)."""
     from .efficiency import decoder_layers
-    from .models import build_on_meta
+    from .models import build_on_meta, family_of
     from .optim import split_parameters
 
     model = build_on_meta(config)
@@ -99,19 +99,18 @@ def _parameter_groups(config):
     layers = decoder_layers(model, getattr(model, "_no_split_modules", None) or ())
     layer = max((sum(p.numel() for p in m.parameters()) for m in layers), default=total)
     root = total - sum(p.numel() for m in layers for p in m.parameters())
-    muon, adamw = split_parameters(model)
+    muon, adamw = split_parameters(model, rule=family_of(config).parameter_rule)
     largest_matrix = max((p.numel() for _, p in muon if p.ndim == 2), default=0)
     return (total, layer, root, sum(p.numel() for _, p in muon), sum(p.numel() for _, p in adamw), largest_matrix)
 
 
 def _expert_parameters(config) -> tuple[int, int]:
-    """(routed-expert parameters in all layers, those of the largest layer) of our MoE family; (0, 0) otherwise."""
-    from .models import MoEConfig, parameter_counts
+    """(routed-expert parameters in all layers, those of the largest layer), as the model's family
+    counts them for expert parallelism; (0, 0) for a family without it."""
+    from .models import family_of
 
-    if getattr(config, "model_type", None) != MoEConfig.model_type or not config.num_experts:
-        return 0, 0
-    experts = parameter_counts(config)["experts"]
-    return experts, experts // config.num_hidden_layers
+    family = family_of(config)
+    return family.routed_expert_parameters(config) if family.routed_expert_parameters else (0, 0)
 
 
 def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, block_size: int,
@@ -120,7 +119,7 @@ def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, bl
     """The memory of one GPU and the checkpoint's size and save time for this setup.
 
     Args:
-        config: the model's config (our ``MoEConfig`` or any transformers causal LM's).
+        config: the model's config (any registered family's, or any transformers causal LM's).
         num_gpus: GPUs sharing the model (FSDP2 full sharding over all of them).
         gpu_memory_gib: memory of one GPU.
         per_device_batch: sequences per GPU per micro-batch; ``block_size`` tokens each.
@@ -128,7 +127,7 @@ def plan(config, num_gpus: int, gpu_memory_gib: float, per_device_batch: int, bl
         mixed_precision: ``bf16``/``fp16`` computes (and gathers layers) in 2 bytes, ``no`` in 4.
         disk_gbps: aggregate write bandwidth of the checkpoint storage, GB/s.
         overhead_fraction: share of the GPU kept for the allocator's fragmentation and the runtime.
-        expert_parallel_size: GPUs sharing one copy of the experts (our MoE family; divides
+        expert_parallel_size: GPUs sharing one copy of the experts (families with ``ep``; divides
             ``num_gpus`` and the number of experts); 1 shards the experts with FSDP2 like the rest.
     """
     total, layer, root, muon, adamw, largest_matrix = _parameter_groups(config)

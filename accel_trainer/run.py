@@ -10,15 +10,12 @@ import torch
 from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, RemoteTier, load_weights, lock_run_dir, read_json,
                          resolve_on_main)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import (TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared,
-                   vocab_size_for)
+from .data import TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .errors import ConfigError, InputError, error_class
-from .models import (CUSTOM_KEY, MoEConfig, check_folder_or_hub, MoEForCausalLM, ModelPlan, ModelShape, count_parameters_of, plan_custom,
-                     plan_hugging_face)
-from .models.modeling_moe import grouped_mm_works
-from .models.presets import PRESETS
-from .parallel import ExpertParallel, check_expert_parallel_size
+from .models import (CUSTOM_KEY, ModelPlan, check_folder_or_hub, count_parameters_of, plan_custom, plan_hugging_face,
+                     plan_preset)
+from .parallel import ParallelDims
 from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
 from .process import write_exit_status
 from .telemetry import flops_per_token
@@ -70,7 +67,8 @@ def plan_model(model_args: ModelArguments, tokenizer, presets: dict | None = Non
                model_config=None) -> ModelPlan:
     """Which model this run trains, decided (and checked) before any data work: your own module
     (``model_factory`` and ``model_config``), a transformers model (``--model_name_or_path``,
-    ``--config_name``, ``--model_type``), or a preset of our MoE family.
+    ``--config_name``, ``--model_type``), or a preset of a registered family (``--preset``; with a
+    recipe's own ``presets``, of the family that has those names).
 
     Raises:
         ConfigError: naming the flag and what to do.
@@ -79,16 +77,7 @@ def plan_model(model_args: ModelArguments, tokenizer, presets: dict | None = Non
         return plan_custom(model_factory, model_config, model_args)
     if model_args.hugging_face:
         return plan_hugging_face(model_args, tokenizer)
-    presets = presets if presets is not None else PRESETS
-    preset = model_args.preset or "tiny"
-    if preset not in presets:
-        raise ConfigError(f"--preset={preset!r}: unknown; choose one of {', '.join(presets)}")
-    config = MoEConfig(**{**presets[preset], "vocab_size": model_args.vocab_size or vocab_size_for(tokenizer)})
-    if len(tokenizer) > config.vocab_size:
-        raise ConfigError(f"--vocab_size={model_args.vocab_size}: the tokenizer has {len(tokenizer)} ids; give at "
-                          "least that many (or leave --vocab_size out to follow the tokenizer)")
-    return ModelPlan("preset", f"preset {preset}", config, lambda: MoEForCausalLM(config), ModelShape.of(config),
-                     list(MoEForCausalLM._no_split_modules))
+    return plan_preset(model_args.preset or "tiny", model_args.vocab_size, tokenizer, presets)
 
 
 def run_tokenizer(args: DataArguments):
@@ -107,7 +96,8 @@ def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, def
         ConfigError: longer than the model's context, or no context to default to.
     """
     context = plan.shape.context
-    default = (defaults or {}).get(preset, {}).get("block_size") if preset else None
+    table = defaults if defaults is not None else plan.family.defaults  # the recipe's, else the family's
+    default = table.get(preset, {}).get("block_size") if preset else None
     default = default or (context if plan.source == "preset" else plan.default_block_size())
     block = args.block_size or default
     if block is None:
@@ -216,8 +206,9 @@ def apply_memory_and_speed_features(model, plan: ModelPlan, args: TrainingArgume
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model, plan.layer_classes)
     if args.torch_compile:
-        if plan.source == "preset":  # the experts' kernel is chosen eagerly, before tracing (MoEFeedForward)
-            grouped_mm_works(accelerator.device, torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
+        if plan.family.prepare_compile is not None:  # e.g. our MoE chooses its experts' kernel before tracing
+            plan.family.prepare_compile(accelerator.device,
+                                        torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
         n = compile_decoder_layers(model, backend=args.torch_compile_backend, mode=args.torch_compile_mode,
                                    layer_classes=plan.layer_classes)
         accelerator.print(f"--torch_compile: {n} decoder layers compiled one by one ({args.torch_compile_backend}); "
@@ -230,7 +221,7 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     """Build everything and train; returns the trainer (for tests and notebooks).
 
     Args:
-        presets: our MoE family's configs by name (None: the package's).
+        presets: a recipe's own preset table (None: the registered families' presets).
         defaults: per preset, training defaults the recipe sets (e.g. ``{"tiny": {"block_size": 128}}``).
         model_factory: your own module (``model_factory(model_config)`` builds it); see
             ``examples/custom_model.py``.
@@ -253,25 +244,23 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     accelerator = build_accelerator(train_args)
     # The precision that runs (the launcher's, unless the flag says), so run_config and resumes record it.
     train_args = dataclasses.replace(train_args, mixed_precision=str(accelerator.mixed_precision))
-    if train_args.expert_parallel_size > 1:  # before any work: the model's family, then the world
-        if getattr(plan.config, "model_type", None) != MoEConfig.model_type:
-            raise ConfigError(f"--expert_parallel_size={train_args.expert_parallel_size}: expert parallelism is built "
-                              f"for our MoE family (accel_moe: --preset, or a folder of model_type accel_moe), not "
-                              f"{plan.name}; use --expert_parallel_size 1 (docs/cluster.md says why)")
-        check_expert_parallel_size(train_args.expert_parallel_size, accelerator.num_processes)
+    # The one owner of the mesh's sizes, checked against the model's family before any work.
+    dims = ParallelDims.from_run(train_args.expert_parallel_size, accelerator.num_processes,
+                                 getattr(accelerator, "parallelism_config", None), plan.family)
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     write_exit_status(train_args.output_dir, None, "running")
     try:
-        return _run(accelerator, plan, block_size, model_args, data_args, train_args)
+        return _run(accelerator, plan, dims, block_size, model_args, data_args, train_args)
     finally:
         if lock is not None:
             lock.release()
 
 
-def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: TrainingArguments, accelerator):
-    """The model, its parameter counts, the optimizer assignment (each said once), and its
-    :class:`ExpertParallel` layout (None without ``--expert_parallel_size``)."""
+def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: TrainingArguments, accelerator,
+                dims: ParallelDims | None = None):
+    """The model, its parameter counts, the optimizer assignment (each said once), and the
+    :class:`~accel_trainer.parallel.ParallelPlan` applied to it."""
     model = plan.build()
     counts = count_parameters_of(model, plan.shape)
     experts = f" ({counts['active'] / 1e6:.2f}M active per token)" if counts["active"] != counts["total"] else ""
@@ -288,20 +277,22 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if train_args.init_from:
         report = load_weights(model, train_args.init_from, strict=model_args.strict)
         accelerator.print(f"--init_from {train_args.init_from}: {report}")
-    experts = None
-    if train_args.expert_parallel_size > 1:  # before the optimizers: they must see the sharded stacks
-        experts = ExpertParallel(train_args.expert_parallel_size, accelerator.device.type)
-        experts.shard(model)
-        accelerator.print(f"model: {experts.describe()}")
+    dims = dims or ParallelDims(accelerator.num_processes)
+    parallel = dims.plan(plan.family, accelerator.device.type)
+    parallel.apply(model)  # before the optimizers: they must see the laid-out parameters
+    if parallel.describe():
+        accelerator.print(f"model: {parallel.describe()}")
     try:
-        assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or ())
+        assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or (),
+                                        rule=plan.family.parameter_rule)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     accelerator.print("optimizers (--muon_params/--adamw_params change this):\n" + assignment_table(assignments))
-    return model, counts, assignments, experts
+    return model, counts, assignments, parallel
 
 
-def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, train_args) -> Trainer:
+def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, model_args, data_args,
+         train_args) -> Trainer:
     # data_identity: the data by content (an edited file under the same name is other data).
     run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size,
                   "data_identity": data_identity(data_args), "data_file_hashes": file_hashes(data_args),
@@ -322,7 +313,7 @@ def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, t
             resume_policy(plan, run_config, accelerator.print)(folder)
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
-    model, counts, assignments, experts = build_model(plan, model_args, train_args, accelerator)
+    model, counts, assignments, parallel = build_model(plan, model_args, train_args, accelerator, dims)
     run_config["optimizer_assignment"] = assignment_summary(assignments)
     try:
         apply_memory_and_speed_features(model, plan, train_args, accelerator)
@@ -337,7 +328,7 @@ def _run(accelerator, plan: ModelPlan, block_size: int, model_args, data_args, t
                       flops_per_token=flops_per_token(counts["active"], shape.num_layers or 0, shape.num_heads or 0,
                                                       shape.head_dim or 0, block_size),
                       model_config=None if plan.source != "custom" else plan.config_json(),
-                      experts_per_token=shape.experts_per_token, expert_parallel=experts)
+                      experts_per_token=shape.experts_per_token, parallel=parallel)
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position, folder=folder)

@@ -31,7 +31,7 @@ from .data import TextData, build_eval_dataloader, build_train_dataloader, token
 from .metrics import MetricsLogger
 from .models import logits_of, loss_of
 from .optim import OptimizersContainer, lr_multiplier
-from .parallel import clip_grad_norm_
+from .parallel import DataParallel, ParallelPlan
 from .telemetry import RouterStats, Throughput, peak_memory, peak_tflops
 from .train_state import TrainState
 
@@ -83,15 +83,15 @@ class Trainer:
         flops_per_token: training FLOPs per token (:func:`telemetry.flops_per_token`), for MFU.
         model_config: the model's ``config.json`` when the model has no transformers config (your own module).
         experts_per_token: a transformers MoE's top-k, to count the router's choices per expert.
-        expert_parallel: the :class:`~accel_trainer.parallel.ExpertParallel` that sharded the model's
-            experts (``--expert_parallel_size``); the trainer reduces and clips their gradients.
+        parallel: the run's :class:`~accel_trainer.parallel.ParallelPlan` (already applied to the
+            model); the trainer calls its hooks. None: plain data parallelism.
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
                  args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None,
-                 model_config: dict | None = None, experts_per_token: int = 0, expert_parallel=None):
+                 model_config: dict | None = None, experts_per_token: int = 0, parallel: ParallelPlan | None = None):
         self.accelerator = accelerator
-        self.expert_parallel = expert_parallel
+        self.parallel = parallel or DataParallel()
         self.args = args
         self.run_config = run_config
         self.state = TrainState()
@@ -100,8 +100,7 @@ class Trainer:
         # Evaluate a fixed subset so every evaluation sees the same blocks and iterates to the end.
         n_eval = min(len(data.validation), args.max_eval_batches * args.per_device_eval_batch_size * world)
         eval_loader = build_eval_dataloader(Subset(data.validation, range(n_eval)), args.per_device_eval_batch_size)
-        if expert_parallel is not None:
-            expert_parallel.leave_experts_to_us(accelerator, model)
+        self.parallel.before_prepare(accelerator, model)
         self.model, self.optimizer, train_loader, self.eval_loader = accelerator.prepare(
             model, optimizers, train_loader, eval_loader)
         self.optimizers = optimizers
@@ -357,13 +356,10 @@ class Trainer:
             self.router.add(out)
             if self._block_log is not None:
                 self._block_log.write(json.dumps({"step": self.state.global_step + 1, "blocks": batch["block"].tolist()}) + "\n")
+        self.parallel.reduce_gradients()  # what the engine does not reduce (e.g. the experts' data-parallel mean)
         grad_norm = None
-        if self.expert_parallel is not None:  # the experts' data-parallel mean (the engine does the rest)
-            self.expert_parallel.reduce_gradients()
-        if self.args.max_grad_norm > 0 and self.expert_parallel is not None:  # mixed layouts: one norm over all
-            grad_norm = clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
-        elif self.args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+        if self.args.max_grad_norm > 0:
+            grad_norm = self.parallel.clip_grad_norm_(accelerator, model.parameters(), self.args.max_grad_norm)
         # One scalar all-reduce per step (asynchronous on GPU) so the EMA is the same on every rank.
         mean_loss = accelerator.reduce(total, reduction="mean")
         applied = True

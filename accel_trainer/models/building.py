@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from ..hub import require_hub
 
 from ..checkpoint import CUSTOM_MODEL as CUSTOM_KEY  # config.json of a checkpoint of your own nn.Module
+from .family import CUSTOM, HUGGING_FACE, ModelFamily, default_family, family_named, family_of, family_of_preset
 DEFAULT_MAX_BLOCK = 2048  # the default --block_size of a Hugging Face model: its context, at most this
 
 
@@ -83,6 +84,7 @@ class ModelPlan:
         shape: layers, heads, context, experts (telemetry, planning, the default block size).
         layer_classes: the decoder-layer class names (FSDP2 wraps them; AC and compile act on them).
         notes: what the run should say at start (a resized vocabulary, the experts' kernel).
+        family: the model's family (its parameter rule, parallelisms, export formats).
     """
 
     source: str
@@ -94,6 +96,7 @@ class ModelPlan:
     notes: list[str] = field(default_factory=list)
     load_report: Any = None
     model_class: Any = None  # your own module's class (saved in config.json to rebuild it)
+    family: ModelFamily = HUGGING_FACE
 
     def default_block_size(self) -> int | None:
         return min(self.shape.context, DEFAULT_MAX_BLOCK) if self.shape.context else None
@@ -202,6 +205,8 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
         raise ConfigError(f"--{flag}={name!r}: a {config.model_type} model is not a causal language model "
                           "transformers can build (AutoModelForCausalLM has no class for it)")
     apply_overrides(config, args.config_overrides)
+    check_config(config, f"--{flag}={name!r}" + (f" with --config_overrides {args.config_overrides!r}"
+                                                  if args.config_overrides else ""))
     overridden = {item.partition("=")[0].strip() for item in (args.config_overrides or "").split(",") if item}
     # A mixture of experts trains with its balance loss (transformers adds it to the loss only when asked).
     if hasattr(config, "output_router_logits") and "output_router_logits" not in overridden:
@@ -242,7 +247,7 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
 
     described = f"{config.model_type} " + ("from " + name if source == "pretrained" else
                                             f"from config {name}" if flag == "config_name" else "(fresh)")
-    plan = ModelPlan(source, described, config, build, shape, _decoder_layer_classes(config), notes)
+    plan = ModelPlan(source, described, config, build, shape, _decoder_layer_classes(config), notes, family=HUGGING_FACE)
     return plan
 
 
@@ -296,7 +301,70 @@ def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
     layers = list(getattr(model_factory, "no_split_modules", None) or getattr(model_factory, "_no_split_modules", None) or [])
     name = getattr(model_factory, "__qualname__", type(model_factory).__name__)
     return ModelPlan("custom", name, config, lambda: model_factory(config), ModelShape.of(config), layers,
-                     model_class=model_factory if isinstance(model_factory, type) else None)
+                     model_class=model_factory if isinstance(model_factory, type) else None, family=CUSTOM)
+
+
+# ------------------------------------------------------------------------- a family's preset
+def plan_preset(preset: str, vocab_size: int | None, tokenizer, presets: dict | None = None,
+                family: ModelFamily | str | None = None) -> ModelPlan:
+    """``--preset preset`` of the family that has it (or of ``family``, with a recipe's own ``presets``).
+
+    Args:
+        vocab_size: ``--vocab_size`` (None: the tokenizer's, rounded up).
+
+    Raises:
+        ConfigError: an unknown preset, or a vocabulary smaller than the tokenizer's.
+    """
+    if isinstance(family, str):
+        family = family_named(family)
+    if family is None:
+        family = family_of_preset(preset) if presets is None or preset not in presets else None
+        if family is None:  # a recipe's own table: the family of any of its names, else the default
+            known = [family_of_preset(p) for p in presets if _has_preset(p)]
+            family = known[0] if known else default_family()
+    if vocab_size is None and tokenizer is not None:
+        from ..data import vocab_size_for
+
+        vocab_size = vocab_size_for(tokenizer)
+    config = family.config_for_preset(preset, presets, **({"vocab_size": vocab_size} if vocab_size else {}))
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ConfigError(f"--vocab_size={vocab_size}: the tokenizer has {len(tokenizer)} ids; give at "
+                          "least that many (or leave --vocab_size out to follow the tokenizer)")
+    check_config(config, "--preset " + preset)
+    return ModelPlan("preset", f"preset {preset}", config, lambda: family.build(config), ModelShape.of(config),
+                     list(getattr(family.model_class, "_no_split_modules", None) or []), family=family)
+
+
+def _has_preset(name: str) -> bool:
+    try:
+        family_of_preset(name)
+        return True
+    except ConfigError:
+        return False
+
+
+def check_config(config, where: str) -> None:
+    """What makes a config unbuildable, said before any work (not at the first step as a traceback).
+
+    Raises:
+        ConfigError: naming ``where`` (the flag), the keys and their values.
+    """
+    hidden = first_attr(config, "hidden_size", "n_embd", "d_model")
+    heads = first_attr(config, "num_attention_heads", "n_head")
+    kv = first_attr(config, "num_key_value_heads")
+    explicit_head_dim = first_attr(config, "head_dim")
+    problems = []
+    for key, value in (("hidden_size", hidden), ("num_attention_heads", heads), ("num_key_value_heads", kv)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            problems.append(f"{key}={value!r} must be a whole number >= 1")
+    if not problems:
+        if hidden and heads and not explicit_head_dim and hidden % heads:
+            problems.append(f"hidden_size={hidden} is not divisible by num_attention_heads={heads} (use a multiple "
+                            f"of {heads}, e.g. {hidden // heads * heads or heads})")
+        if heads and kv and heads % kv:
+            problems.append(f"num_attention_heads={heads} is not divisible by num_key_value_heads={kv}")
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)}")
 
 
 def logits_of(output) -> torch.Tensor:
@@ -336,16 +404,15 @@ def config_from_json(raw: dict, where: str = "config.json"):
     """
     from transformers import AutoConfig
 
-    from .configuration_moe import MoEConfig
-
     kind = raw.get("model_type")
     if kind == CUSTOM_KEY:
         cls = (raw.get(CUSTOM_KEY) or {}).get("class", "?")
         raise ConfigError(f"{where}: describes your own module ({cls}); count it in Python with its class "
                           "(sum(p.numel() for p in model.parameters()))")
+    family = default_family() if kind is None else family_of(raw)  # no type: an old checkpoint of ours
     try:
-        if kind in (None, MoEConfig.model_type):
-            return MoEConfig.from_dict(raw)
+        if family.config_class is not None:
+            return family.config_class.from_dict(raw)
         return AutoConfig.for_model(**raw)
     except (ValueError, TypeError, KeyError) as err:
         raise ConfigError(f"{where}: not a valid model config ({str(err).splitlines()[0][:200]})") from None
@@ -355,8 +422,6 @@ def build_on_meta(config) -> nn.Module:
     """The model ``config`` describes, on the meta device (shapes only, no memory)."""
     from transformers import AutoModelForCausalLM
 
-    from .configuration_moe import MoEConfig
-    from .modeling_moe import MoEForCausalLM
-
+    family = family_of(config)
     with torch.device("meta"):
-        return MoEForCausalLM(config) if isinstance(config, MoEConfig) else AutoModelForCausalLM.from_config(config)
+        return family.build(config) if family.model_class is not None else AutoModelForCausalLM.from_config(config)
