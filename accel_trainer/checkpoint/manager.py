@@ -48,7 +48,7 @@ from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence,
 from .manifest import read_manifest, write_complete_marker, write_manifest
 from .remote import RemoteTier, Uploader, redact, resolve_with_remote
 from .sharded import Channel
-from .strategies import choose_strategy, refuse_code_in
+from .strategies import SaveParts, choose_strategy, refuse_code_in
 
 PARTS = ("model", "optimizer", "scheduler", "dataloader")
 _UNRESOLVED = object()
@@ -168,7 +168,6 @@ class Checkpointer:
             if not NAME_RE.match(name) or name in RESERVED_NAMES:
                 raise ValueError(f"Checkpointer(extra=...): {name!r} cannot name a state file (use letters, digits "
                                  f"and _, not one of {sorted(RESERVED_NAMES)})")
-        self._raw_loader = dataloader
         self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
         self.config = config
         self.model_config = model_config
@@ -177,7 +176,8 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.before_resume = before_resume
         # Who writes the model and optimizer tensors, chosen once (see :mod:`strategies`).
-        self.strategy = choose_strategy(self)
+        self.strategy = choose_strategy(SaveParts(accelerator, model, self.optimizers, self.schedulers, dataloader,
+                                                  commit=self._commit, upload=self._submit_upload))
         self.async_save = cfg.async_save and self.strategy.background
         self._sequence: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None

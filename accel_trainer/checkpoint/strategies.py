@@ -23,8 +23,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 from accelerate.utils import DistributedType
 
@@ -34,9 +35,6 @@ from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_dat
 from .sharded import Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
 from .weights import load_weights_in_place, normalize_key, normalize_state_dict
-
-if TYPE_CHECKING:
-    from .manager import Checkpointer
 
 # Sharded or engine-managed states stay entirely with Accelerate (it knows how to gather/shard them).
 ENGINE_OWNED = {DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM, DistributedType.XLA}
@@ -51,6 +49,27 @@ def refuse_code_in(folder: Path) -> None:
             check_dcp_metadata_is_data(path)
 
 
+@dataclass
+class SaveParts:
+    """What a strategy writes and reads, and how it hands a written folder over: the strategy holds
+    this record, never the Checkpointer, so when a save commits is decided in one place (the
+    manager's ``commit``), even from the background thread.
+
+    Attributes:
+        commit: ``(tmp, final, record, digests, upload) -> problems``: manifest, marker, rename,
+            pointers, retention (and the upload unless ``upload`` is False); main process only.
+        upload: ``(final, record) -> None``: submit a committed folder to the object store (if any).
+    """
+
+    accelerator: Any
+    model: Any
+    optimizers: dict
+    schedulers: dict
+    raw_loader: Any
+    commit: Callable[..., list]
+    upload: Callable[[Path, dict], None]
+
+
 class WriteStrategy:
     """How the big tensors of one checkpoint are written (and read back by :meth:`load_tensors`)."""
 
@@ -59,9 +78,9 @@ class WriteStrategy:
     #: Every rank takes part in the commit (else only the main process commits).
     every_rank_commits = False
 
-    def __init__(self, ckpt: Checkpointer):
-        self.ckpt = ckpt
-        self.accelerator = ckpt.accelerator
+    def __init__(self, parts: SaveParts):
+        self.parts = parts
+        self.accelerator = parts.accelerator
 
     # ----------------------------------------------------------------------------------- saving
     def save_engine_state(self, tmp: Path, step: int) -> None:
@@ -79,7 +98,7 @@ class WriteStrategy:
     def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
         """Write ``big`` and commit (maybe in a background thread); returns what failed after the commit."""
         fsync_tree(tmp)
-        return self.ckpt._commit(tmp, final, record, {})
+        return self.parts.commit(tmp, final, record, {})
 
     # ---------------------------------------------------------------------------------- loading
     def load_engine_state(self, folder: Path, exclude: tuple[str, ...]) -> None:
@@ -94,16 +113,16 @@ class WriteStrategy:
     def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
         """The model's weights and the named optimizers' state, from whichever layout ``folder`` has:
         ``sharded/`` (any world size, sharded or not: DCP reshards or gathers by name) or our files."""
-        ckpt, acc = self.ckpt, self.accelerator
-        load_optimizers = bool(ckpt.optimizers) and "optimizer" not in exclude
+        parts, acc = self.parts, self.accelerator
+        load_optimizers = bool(parts.optimizers) and "optimizer" not in exclude
         if (folder / SHARDED_DIR / ".metadata").is_file():
-            shards = getattr(self, "shards", None) or ShardedState(acc.unwrap_model(ckpt.model), ckpt.optimizers)
+            shards = getattr(self, "shards", None) or ShardedState(acc.unwrap_model(parts.model), parts.optimizers)
             shards.load(folder / SHARDED_DIR, optimizers=load_optimizers)
             return
-        load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(ckpt.model))
+        load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(parts.model))
         if load_optimizers:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
-            optimizer_files.load_into(folder, ckpt.optimizers, parameter_names(acc, ckpt.model), device)
+            optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device)
 
     def close(self) -> None:
         pass
@@ -118,16 +137,16 @@ class TensorFiles(WriteStrategy):
     """A model held whole on every rank: the main process writes its weights and the optimizers'
     state as safetensors by name, hashing the bytes on the way."""
 
-    def __init__(self, ckpt: Checkpointer):
-        super().__init__(ckpt)
+    def __init__(self, parts: SaveParts):
+        super().__init__(parts)
         self.staging = StagingBuffers()
 
     def write_tensors(self, tmp: Path, stage: bool) -> dict:
-        acc, ckpt = self.accelerator, self.ckpt
+        acc, parts = self.accelerator, self.parts
         if not acc.is_main_process:
             return {}
-        model = normalize_state_dict(acc.get_state_dict(ckpt.model))
-        opt_tensors, description = optimizer_files.split_state(ckpt.optimizers, parameter_names(acc, ckpt.model))
+        model = normalize_state_dict(acc.get_state_dict(parts.model))
+        opt_tensors, description = optimizer_files.split_state(parts.optimizers, parameter_names(acc, parts.model))
         optimizer_files.write_description(tmp, description)
         big = {MODEL_WEIGHTS: model, OPTIMIZER_TENSORS: opt_tensors}
         if stage:
@@ -144,7 +163,7 @@ class TensorFiles(WriteStrategy):
             digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
             fsync_tree(tmp)
             digests = digests.result()
-        return self.ckpt._commit(tmp, final, record, digests)
+        return self.parts.commit(tmp, final, record, digests)
 
 
 class Sharded(WriteStrategy):
@@ -153,9 +172,9 @@ class Sharded(WriteStrategy):
 
     every_rank_commits = True
 
-    def __init__(self, ckpt: Checkpointer):
-        super().__init__(ckpt)
-        self.shards = ShardedState(ckpt.accelerator.unwrap_model(ckpt.model), ckpt.optimizers)
+    def __init__(self, parts: SaveParts):
+        super().__init__(parts)
+        self.shards = ShardedState(parts.accelerator.unwrap_model(parts.model), parts.optimizers)
 
     def write_tensors(self, tmp: Path, stage: bool) -> dict:
         return {SHARDED_DIR: self.shards.save(tmp / SHARDED_DIR, background=stage)}
@@ -180,20 +199,20 @@ class Sharded(WriteStrategy):
                 try:
                     fsync_tree(tmp)
                     merged = {k: v for _, d in reports for k, v in d.items()}
-                    outcome = ("ok", self.ckpt._commit(tmp, final, record, merged, upload=False))
+                    outcome = ("ok", self.parts.commit(tmp, final, record, merged, upload=False))
                 except Exception as err:
                     outcome = ("error", f"{type(err).__name__}: {err}")
         outcome = self.shards.channel.broadcast(outcome)
         if outcome[0] == "error":
             raise CheckpointError(outcome[1])
-        self.ckpt._submit_upload(final, record)  # every rank: each uploads its own shards
+        self.parts.upload(final, record)  # every rank: each uploads its own shards
         return outcome[1] if self.accelerator.is_main_process else []
 
     def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
         from torch.distributed.fsdp import FSDPModule
 
         # Expert parallelism under DDP shards only the expert stacks: whole tensors are sliced per rank.
-        fsdp = any(isinstance(m, FSDPModule) for m in self.accelerator.unwrap_model(self.ckpt.model).modules())
+        fsdp = any(isinstance(m, FSDPModule) for m in self.accelerator.unwrap_model(self.parts.model).modules())
         if fsdp and not (folder / SHARDED_DIR / ".metadata").is_file():
             raise CheckpointError(f"{folder}: saved by a run whose model was not sharded; this sharded (FSDP2) run "
                                   "resumes sharded checkpoints only. Start from its weights with --init_from "
@@ -232,30 +251,30 @@ class EngineOwned(WriteStrategy):
         call its private lists hold only what we do not save ourselves. Pinned by
         ``tests/unit/test_checkpointer.py::test_accelerate_private_lists_that_we_filter_still_exist``.
         """
-        acc, ckpt = self.accelerator, self.ckpt
+        acc, parts = self.accelerator, self.parts
         saved = acc._optimizers, acc._schedulers, acc._dataloaders
-        ours_params = {id(p) for opt in ckpt.optimizers.values() for g in opt.param_groups for p in g["params"]}
-        ours_schedulers = {id(s) for s in ckpt.schedulers.values()}
+        ours_params = {id(p) for opt in parts.optimizers.values() for g in opt.param_groups for p in g["params"]}
+        ours_schedulers = {id(s) for s in parts.schedulers.values()}
         try:
             if hide_optimizers:
                 acc._optimizers = [o for o in saved[0]
                                    if not all(id(p) in ours_params for g in o.param_groups for p in g["params"])]
             acc._schedulers = [s for s in saved[1]
                                if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
-            acc._dataloaders = [d for d in saved[2] if d is not ckpt._raw_loader]
+            acc._dataloaders = [d for d in saved[2] if d is not parts.raw_loader]
             yield
         finally:
             acc._optimizers, acc._schedulers, acc._dataloaders = saved
 
 
-def choose_strategy(ckpt: Checkpointer) -> WriteStrategy:
+def choose_strategy(parts: SaveParts) -> WriteStrategy:
     """The strategy for this run's model, chosen once."""
-    if is_sharded(ckpt.accelerator.unwrap_model(ckpt.model)):
-        return Sharded(ckpt)
-    if getattr(ckpt.accelerator, "distributed_type", None) in ENGINE_OWNED:
-        return EngineOwned(ckpt)
-    return TensorFiles(ckpt)
+    if is_sharded(parts.accelerator.unwrap_model(parts.model)):
+        return Sharded(parts)
+    if getattr(parts.accelerator, "distributed_type", None) in ENGINE_OWNED:
+        return EngineOwned(parts)
+    return TensorFiles(parts)
 
 
-__all__ = ["ENGINE_OWNED", "EngineOwned", "Sharded", "TensorFiles", "WriteStrategy", "choose_strategy",
+__all__ = ["ENGINE_OWNED", "EngineOwned", "SaveParts", "Sharded", "TensorFiles", "WriteStrategy", "choose_strategy",
            "parameter_names", "refuse_code_in", "Channel"]

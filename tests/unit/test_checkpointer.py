@@ -243,7 +243,7 @@ def test_accelerate_private_lists_that_we_filter_still_exist(loop, tmp_path):
     acc = a.accelerator
     for name in ("_optimizers", "_schedulers", "_dataloaders"):
         assert isinstance(getattr(acc, name), list) and getattr(acc, name), name
-    engine = EngineOwned(a.ckpt)
+    engine = EngineOwned(a.ckpt.strategy.parts)
     with engine._accelerate_skips_what_we_save(hide_optimizers=True):
         assert acc._optimizers == [] and acc._schedulers == [] and acc._dataloaders == []
     assert len(acc._optimizers) == len(acc._schedulers) == len(acc._dataloaders) == 1  # restored after the call
