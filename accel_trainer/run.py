@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, RemoteTier, load_weights, lock_run_dir, read_json,
+from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, load_weights, lock_run_dir, read_json, remote_tier,
                          resolve_on_main)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared
@@ -302,7 +302,7 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     spec = train_args.resume_from_checkpoint
     # A storage URL that cannot work (no s3fs installed, an unknown scheme) is reported before tokenising.
     try:
-        remote = (RemoteTier(train_args.checkpoint_upload_to, train_args.parsed_storage_options)
+        remote = (remote_tier(train_args.checkpoint_upload_to, train_args.parsed_storage_options)
                   if train_args.checkpoint_upload_to else None)
     except CheckpointError as err:
         raise ConfigError(f"--checkpoint_upload_to: {err}") from None

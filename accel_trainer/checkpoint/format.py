@@ -78,6 +78,18 @@ def rng_file(rank: int) -> str:
     return f"{RNG_PREFIX}{rank}.pkl"
 
 
+def shard_files_glob(rank: int) -> str:
+    """The DCP files one rank writes into ``SHARDED_DIR`` (``__<rank>_<n>.distcp``)."""
+    return f"__{rank}_*"
+
+
+def writer_rank(name: str) -> int:
+    """The rank that wrote a checkpoint file: a DCP shard's own rank, else 0 (rank 0 writes the rest).
+    Each rank uploads the files it wrote."""
+    match = re.match(rf"^{SHARDED_DIR}/__(\d+)_", name)
+    return int(match.group(1)) if match else 0
+
+
 def step_dir_name(step: int) -> str:
     return f"{STEP_PREFIX}{step}"
 

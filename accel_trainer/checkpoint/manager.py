@@ -46,7 +46,7 @@ from .io import CheckpointError, fsync_dir, fsync_file, read_state, write_json, 
 from .lock import lock_run_dir
 from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
 from .manifest import read_manifest, write_complete_marker, write_manifest
-from .remote import RemoteTier, Uploader, redact, resolve_with_remote
+from .remote import RemoteTier, Uploader, redact, remote_tier, resolve_with_remote
 from .sharded import Channel
 from .strategies import SaveParts, choose_strategy, refuse_code_in
 
@@ -183,7 +183,7 @@ class Checkpointer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None
         self._pending: tuple[Future, Path, dict | None] | None = None
         self._lock = lock_run_dir(accelerator, output_dir) if cfg.lock else None  # after every check that may raise
-        self.remote = RemoteTier(cfg.upload_to, cfg.storage_options) if cfg.upload_to else None
+        self.remote = remote_tier(cfg.upload_to, cfg.storage_options) if cfg.upload_to else None
         self._uploader = None
         if self.remote is not None:
             problem = None
@@ -201,7 +201,8 @@ class Checkpointer:
             # Sharded: every rank uploads the shards it wrote, in step with the others (a channel of
             # their own); otherwise the main process uploads everything.
             self._uploader = Uploader(self.remote, cfg.save_total_limit, cfg.keep_every_n_steps, report=accelerator.print,
-                                      channel=Channel() if self.strategy.every_rank_commits else None)
+                                      channel=Channel() if self.strategy.every_rank_commits else None,
+                                      files_of=self.strategy.files_to_upload)
         self._stop = StopRequest(accelerator.num_processes) if cfg.handle_signals else None
         if self._stop is not None:
             self._stop.install()

@@ -235,7 +235,7 @@ class RemoteTier(CheckpointStorage):
             RemoteError: a request failed after its retries, or the sizes listed back differ.
         """
         self.begin(folder.name)
-        size = self.put_files(folder, list(json.loads((folder / MANIFEST).read_text())["files"]))
+        size = self.put(folder, manifest_files(folder))
         self.commit(folder)
         return size
 
@@ -246,7 +246,7 @@ class RemoteTier(CheckpointStorage):
         except FileNotFoundError:
             pass  # the usual case: never uploaded before
 
-    def put_files(self, folder: Path, files: list[str]) -> int:
+    def put(self, folder: Path, files: list[str]) -> int:
         """Upload ``files`` of ``folder`` in parallel (each retried); returns their bytes."""
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="upload") as pool:
             list(pool.map(lambda f: self._retry(f"uploading {folder / f} to {self.display(folder.name, f)}",
@@ -316,10 +316,24 @@ class RemoteTier(CheckpointStorage):
         return final
 
 
+def manifest_files(folder: Path) -> list[str]:
+    """The data files a committed local checkpoint lists in its manifest."""
+    return list(json.loads((folder / MANIFEST).read_text())["files"])
+
+
+def remote_tier(url: str, storage_options: dict | None = None) -> RemoteTier:
+    """The one factory of the object-store tier (``--checkpoint_upload_to``, ``s3://`` paths).
+
+    Raises:
+        CheckpointError: an unknown scheme, or the fsspec backend for it is not installed.
+    """
+    return RemoteTier(str(url), storage_options)
+
+
 def storage_for(location: str | Path, storage_options: dict | None = None) -> CheckpointStorage:
     """The tier of a run's output dir or checkpoints folder: a local folder, or an fsspec URL."""
     if is_url(location):
-        return RemoteTier(str(location), storage_options)
+        return remote_tier(str(location), storage_options)
     path = Path(location)
     return LocalStorage(path if path.name == "checkpoints" else path / "checkpoints")
 
@@ -338,12 +352,15 @@ class Uploader:
         keep_last, keep_every_n_steps: remote retention (as locally).
         report: called with one line per upload or failure (rank 0).
         channel: gather/broadcast between the ranks' upload threads (:class:`sharded.Channel`).
+        files_of: ``(folder, rank) -> files`` this rank uploads of a committed checkpoint (the write
+            strategy's answer); default: rank 0 uploads every file of the manifest.
     """
 
     def __init__(self, tier: RemoteTier, keep_last: int | None, keep_every_n_steps: int | None, report=print,
-                 channel=None):
+                 channel=None, files_of=None):
         self.tier, self.keep_last, self.keep_every_n_steps, self.report = tier, keep_last, keep_every_n_steps, report
         self.channel = channel
+        self.files_of = files_of or (lambda folder, rank: manifest_files(folder) if rank == 0 else [])
         self.rank = channel.rank if channel is not None else 0
         self._queue: deque[tuple[Path, list[str]]] = deque()
         self._in_flight: str | None = None
@@ -415,14 +432,6 @@ class Uploader:
                     self._in_flight = None
                     self._cond.notify_all()
 
-    def _own_files(self, folder: Path) -> list[str]:
-        files = list(json.loads((folder / MANIFEST).read_text())["files"])
-        if self.channel is None:
-            return files
-        shard = re.compile(r"^sharded/__(\d+)_")
-        owner = {f: int(m.group(1)) if (m := shard.match(f)) else 0 for f in files}
-        return [f for f in files if owner[f] == self.rank]
-
     def _upload(self, folder: Path, pointers: list[str]) -> None:
         start = time.perf_counter()
         problem, size = None, 0
@@ -435,7 +444,7 @@ class Uploader:
             problem = self.channel.broadcast(problem)
         if problem is None:
             try:
-                size = self.tier.put_files(folder, self._own_files(folder))
+                size = self.tier.put(folder, self.files_of(folder, self.rank))
             except Exception as err:
                 problem = _reason(err)
         reports = self.channel.gather((problem, size)) if self.channel is not None else [(problem, size)]
@@ -553,7 +562,7 @@ def fetch(spec: str, storage_options: dict | None = None, progress: bool = True)
         url, name = url.rsplit("/", 1)
         if url.endswith(f"/{CHECKPOINTS}"):
             url = url[: -len(CHECKPOINTS) - 1]
-    tier = RemoteTier(url, storage_options)
+    tier = remote_tier(url, storage_options)
     if name in (None, LATEST):
         name, _, skipped = tier.latest_valid()
         if name is None:

@@ -120,7 +120,7 @@ class ShardedState:
 
     def own_digests(self, folder: Path) -> dict[str, str]:
         """Checksums of the files this rank wrote (read back from the page cache, just written)."""
-        return {f"{SHARDED_DIR}/{p.name}": hash_file(p) for p in sorted(folder.glob(f"__{self.rank}_*"))}
+        return {f"{SHARDED_DIR}/{p.name}": hash_file(p) for p in sorted(folder.glob(shard_files_glob(self.rank)))}
 
     # ------------------------------------------------------------------------------------ load
     def load(self, folder: Path, optimizers: bool = True) -> None:

@@ -13,6 +13,7 @@ import math
 import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Protocol
 
 from .format import COMPLETE, DATALOADER, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX, state_file
 from .io import CheckpointError, read_json
@@ -38,6 +39,21 @@ def select_for_deletion(steps: list[int], *, keep_last: int | None, protected: s
     if keep_every_n_steps:
         keep |= {s for s in steps if s % keep_every_n_steps == 0}
     return sorted(s for s in steps if s not in keep)
+
+
+class WritableTier(Protocol):
+    """The verbs a tier that receives committed checkpoints answers (the object store), in the order
+    an upload uses them: ``begin`` (its old ``COMPLETE`` goes first), ``put`` (data files, by any
+    number of ranks), ``commit`` (sizes checked, then manifest, then ``COMPLETE``), and ``download``
+    (back into a local folder, verified). The :class:`~.remote.Uploader` speaks only these."""
+
+    def begin(self, name: str) -> None: ...
+
+    def put(self, folder: Path, files: list[str]) -> int: ...
+
+    def commit(self, folder: Path) -> None: ...
+
+    def download(self, name: str, dest_root: Path, progress: bool = True) -> Path: ...
 
 
 class CheckpointStorage(ABC):

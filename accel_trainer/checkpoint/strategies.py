@@ -30,7 +30,7 @@ from typing import Any, Callable
 from accelerate.utils import DistributedType
 
 from . import optimizer_files
-from .format import MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR
+from .format import MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR, writer_rank
 from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_tree
 from .sharded import Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
@@ -124,8 +124,18 @@ class WriteStrategy:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
             optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device)
 
+    def files_to_upload(self, folder: Path, rank: int) -> list[str]:
+        """The files of the committed checkpoint ``folder`` that ``rank`` uploads: here rank 0 all of them."""
+        return _manifest_files(folder) if rank == 0 else []
+
     def close(self) -> None:
         pass
+
+
+def _manifest_files(folder: Path) -> list[str]:
+    import json
+
+    return list(json.loads((folder / MANIFEST).read_text())["files"])
 
 
 def parameter_names(accelerator, model) -> dict[int, str]:
@@ -218,6 +228,10 @@ class Sharded(WriteStrategy):
                                   "resumes sharded checkpoints only. Start from its weights with --init_from "
                                   f"{folder} (the optimizer starts fresh)")
         super().load_tensors(folder, exclude)
+
+    def files_to_upload(self, folder: Path, rank: int) -> list[str]:
+        """Each rank uploads the files it wrote (its shards; rank 0 the rest): every node's bandwidth."""
+        return [f for f in _manifest_files(folder) if writer_rank(f) == rank]
 
     def close(self) -> None:
         self.shards.close()

@@ -236,7 +236,7 @@ def test_network_errors_are_retried_with_backoff_then_reported_naming_the_file(s
     tier.begin("step-1")
     with pytest.raises(CheckpointError, match=r"uploading .*model\.safetensors to s3://.*step-1/model\.safetensors: "
                                               r"ConnectionError: network is unreachable"):
-        tier.put_files(folder, ["model.safetensors"])
+        tier.put(folder, ["model.safetensors"])
 
 
 HOLD_WITH_SECRETS = """
