@@ -161,7 +161,7 @@ class TrainingArguments:
     save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails (default: warn, skip it, train on)."})
     async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a background thread (sharded FSDP2 runs: each rank's shards)."})
     checkpoint_upload_to: str | None = field(default=None, metadata={"help": "Also upload every complete checkpoint, in the background, to this fsspec URL (s3://bucket/prefix; pip install 'accel_trainer[s3]'); --resume_from_checkpoint latest then looks there too."})
-    storage_options: str | None = field(default=None, metadata={"help": "JSON options for --checkpoint_upload_to's filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}'. Credentials come from AWS_* variables or config files; any given here are never saved or logged."})
+    storage_options: str | None = field(default=None, metadata={"help": "JSON options for --checkpoint_upload_to's filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}', or @FILE (a JSON file); without it, the ACCEL_TRAINER_STORAGE_OPTIONS variable (same forms). Keep credentials off the command line (launchers print it when a run fails): AWS_* variables, a file, or that variable; any given are never saved or logged."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
     init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})
     reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore weights/counters but start the optimizer fresh."})
@@ -194,14 +194,14 @@ class TrainingArguments:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         problems += self._aliases()
         self._storage_options: dict = {}
-        if self.storage_options:
+        if self.storage_options or self.checkpoint_upload_to:
             from .checkpoint import parse_storage_options
 
-            try:  # the one parse of --storage_options: everything else reads parsed_storage_options
+            try:  # the one parse (the flag, or its environment variable): the rest reads parsed_storage_options
                 self._storage_options = parse_storage_options(self.storage_options)
             except CheckpointError as err:
                 problems.append(str(err))
-            if not self.checkpoint_upload_to:
+            if self.storage_options and not self.checkpoint_upload_to:
                 problems.append("--storage_options: only used with --checkpoint_upload_to; give that too")
         if self.mixed_precision is not None and self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"--mixed_precision={self.mixed_precision!r}: choose one of {', '.join(MIXED_PRECISION)}")
@@ -323,6 +323,43 @@ HF_TRAINER_ADVICE = {
 }
 
 
+# Flags of the trainers our users come from (the guides in shared/seeds: nanoGPT-style scripts, a
+# vocab-25 model, a pickled-dataset trainer, the 18B MoE), keyed with dashes as underscores.
+SEED_FLAG_ADVICE = {
+    "epochs": "use --num_train_epochs N",
+    "resume": "use --resume_from_checkpoint latest (or best, step-N, a checkpoint folder)",
+    "resume_from": "use --resume_from_checkpoint latest (or best, step-N, a checkpoint folder)",
+    "name": "use --run_name NAME (the folder is --output_dir)",
+    "device": "accelerate launch chooses the device: GPUs when there are any, ACCELERATE_USE_CPU=1 for the CPU",
+    "gpu": "accelerate launch chooses the GPUs (--num_processes N, CUDA_VISIBLE_DEVICES)",
+    "config": "use --config_name (a model's config.json or folder), or --preset NAME for our MoE",
+    "batch_size": "use --per_device_train_batch_size N (and --gradient_accumulation_steps K)",
+    "lr": "use --learning_rate (AdamW) and --muon_learning_rate (Muon)",
+    "learning_rate_muon": "use --muon_learning_rate",
+    "data": "use --data_files FILE... (text, JSON lines, Parquet) or --prepared_data DIR",
+    "eval_interval": "use --eval_steps N",
+    "save_interval": "use --save_steps N",
+    "save_every": "use --save_steps N",
+    "num_layers": "use --config_overrides num_hidden_layers=N (with --model_type or --config_name)",
+    "num_heads": "use --config_overrides num_attention_heads=N (with --model_type or --config_name)",
+    "hidden_dim": "use --config_overrides hidden_size=N (with --model_type or --config_name)",
+    "grad_accum_steps": "use --gradient_accumulation_steps N",
+    "use_wandb": "use --report_to wandb",
+    "use_amp": "use --mixed_precision bf16 (or fp16)",
+    "amp": "use --mixed_precision bf16 (or fp16)",
+    "save_dir": "use --output_dir DIR",
+    "out_dir": "use --output_dir DIR",
+    "checkpoint_dir": "use --output_dir DIR (checkpoints go to DIR/checkpoints)",
+    "dropout": "dropout is the model's setting: --config_overrides attention_dropout=0.1 (a transformers model) "
+               "or your module's config (model_config)",
+    "compile": "use --torch_compile",
+    "grad_clip": "use --max_grad_norm",
+    "max_iters": "use --max_steps N",
+    "warmup_iters": "use --warmup_steps N",
+    "mode": "this command trains; evaluate with `accel-trainer eval <checkpoint>`",
+}
+
+
 def unknown_flags_message(unknown: list[str], known: list[str]) -> str:
     """One line per unknown flag: the HF Trainer equivalent if there is one, else the closest flags."""
     lines = []
@@ -334,7 +371,13 @@ def unknown_flags_message(unknown: list[str], known: list[str]) -> str:
         if name in HF_TRAINER_ADVICE:
             lines.append(f"{flag}: not a flag here (an HF Trainer flag); {HF_TRAINER_ADVICE[name]}")
             continue
-        close = difflib.get_close_matches(flag, known, n=3, cutoff=0.6)
+        if name.replace("-", "_") in SEED_FLAG_ADVICE:
+            lines.append(f"{flag}: not a flag here; {SEED_FLAG_ADVICE[name.replace('-', '_')]}")
+            continue
+        if f"--{name.replace('-', '_')}" in known:  # --save-steps: the dashed spelling of a flag
+            lines.append(f"{flag}: use --{name.replace('-', '_')}")
+            continue
+        close = difflib.get_close_matches(f"--{name.replace('-', '_')}", known, n=3, cutoff=0.75)
         hint = f"did you mean {' or '.join(close)}?" if close else "see --help for the flags"
         lines.append(f"{flag}: unknown flag; {hint}")
     if not lines:
@@ -350,7 +393,8 @@ def parse_args(dataclass_types, args: list[str] | None = None):
     """
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(dataclass_types)
+    # No abbreviations: --resume-from would silently be --resume_from_checkpoint, --lr ambiguous.
+    parser = HfArgumentParser(dataclass_types, allow_abbrev=False)
     try:
         *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     except ValueError as err:

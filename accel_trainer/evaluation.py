@@ -54,6 +54,31 @@ def check_tasks(tasks: list[str], manager) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else " (lm_eval --tasks list shows them all)"
             raise ConfigError(f"--tasks: {task!r} is not a task of lm-evaluation-harness{hint}; a task of your own "
                               "needs --include_path <folder with its YAML>")
+    hub_tasks = [task for task in tasks if _data_from_hub(manager.task_index.get(task))]
+    if hub_tasks:  # the harness's own tasks read their data from the Hub: fail in seconds when it is away
+        from .hub import require_hub
+
+        require_hub("--tasks", ",".join(hub_tasks), ConfigError)
+
+
+# The datasets builders that read local files named in the task (not the Hub).
+LOCAL_BUILDERS = ("json", "csv", "text", "parquet", "arrow")
+
+
+def _data_from_hub(entry) -> bool:
+    """Whether a harness task (or group) reads its dataset from the Hugging Face Hub: a group of the
+    harness's own, or a task whose ``dataset_path`` is neither a local folder nor a local builder."""
+    if entry is None:
+        return False
+    cfg = getattr(entry, "cfg", None) or {}
+    path = cfg.get("dataset_path")
+    if path is None:  # a group: its tasks are the harness's own unless its YAML is yours
+        import lm_eval
+
+        harness = Path(lm_eval.__file__).resolve().parent
+        yaml = getattr(entry, "yaml_path", None)
+        return yaml is not None and Path(yaml).resolve().is_relative_to(harness)
+    return not (str(path) in LOCAL_BUILDERS or Path(str(path)).expanduser().exists())
 
 
 def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = None, limit: float | None = None,
@@ -74,8 +99,14 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, device=device)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    try:
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
+                                          task_manager=manager, log_samples=False, bootstrap_iters=0, verbosity="ERROR")
+    except (ConnectionError, FileNotFoundError) as err:  # a task's data not in the cache (offline)
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        raise ConfigError(f"--tasks={','.join(tasks)}: a task's data could not be loaded ({first}); run once "
+                          "with network to fill the Hugging Face cache, or use tasks of your own (--include_path)") \
+            from None
     return {"results": results["results"], "versions": results.get("versions", {}),
             "n-shot": results.get("n-shot", {}), "config": {"limit": limit, "num_fewshot": num_fewshot,
                                                              "batch_size": batch_size}}

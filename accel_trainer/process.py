@@ -29,9 +29,7 @@ def write_exit_status(output_dir: str | None, code: int | None, reason: str, ste
     """``<output_dir>/exit_status.json``: the run's own exit status and reason, for restart scripts
     behind ``accelerate launch`` (which turns every failure into exit status 1). ``code`` None means
     running: a file still saying so after the process ended means it was killed (kill -9, OOM killer)."""
-    from accelerate import PartialState
-
-    if not output_dir or not PartialState().is_main_process:
+    if not output_dir or not _is_main_process():
         return
     meaning = "running" if code is None else EXIT_MEANINGS.get(code, "stopped by a signal (emergency checkpoint saved)"
                                                                if code > 128 else "failed")
@@ -41,6 +39,8 @@ def write_exit_status(output_dir: str | None, code: int | None, reason: str, ste
     try:
         if code is not None and _another_live_run(path):
             return  # a run refused because another one trains here must not overwrite that one's status
+        if code == 2 and _another_runs_outcome(path):
+            return  # a command refused before it started leaves the status of the run that ended here
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{EXIT_STATUS}.tmp")
         write_json(tmp, record)
@@ -48,6 +48,28 @@ def write_exit_status(output_dir: str | None, code: int | None, reason: str, ste
         os.replace(tmp, path)
     except OSError:
         pass  # a status file must never be why a run fails
+
+
+def _is_main_process(local: bool = False) -> bool:
+    """Whether this is the main process, also when the process group never started (a restarted
+    rank that cannot reach the others): Accelerate's state is then half-built, so the launcher's
+    ``RANK``/``LOCAL_RANK`` decide."""
+    from accelerate import PartialState
+
+    try:
+        state = PartialState()
+        return state.is_local_main_process if local else state.is_main_process
+    except (AttributeError, RuntimeError, ValueError):
+        return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0") or 0) == 0
+
+
+def _another_runs_outcome(path: Path) -> bool:
+    """The status file records how another process's run ended."""
+    try:
+        record = read_json(path)
+        return record.get("exit_code") is not None and record.get("pid") != os.getpid()
+    except (InputError, OSError, AttributeError):
+        return False
 
 
 def _another_live_run(path: Path) -> bool:
@@ -69,14 +91,12 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
     reason also go to ``<output_dir>/exit_status.json``."""
     import sys
 
-    from accelerate import PartialState
-
     step = None
     try:
         trainer = job()
     except InputError as err:
         message = redact_text(str(err))  # an error may quote a flag's value, a URL, a command
-        if PartialState().is_local_main_process:  # every node's log says why the run stopped
+        if _is_main_process(local=True):  # every node's log says why the run stopped
             print(f"error: {message}", file=sys.stderr)
         code, reason = 2, message
     except BaseException as err:
@@ -89,16 +109,16 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
         behind = trainer.checkpointer.remote_behind
         if code == 0 and behind:
             code, reason = 4, f"finished, but {behind}"
-            if PartialState().is_main_process:
+            if _is_main_process():
                 print(f"error: {redact_text(reason)}; upload the local checkpoints (resume with the same "
                       "--checkpoint_upload_to uploads the next one) or check the store", file=sys.stderr)
         del trainer
     write_exit_status(output_dir, code, reason, step)
-    _free_process_groups(PartialState())
+    _free_process_groups()
     return code
 
 
-def _free_process_groups(state) -> None:
+def _free_process_groups() -> None:
     """Let the process groups die now, while Python is fully alive, not during interpreter shutdown.
 
     ``destroy_process_group`` (Accelerate's ``end_training``) only unregisters a group: the DDP
@@ -109,5 +129,14 @@ def _free_process_groups(state) -> None:
     Collecting the cycles drops the last reference; the group's destructor joins its (idle) threads.
     An unexpected exception skips this: its traceback holds the trainer, and the run fails anyway.
     """
-    state.destroy_process_group()  # a no-op after end_training; needed when an error came before it
+    from accelerate import PartialState
+
+    try:
+        state = PartialState()
+    except (AttributeError, RuntimeError, ValueError):  # never started: nothing to free
+        return
+    try:
+        state.destroy_process_group()  # a no-op after end_training; needed when an error came before it
+    except AttributeError:  # a half-built state (the group never came up): nothing to free
+        return
     gc.collect()

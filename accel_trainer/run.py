@@ -13,7 +13,7 @@ from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .errors import ConfigError, InputError, error_class
-from .models import (CUSTOM_KEY, ModelPlan, check_folder_or_hub, count_parameters_of, plan_custom, plan_hugging_face,
+from .models import (CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, plan_custom, plan_hugging_face,
                      plan_preset)
 from .parallel import ParallelDims
 from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
@@ -228,7 +228,7 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
         model_config: its config (a dataclass or a dict of plain JSON values).
     """
     if model_args.model_name_or_path:
-        check_folder_or_hub("model_name_or_path", model_args.model_name_or_path)  # before its tokenizer is read
+        load_auto_config("model_name_or_path", model_args.model_name_or_path)  # before its tokenizer is read
         if not (data_args.tokenizer_name or data_args.prepared_data or data_args.data_mix):
             data_args = dataclasses.replace(data_args, tokenizer_name=model_args.model_name_or_path)  # the model's own
     if model_factory is None and not model_args.hugging_face and model_args.preset is None:
@@ -249,7 +249,6 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
                                  getattr(accelerator, "parallelism_config", None), plan.family)
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
-    write_exit_status(train_args.output_dir, None, "running")
     try:
         return _run(accelerator, plan, dims, block_size, model_args, data_args, train_args)
     finally:
@@ -311,6 +310,8 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
             resume_policy(plan, run_config, accelerator.print)(folder)
+    # Only now: a command refused above leaves the status of the run that ended here as it was.
+    write_exit_status(train_args.output_dir, None, "running")
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
     model, counts, assignments, parallel = build_model(plan, model_args, train_args, accelerator, dims)

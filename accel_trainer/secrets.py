@@ -24,6 +24,8 @@ _QUERY_PAIR = re.compile(r"(?P<name>[?&][^=&\s]+=)(?P<value>[^&\s]+)")
 _JSON_PAIR = re.compile(r'(?P<name>"(?P<key>[^"]+)"\s*:\s*)(?P<value>"(?:[^"\\]|\\.)*")')
 _PLAIN_PAIR = re.compile(r"(?P<name>\b(?P<key>[A-Za-z][A-Za-z0-9_.-]*)\s*[=:]\s*)(?P<value>[^\s,;'\"}]+)")
 _WORDS = set(SECRET_WORDS) | {"credentials", "apikey", "api_key"}
+# What help texts and errors write where a value goes (``expected key=value``): words, not secrets.
+PLACEHOLDERS = {"value", "values", "val", "...", "<value>", "<secret>", "<key>", "<token>", "x"}
 
 
 def is_secret_name(name: str) -> bool:
@@ -48,7 +50,8 @@ def redact_mapping(value):
 
 def _masked_if_secret(match, key_group: str = "name") -> str:
     key = match.group(key_group).strip("?&=\"': ")
-    if not is_secret_name(key) or match.group("value").strip('"') in ("", MASK):
+    value = match.group("value").strip('"')
+    if not is_secret_name(key) or value in ("", MASK) or value.lower() in PLACEHOLDERS:
         return match.group(0)
     value = f'"{MASK}"' if match.group("value").startswith('"') else MASK
     return match.group("name") + value

@@ -52,9 +52,32 @@ def redact(storage_options: dict | None) -> dict | None:
     return redact_mapping(storage_options) if storage_options else storage_options
 
 
+#: Storage options kept off the command line (where launchers and ``ps`` show them): JSON or ``@FILE``.
+STORAGE_OPTIONS_ENV = "ACCEL_TRAINER_STORAGE_OPTIONS"
+
+
 def parse_storage_options(text: str | None, flag: str = "--storage_options") -> dict:
+    """The filesystem options of the object store, as a dict: ``text`` is JSON, or ``@FILE`` naming a
+    JSON file; without ``text``, the ``ACCEL_TRAINER_STORAGE_OPTIONS`` environment variable (same
+    forms). Both keep credentials out of the command line, which launchers print when a run fails.
+
+    Raises:
+        CheckpointError: naming the flag (or variable) and what is wrong, never the values.
+    """
+    import os
+
     if not text:
-        return {}
+        text, flag = os.environ.get(STORAGE_OPTIONS_ENV), STORAGE_OPTIONS_ENV
+        if not text:
+            return {}
+    if text.startswith("@"):
+        path = Path(text[1:]).expanduser()
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{flag}=@{path}: cannot read the file ({getattr(err, 'strerror', None) or err}); "
+                                  "give a JSON file of the options") from None
+        flag = f"{flag}=@{path}"
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:

@@ -185,7 +185,10 @@ def file_identity(path: str | Path) -> dict:
     (streamed; cheap next to tokenising it)."""
     from ..checkpoint import hash_file
 
-    stat = Path(path).stat()
+    try:
+        stat = Path(path).stat()
+    except FileNotFoundError:
+        raise DataError(f"--data_files: {path}: no such file") from None
     # Hashed once per process while the file stays as it is. The change time is in the key because a
     # write sets it and, unlike the modification time, no one can set it back (`touch -d`, os.utime).
     # A file changed within the last seconds is hashed every time: a second write in the same

@@ -126,13 +126,25 @@ def check_folder_or_hub(flag: str, name: str) -> None:
     require_hub(f"--{flag}", name, ConfigError)
 
 
-def _auto_config(flag: str, name: str):
+def load_auto_config(flag: str, name: str):
+    """The transformers config of a model folder or Hub name, checked (before its tokenizer is read,
+    so that a broken ``config.json`` or a name missing from the offline cache names ``--flag``).
+
+    Raises:
+        ConfigError: naming ``--flag``, the name and what to do.
+    """
     from transformers import AutoConfig
+
+    from ..hub import hub_offline
 
     check_folder_or_hub(flag, name)
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError, KeyError) as err:
+        if hub_offline() and not Path(name).exists():
+            raise ConfigError(f"--{flag}={name!r}: not in the local Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                              "download it on a machine with network (save_pretrained) and pass the folder, or "
+                              "unset HF_HUB_OFFLINE") from None
         raise ConfigError(f"--{flag}={name!r}: not a usable model config ({str(err).splitlines()[0][:300]})") from None
 
 
@@ -194,10 +206,10 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
     notes = []
     if args.model_name_or_path:
         source, flag, name = "pretrained", "model_name_or_path", args.model_name_or_path
-        config = _auto_config(flag, name)
+        config = load_auto_config(flag, name)
     elif args.config_name:
         source, flag, name = "config", "config_name", args.config_name
-        config = _auto_config(flag, name)
+        config = load_auto_config(flag, name)
     else:
         source, flag, name = "config", "model_type", args.model_type
         config = config_for_model_type(name)
@@ -256,8 +268,16 @@ def _from_pretrained(name: str, config, resize_to: int | None, strict: bool, pla
 
     from ..checkpoint import LoadReport
 
-    model, info = AutoModelForCausalLM.from_pretrained(name, config=config, output_loading_info=True,
-                                                       ignore_mismatched_sizes=not strict)
+    from safetensors import SafetensorError
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(name, config=config, output_loading_info=True,
+                                                           ignore_mismatched_sizes=not strict)
+    except (SafetensorError, EnvironmentError, ValueError) as err:  # a truncated or damaged weights file
+        first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+        hint = ("the weights file is truncated or damaged: copy or download the model folder again"
+                if isinstance(err, SafetensorError) else "check the folder's files (or the name on the Hub)")
+        raise ConfigError(f"--model_name_or_path={name!r}: the model cannot be loaded ({first}); {hint}") from None
     loaded = sorted(set(model.state_dict()) - set(info["missing_keys"]) - {k for k, *_ in info["mismatched_keys"]})
     report = LoadReport(loaded=loaded, missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]),
                         mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]])
