@@ -114,7 +114,8 @@ def cmd_inspect(args) -> int:
           f"accelerate {env.get('accelerate')}, accel_trainer {env.get('accel_trainer')}")
     for opt in info["optimizers"]:
         hyper = ", ".join(f"{k}={v}" for k, v in opt["hyperparameters"].items() if k in ("lr", "initial_lr",
-                                                                                        "weight_decay", "betas", "momentum"))
+                                                                                        "weight_decay", "betas",
+                                                                                        "momentum"))
         print(f"optimizer    {opt['optimizer']}: {opt['parameters']} tensors, state {_fmt_bytes(opt['state_bytes'])}"
               f" ({hyper})")
     for name, s in info["schedulers"].items():
@@ -223,7 +224,8 @@ def _model_folder(path: str, storage_options: dict) -> Path:
 
 def cmd_eval(args) -> int:
     from .console import quiet_library_bars
-    from .evaluation import check_tasks, log_to_tensorboard, run_tasks, scalars, table, task_manager, write_results
+    from .evaluation import (check_tasks, log_to_tensorboard, require_task_data, run_tasks, scalars, table,
+                             task_manager, write_results)
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not tasks:
@@ -233,6 +235,7 @@ def cmd_eval(args) -> int:
     manager = task_manager(args.include_path)  # a missing lm-eval or an unknown task fails before the load
     check_tasks(tasks, manager)
     folder = _model_folder(args.path, args.storage_options_dict)
+    require_task_data(tasks, manager)
     quiet_library_bars("transformers")
     from transformers import AutoTokenizer
 
@@ -427,9 +430,12 @@ def cmd_plan(args) -> int:
     block = args.block_size if args.block_size is not None else context
     problems = [f"--{flag}={value}: must be {rule}" for flag, value, ok, rule in (
         ("num_gpus", args.num_gpus, args.num_gpus >= 1, ">= 1"),
-        ("gpu_memory_gib", args.gpu_memory_gib, args.gpu_memory_gib > 0 and math.isfinite(args.gpu_memory_gib), "a number > 0"),
-        ("per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1, ">= 1"),
-        ("block_size", block, block is not None and 1 <= block <= (context or block), f"in 1..{context} (the model's context)"),
+        ("gpu_memory_gib", args.gpu_memory_gib, args.gpu_memory_gib > 0 and math.isfinite(args.gpu_memory_gib),
+         "a number > 0"),
+        ("per_device_train_batch_size", args.per_device_train_batch_size, args.per_device_train_batch_size >= 1,
+         ">= 1"),
+        ("block_size", block, block is not None and 1 <= block <= (context or block), f"in 1..{context} (the model's "
+                                                                                      f"context)"),
         ("disk_gbps", args.disk_gbps, args.disk_gbps > 0 and math.isfinite(args.disk_gbps), "a number > 0")) if not ok]
     ep, family = args.expert_parallel_size, family_of(config)
     if ep != 1 and not family.supports("ep"):
@@ -486,7 +492,8 @@ def _print_expert_parallel_plan(config, name: str, args, block: int, options: di
           f"{'yes' if plans[0].fits else 'NO':>10}{'yes' if plans[1].fits else 'NO':>14}")
     print("expert traffic per GPU per step of one micro-batch (GB received):")
     before, after = plans[0].traffic, plans[1].traffic
-    print(f"  FSDP2      all-gather {before['all_gather'] / 1e9:8.2f}  reduce-scatter {before['reduce_scatter'] / 1e9:8.2f}"
+    print(f"  FSDP2      all-gather {before['all_gather'] / 1e9:8.2f}  reduce-scatter "
+          f"{before['reduce_scatter'] / 1e9:8.2f}"
           f"  total {sum(before.values()) / 1e9:8.2f}")
     print(f"  EP={ep:<7} all-to-all {after['all_to_all'] / 1e9:8.2f}  all-reduce     {after['all_reduce'] / 1e9:8.2f}"
           f"  total {sum(after.values()) / 1e9:8.2f}  ({sum(before.values()) / max(sum(after.values()), 1):.1f}x less)")
@@ -523,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--format", default=None,
-                   help="one of the model family's formats; our MoE family: qwen2_moe (default; the stock transformers architecture, same outputs, "
+                   help="one of the model family's formats; our MoE family: qwen2_moe (default; the stock transformers "
+                        "architecture, same outputs, "
                         "loads without this package) or accel_moe (our own class, needs `import accel_trainer`); "
                         "any other transformers model: native (default), itself")
     p.set_defaults(func=cmd_export)

@@ -31,16 +31,45 @@ def _raise_if(problems: list[str]) -> None:
 
 @dataclass
 class ModelArguments:
-    preset: str | None = field(default=None, metadata={"help": "Our MoE family: a size preset (tiny, 4090, b200, 18b; recipes/moe18b.py, default tiny). Not with the Hugging Face flags below."})
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from these Hugging Face weights: a model folder or a Hub name (continued pre-training, fine-tuning); the tokenizer defaults to the model's own."})
-    config_name: str | None = field(default=None, metadata={"help": "A fresh model of this Hugging Face config: a folder with config.json or a Hub name."})
-    model_type: str | None = field(default=None, metadata={"help": "A fresh model of any registered transformers architecture (llama, qwen3_moe, gpt2, mixtral, ...), its config's defaults changed by --config_overrides."})
-    config_overrides: str | None = field(default=None, metadata={"help": "Change config values, e.g. 'hidden_size=512,num_hidden_layers=8' (as transformers' run_clm.py); every key must exist in the config."})
-    vocab_size: int | None = field(default=None, metadata={"help": "Embedding rows; default: the tokenizer's ids rounded up to a multiple of 64 (128 from 16k) for fresh models, the model's own for --model_name_or_path (a larger value adds new rows, reported)."})
-    strict: bool = field(default=False, metadata={"help": "Refuse to start when the starting weights and the model differ (missing, unexpected, reshaped or newly initialised tensors) instead of reporting them."})
-    muon_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter names) of tensors that go to Muon, overriding the rule (hidden matrices and expert stacks to Muon; embeddings, output head, norms, biases, routers and 1D to AdamW). Matrices only."})
-    adamw_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter names) of tensors that go to AdamW, overriding the rule."})
-    experts_implementation: str | None = field(default=None, metadata={"help": "How a transformers MoE runs its experts: grouped_mm (grouped GEMMs), batched_mm or eager; default: transformers' choice for the model, said at start."})
+    preset: str | None = field(default=None, metadata={"help": "Our MoE family: a size preset (tiny, 4090, b200, 18b; "
+                                                               "recipes/moe18b.py, default tiny). Not with the Hugging "
+                                                               "Face flags below."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Start from these Hugging Face weights: a "
+                                                                           "model folder or a Hub name (continued "
+                                                                           "pre-training, fine-tuning); the tokenizer "
+                                                                           "defaults to the model's own."})
+    config_name: str | None = field(default=None, metadata={"help": "A fresh model of this Hugging Face config: a "
+                                                                    "folder with config.json or a Hub name."})
+    model_type: str | None = field(default=None, metadata={"help": "A fresh model of any registered transformers "
+                                                                   "architecture (llama, qwen3_moe, gpt2, mixtral, "
+                                                                   "...), its config's defaults changed by "
+                                                                   "--config_overrides."})
+    config_overrides: str | None = field(default=None, metadata={"help": "Change config values, e.g. "
+                                                                         "'hidden_size=512,num_hidden_layers=8' (as "
+                                                                         "transformers' run_clm.py); every key must "
+                                                                         "exist in the config."})
+    vocab_size: int | None = field(default=None, metadata={"help": "Embedding rows; default: the tokenizer's ids "
+                                                                   "rounded up to a multiple of 64 (128 from 16k) for "
+                                                                   "fresh models, the model's own for "
+                                                                   "--model_name_or_path (a larger value adds new "
+                                                                   "rows, reported)."})
+    strict: bool = field(default=False, metadata={"help": "Refuse to start when the starting weights and the model "
+                                                          "differ (missing, unexpected, reshaped or newly initialised "
+                                                          "tensors) instead of reporting them."})
+    muon_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter "
+                                                                          "names) of tensors that go to Muon, "
+                                                                          "overriding the rule (hidden matrices and "
+                                                                          "expert stacks to Muon; embeddings, output "
+                                                                          "head, norms, biases, routers and 1D to "
+                                                                          "AdamW). Matrices only."})
+    adamw_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter "
+                                                                           "names) of tensors that go to AdamW, "
+                                                                           "overriding the rule."})
+    experts_implementation: str | None = field(default=None, metadata={"help": "How a transformers MoE runs its "
+                                                                               "experts: grouped_mm (grouped GEMMs), "
+                                                                               "batched_mm or eager; default: "
+                                                                               "transformers' choice for the model, "
+                                                                               "said at start."})
 
     def __post_init__(self):
         problems = []
@@ -48,7 +77,8 @@ class ModelArguments:
             problems.append(f"--vocab_size={self.vocab_size}: must be >= 1")
         hf = [f"--{n}" for n in ("model_name_or_path", "config_name", "model_type") if getattr(self, n)]
         if self.preset and hf:
-            problems.append(f"--preset and {hf[0]}: give one (--preset is our MoE family; {hf[0]} a Hugging Face model)")
+            problems.append(f"--preset and {hf[0]}: give one (--preset is our MoE family; {hf[0]} a Hugging Face "
+                            f"model)")
         if self.config_name and self.model_type:
             problems.append("--config_name and --model_type: give one (a config to start from, or an architecture)")
         if self.model_name_or_path and (self.config_name or self.model_type):
@@ -78,16 +108,29 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name for datasets.load_dataset (needs network)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Hub dataset name for datasets.load_dataset "
+                                                                     "(needs network)."})
     dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
-    data_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (one type per run), prepared once under <output_dir>/data."})
-    prepared_data: list[str] | None = field(default=None, metadata={"help": "Folders made by accel-trainer prepare-data (several: concatenated); they bring their tokenizer."})
-    data_mix: list[str] | None = field(default=None, metadata={"help": "Prepared folders with weights, e.g. data/web:0.7 data/code:0.3."})
-    text_column: str = field(default="text", metadata={"help": "Column holding the text in --data_files/--dataset_name."})
-    tokenizer_name: str | None = field(default=None, metadata={"help": "For raw data: 'byte' (built in, the default; no download), a tokenizer folder (accel-trainer train-tokenizer) or Hub name."})
-    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence; default: the recipe's for the preset, else the model's context (at most 2048)."})
-    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of packed blocks held out for validation (percent)."})
-    max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default corpus."})
+    data_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files (one "
+                                                                         "type per run), prepared once under "
+                                                                         "<output_dir>/data."})
+    prepared_data: list[str] | None = field(default=None, metadata={"help": "Folders made by accel-trainer "
+                                                                            "prepare-data (several: concatenated); "
+                                                                            "they bring their tokenizer."})
+    data_mix: list[str] | None = field(default=None, metadata={"help": "Prepared folders with weights, e.g. "
+                                                                       "data/web:0.7 data/code:0.3."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text in "
+                                                               "--data_files/--dataset_name."})
+    tokenizer_name: str | None = field(default=None, metadata={"help": "For raw data: 'byte' (built in, the default; "
+                                                                       "no download), a tokenizer folder "
+                                                                       "(accel-trainer train-tokenizer) or Hub name."})
+    block_size: int | None = field(default=None, metadata={"help": "Tokens per training sequence; default: the "
+                                                                   "recipe's for the preset, else the model's context "
+                                                                   "(at most 2048)."})
+    validation_split_percentage: float = field(default=5.0, metadata={"help": "Share of packed blocks held out for "
+                                                                              "validation (percent)."})
+    max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default "
+                                                                       "corpus."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data."})
 
     def __post_init__(self):
@@ -120,58 +163,132 @@ class TrainingArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     learning_rate: float = field(default=3e-3, metadata={"help": "Peak LR of AdamW (embeddings, head, norms, router)."})
     muon_learning_rate: float = field(default=0.02, metadata={"help": "Peak LR of Muon (hidden matrices, experts)."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (as in the HF Trainer), on its matrices (embeddings, output head, router); norms are not decayed."})
-    muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon's decoupled weight decay (hidden matrices, experts)."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay (as in the HF Trainer), "
+                                                               "on its matrices (embeddings, output head, router); "
+                                                               "norms are not decayed."})
+    muon_weight_decay: float = field(default=0.0, metadata={"help": "Muon's decoupled weight decay (hidden matrices, "
+                                                                    "experts)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine (alias cosine_with_min_lr), linear, wsd (warmup-stable-decay) or constant (alias constant_with_warmup); each decays to --min_lr_ratio of the peak."})
-    warmup_steps: int | None = field(default=None, metadata={"help": f"Linear warmup steps (default {DEFAULT_WARMUP_STEPS}, or --warmup_ratio)."})
-    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of the schedule's steps (the HF Trainer's flag); instead of --warmup_steps."})
-    lr_schedule_steps: int | None = field(default=None, metadata={"help": "Steps the LR schedule spans (default: the run's total steps). On a resume with a larger --max_steps, pass the old total to keep the saved schedule instead of stretching it (the extra steps train at the final LR)."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "cosine (alias cosine_with_min_lr), linear, wsd "
+                                                                       "(warmup-stable-decay) or constant (alias "
+                                                                       "constant_with_warmup); each decays to "
+                                                                       "--min_lr_ratio of the peak."})
+    warmup_steps: int | None = field(default=None, metadata={"help": f"Linear warmup steps (default "
+                                                                     f"{DEFAULT_WARMUP_STEPS}, or --warmup_ratio)."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Warmup as a fraction of the schedule's steps "
+                                                                       "(the HF Trainer's flag); instead of "
+                                                                       "--warmup_steps."})
+    lr_schedule_steps: int | None = field(default=None, metadata={"help": "Steps the LR schedule spans (default: the "
+                                                                          "run's total steps). On a resume with a "
+                                                                          "larger --max_steps, pass the old total to "
+                                                                          "keep the saved schedule instead of "
+                                                                          "stretching it (the extra steps train at the "
+                                                                          "final LR)."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final LR as a fraction of the peak."})
     decay_ratio: float = field(default=0.2, metadata={"help": "wsd: fraction of the steps spent decaying."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables."})
-    expert_parallel_size: int = field(default=1, metadata={"help": "Expert parallelism for our MoE family: ranks that share one copy of every MoE layer's experts, each holding num_experts/N of them; tokens move to their experts with all_to_all. Divides the number of processes and num_experts; under DDP or FSDP2. See docs/cluster.md."})
-    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU). Default: what `accelerate launch` was configured with (e.g. accelerate_configs/*.yaml), else no."})
-    full_determinism: bool = field(default=False, metadata={"help": "Deterministic kernels (the HF Trainer's flag: torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG): bit-exact runs and resumes on GPU, somewhat slower. CPU runs are deterministic without it."})
+    expert_parallel_size: int = field(default=1, metadata={"help": "Expert parallelism for our MoE family: ranks that "
+                                                                   "share one copy of every MoE layer's experts, each "
+                                                                   "holding num_experts/N of them; tokens move to "
+                                                                   "their experts with all_to_all. Divides the number "
+                                                                   "of processes and num_experts; under DDP or FSDP2. "
+                                                                   "See docs/cluster.md."})
+    mixed_precision: str | None = field(default=None, metadata={"help": "no, bf16 or fp16 (fp16 needs a GPU). Default: "
+                                                                        "what `accelerate launch` was configured with "
+                                                                        "(e.g. accelerate_configs/*.yaml), else no."})
+    full_determinism: bool = field(default=False, metadata={"help": "Deterministic kernels (the HF Trainer's flag: "
+                                                                    "torch.use_deterministic_algorithms, "
+                                                                    "CUBLAS_WORKSPACE_CONFIG): bit-exact runs and "
+                                                                    "resumes on GPU, somewhat slower. CPU runs are "
+                                                                    "deterministic without it."})
     bf16: bool = field(default=False, metadata={"help": "Same as --mixed_precision bf16 (the HF Trainer's flag)."})
     fp16: bool = field(default=False, metadata={"help": "Same as --mixed_precision fp16 (the HF Trainer's flag)."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the backward instead of keeping its activations (less memory, ~1/3 more compute)."})
-    torch_compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile (regional compilation)."})
-    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for --torch_compile."})
-    torch_compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode for --torch_compile (e.g. max-autotune)."})
-    peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device for MFU; default: a table of known GPUs (none on CPU)."})
-    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes that read training blocks (0: the training process)."})
-    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with an emergency checkpoint) after this many steps in a row with a non-finite loss or gradient; 0 never stops."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute each decoder layer in the "
+                                                                          "backward instead of keeping its activations "
+                                                                          "(less memory, ~1/3 more compute)."})
+    torch_compile: bool = field(default=False, metadata={"help": "Compile each decoder layer with torch.compile "
+                                                                 "(regional compilation)."})
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend for "
+                                                                             "--torch_compile."})
+    torch_compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode for --torch_compile "
+                                                                           "(e.g. max-autotune)."})
+    peak_tflops: float | None = field(default=None, metadata={"help": "Peak TFLOP/s of one device for MFU; default: a "
+                                                                      "table of known GPUs (none on CPU)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Processes that read training blocks (0: the "
+                                                                     "training process)."})
+    max_nonfinite_steps: int = field(default=10, metadata={"help": "Stop (with an emergency checkpoint) after this "
+                                                                   "many steps in a row with a non-finite loss or "
+                                                                   "gradient; 0 never stops."})
     logging_steps: int = field(default=10, metadata={"help": "Log metrics every N steps."})
     eval_steps: int = field(default=100, metadata={"help": "Evaluate val loss every N steps; 0 disables."})
-    eval_tasks: str | None = field(default=None, metadata={"help": "lm-evaluation-harness tasks (comma-separated) to run on the main process every --eval_tasks_steps steps; results in metrics.jsonl as eval/<task>/<metric> (pip install 'accel_trainer[eval]')."})
-    eval_tasks_steps: int = field(default=0, metadata={"help": "Run --eval_tasks every N steps (and at the last step); 0: at the last step only."})
-    eval_tasks_limit: float | None = field(default=None, metadata={"help": "Examples per task for --eval_tasks (a fraction below 1)."})
-    eval_include_path: str | None = field(default=None, metadata={"help": "A folder of task YAML files of your own for --eval_tasks (works offline)."})
-    eval_tasks_strict: bool = field(default=False, metadata={"help": "Stop the run when --eval_tasks fails (default: one line, and training goes on)."})
+    eval_tasks: str | None = field(default=None, metadata={"help": "lm-evaluation-harness tasks (comma-separated) to "
+                                                                   "run on the main process every --eval_tasks_steps "
+                                                                   "steps; results in metrics.jsonl as "
+                                                                   "eval/<task>/<metric> (pip install "
+                                                                   "'accel_trainer[eval]')."})
+    eval_tasks_steps: int = field(default=0, metadata={"help": "Run --eval_tasks every N steps (and at the last step); "
+                                                               "0: at the last step only."})
+    eval_tasks_limit: float | None = field(default=None, metadata={"help": "Examples per task for --eval_tasks (a "
+                                                                           "fraction below 1)."})
+    eval_include_path: str | None = field(default=None, metadata={"help": "A folder of task YAML files of your own for "
+                                                                          "--eval_tasks (works offline)."})
+    eval_tasks_strict: bool = field(default=False, metadata={"help": "Stop the run when --eval_tasks fails (default: "
+                                                                     "one line, and training goes on)."})
     max_eval_batches: int = field(default=20, metadata={"help": "Cap on eval batches per process per evaluation."})
     save_steps: int = field(default=0, metadata={"help": "Save a checkpoint every N steps; 0 disables periodic saves."})
-    metric_for_best_model: str = field(default="val_loss", metadata={"help": "What 'best' follows (lower is better): val_loss (nats per token of this run's tokenizer) or val_bpb (bits per byte: compares runs with different tokenizers)."})
-    save_total_limit: int | None = field(default=None, metadata={"help": "Keep the newest K checkpoints (plus latest and best); default keeps all."})
-    keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a multiple of N."})
+    metric_for_best_model: str = field(default="val_loss", metadata={
+        "help": "What 'best' follows (lower is better): val_loss (nats per token of this run's tokenizer) or "
+                "val_bpb (bits per byte: compares runs with different tokenizers)."})
+    save_total_limit: int | None = field(default=None, metadata={"help": "Keep the newest K checkpoints (plus latest "
+                                                                         "and best); default keeps all."})
+    keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a "
+                                                                           "multiple of N."})
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
-    save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises (single process)."})
-    save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails (default: warn, skip it, train on)."})
-    async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a background thread (sharded FSDP2 runs: each rank's shards)."})
-    checkpoint_upload_to: str | None = field(default=None, metadata={"help": "Also upload every complete checkpoint, in the background, to this fsspec URL (s3://bucket/prefix; pip install 'accel_trainer[s3]'); --resume_from_checkpoint latest then looks there too."})
-    storage_options: str | None = field(default=None, metadata={"help": "JSON options for --checkpoint_upload_to's filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}', or @FILE (a JSON file); without it, the ACCEL_TRAINER_STORAGE_OPTIONS variable (same forms). Keep credentials off the command line (launchers print it when a run fails): AWS_* variables, a file, or that variable; any given are never saved or logged."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh."})
-    init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, reported); counters and optimizer start fresh."})
-    reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore weights/counters but start the optimizer fresh."})
-    reset_data_position: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: train on other data (another --block_size, files, tokenizer, seed) from its beginning; weights, optimizer and counters are kept."})
+    save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises "
+                                                                    "(single process)."})
+    save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails "
+                                                               "(default: warn, skip it, train on)."})
+    async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a "
+                                                              "background thread (sharded FSDP2 runs: each rank's "
+                                                              "shards)."})
+    checkpoint_upload_to: str | None = field(default=None, metadata={"help": "Also upload every complete checkpoint, "
+                                                                             "in the background, to this fsspec URL "
+                                                                             "(s3://bucket/prefix; pip install "
+                                                                             "'accel_trainer[s3]'); "
+                                                                             "--resume_from_checkpoint latest then "
+                                                                             "looks there too."})
+    storage_options: str | None = field(default=None, metadata={"help": "JSON options for --checkpoint_upload_to's "
+                                                                        "filesystem, e.g. '{\"endpoint_url\": "
+                                                                        "\"http://host:9000\"}', or @FILE (a JSON "
+                                                                        "file); without it, the "
+                                                                        "ACCEL_TRAINER_STORAGE_OPTIONS variable (same "
+                                                                        "forms). Keep credentials off the command line "
+                                                                        "(launchers print it when a run fails): AWS_* "
+                                                                        "variables, a file, or that variable; any "
+                                                                        "given are never saved or logged."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; "
+                                                                               "'latest' with no checkpoint starts "
+                                                                               "fresh."})
+    init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, "
+                                                                  "reported); counters and optimizer start fresh."})
+    reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore "
+                                                                   "weights/counters but start the optimizer fresh."})
+    reset_data_position: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: train on other "
+                                                                       "data (another --block_size, files, tokenizer, "
+                                                                       "seed) from its beginning; weights, optimizer "
+                                                                       "and counters are kept."})
     ema_decay: float = field(default=0.98, metadata={"help": "Decay of the exponential moving average of train loss."})
     seed: int = field(default=42, metadata={"help": "Seed for init, data split and order."})
-    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, or none."})
-    run_name: str | None = field(default=None, metadata={"help": "Tracker run name; defaults to the output_dir's name."})
+    report_to: str = field(default="tensorboard", metadata={"help": "Accelerate tracker(s): tensorboard, wandb, all, "
+                                                                    "or none."})
+    run_name: str | None = field(default=None, metadata={"help": "Tracker run name; defaults to the output_dir's "
+                                                                 "name."})
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
-    log_data_blocks: bool = field(default=False, metadata={"help": "Audit the data order: every rank appends the global block ids each step reads to <output_dir>/data_blocks.rank<N>.jsonl."})
+    log_data_blocks: bool = field(default=False, metadata={"help": "Audit the data order: every rank appends the "
+                                                                   "global block ids each step reads to "
+                                                                   "<output_dir>/data_blocks.rank<N>.jsonl."})
 
     def __post_init__(self):
         problems = []
@@ -221,7 +338,8 @@ class TrainingArguments:
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema_decay={self.ema_decay}: must be in [0, 1)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
-            problems.append(f"--save_total_limit={self.save_total_limit}: must be >= 1 (omit it to keep every checkpoint)")
+            problems.append(f"--save_total_limit={self.save_total_limit}: must be >= 1 (omit it to keep every "
+                            f"checkpoint)")
         if self.keep_every_n_steps is not None and self.keep_every_n_steps < 1:
             problems.append(f"--keep_every_n_steps={self.keep_every_n_steps}: must be >= 1")
         if self.resume_from_checkpoint and self.init_from:
@@ -271,7 +389,8 @@ class TrainingArguments:
         return CheckpointConfig(save_total_limit=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
                                 best_metric=self.metric_for_best_model,
                                 async_save=self.async_save, save_strict=self.save_strict, handle_signals=True,
-                                upload_to=self.checkpoint_upload_to, storage_options=self.parsed_storage_options or None)
+                                upload_to=self.checkpoint_upload_to,
+                                storage_options=self.parsed_storage_options or None)
 
     @property
     def eval_task_names(self) -> list[str]:
@@ -296,7 +415,8 @@ HF_TRAINER_ADVICE = {
                      "val loss are always saved",
     "logging_strategy": "log with --logging_steps N",
     "load_best_model_at_end": "the best checkpoint is always kept as <output_dir>/checkpoints/best; load it with "
-                              "load_model_for_inference('<output_dir>/checkpoints/best') or --resume_from_checkpoint best",
+                              "load_model_for_inference('<output_dir>/checkpoints/best') or --resume_from_checkpoint "
+                              "best",
     "greater_is_better": "'best' is the lowest val loss",
     "save_only_model": "checkpoints hold the whole state (that is what makes them resumable); "
                        "`accel-trainer export <checkpoint> <dir>` writes the model alone",

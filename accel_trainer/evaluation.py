@@ -54,8 +54,17 @@ def check_tasks(tasks: list[str], manager) -> None:
             hint = f"; did you mean {', '.join(close)}?" if close else " (lm_eval --tasks list shows them all)"
             raise ConfigError(f"--tasks: {task!r} is not a task of lm-evaluation-harness{hint}; a task of your own "
                               "needs --include_path <folder with its YAML>")
+
+
+def require_task_data(tasks: list[str], manager) -> None:
+    """The harness's own tasks read their data from the Hub: fail in seconds when it cannot be
+    reached (not after the model is loaded and the datasets library's retries).
+
+    Raises:
+        ConfigError: naming ``--tasks`` and what to do.
+    """
     hub_tasks = [task for task in tasks if _data_from_hub(manager.task_index.get(task))]
-    if hub_tasks:  # the harness's own tasks read their data from the Hub: fail in seconds when it is away
+    if hub_tasks:
         from .hub import require_hub
 
         require_hub("--tasks", ",".join(hub_tasks), ConfigError)
@@ -93,6 +102,7 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
 
     manager = manager or task_manager(include_path)
     check_tasks(tasks, manager)
+    require_task_data(tasks, manager)
     if not isinstance(model, PreTrainedModel):
         raise ConfigError(f"{type(model).__name__} is your own module, not a transformers model: lm-evaluation-harness "
                           "runs transformers models (evaluate yours with its val_loss/val_bpb, or wrap it)")

@@ -382,7 +382,8 @@ def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=(),
             reason = rule.adamw_reason(name, owner)
         if reason is None:
             kind = "expert stack" if p.ndim == 3 else "hidden matrix"
-            out.append(Assignment(name, "muon", kind + (", fused: per part" if layout.parts else ""), p.numel(), layout))
+            out.append(Assignment(name, "muon", kind + (", fused: per "
+                                                        "part" if layout.parts else ""), p.numel(), layout))
             continue
         out.append(Assignment(name, "adamw", reason, p.numel()))
     for flag, patterns in (("adamw", adamw_patterns), ("muon", muon_patterns)):

@@ -46,13 +46,14 @@ def activation_elements_per_token(config, gradient_checkpointing: bool = False) 
     for the shared expert (4s). A dense model is one expert always used (k = 1, f its MLP width).
     """
     from .models import ModelShape
-    from .models.building import first_attr
+    from .models import first_attr
 
     shape = ModelShape.of(config)
     d, h, q = shape.hidden_size, shape.num_heads, shape.head_dim
     g = first_attr(config, "num_key_value_heads", default=h)
     e, k = shape.num_experts, shape.experts_per_token or 1
-    f = first_attr(config, "moe_intermediate_size") if e else first_attr(config, "intermediate_size", "n_inner", default=4 * d)
+    f = first_attr(config, "moe_intermediate_size") if e else first_attr(config, "intermediate_size", "n_inner",
+                                                                         default=4 * d)
     f = f or 4 * d
     s = first_attr(config, "shared_expert_intermediate_size", default=0) if e else 0
     layer = 4 * d + 4 * h * q + 3 * g * q + h + e + 2 * k * d + 4 * k * f + 4 * s

@@ -2,7 +2,8 @@
 end of the process groups. :mod:`.run` composes a run; this module decides how the process ends.
 
     0  finished            2  bad input (one line on stderr)       3  stopped after non-finite steps
-    1  crashed             4  finished, the object store behind   128 + N  stopped by signal N (emergency checkpoint saved)
+    1  crashed             4  finished, the object store behind
+    128 + N  stopped by signal N (emergency checkpoint saved)
 """
 
 from __future__ import annotations

@@ -112,7 +112,8 @@ def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, def
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
               "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks",
               "optimizer_assignment", "eval_tasks", "eval_tasks_steps", "eval_tasks_limit", "eval_include_path",
-              "eval_tasks_strict", "metric_for_best_model", "data_file_hashes"}  # the assignment: a change shows as an optimizer that does not load
+              "eval_tasks_strict", "metric_for_best_model",
+              "data_file_hashes"}  # the assignment: a change shows as an optimizer that does not load
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "prepared_data", "data_mix", "text_column",
              "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity")
@@ -235,9 +236,11 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
         model_args = dataclasses.replace(model_args, preset="tiny")  # recorded as it ran
     # What can be checked without data or a model is checked before any work.
     if train_args.eval_tasks:  # lm-eval installed, every task known
-        from .evaluation import check_tasks, task_manager
+        from .evaluation import check_tasks, require_task_data, task_manager
 
-        check_tasks(train_args.eval_task_names, task_manager(train_args.eval_include_path))
+        manager = task_manager(train_args.eval_include_path)
+        check_tasks(train_args.eval_task_names, manager)
+        require_task_data(train_args.eval_task_names, manager)
     tokenizer = run_tokenizer(data_args)
     plan = plan_model(model_args, tokenizer, presets, model_factory, model_config)
     block_size = block_size_for(plan, data_args, model_args.preset, defaults)
@@ -322,7 +325,8 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
         raise ConfigError(str(err)) from None
     optimizers = build_optimizers(model, OptimizerSettings(
         muon_lr=train_args.muon_learning_rate, adamw_lr=train_args.learning_rate,
-        weight_decay=train_args.weight_decay, muon_weight_decay=train_args.muon_weight_decay, adam_beta1=train_args.adam_beta1,
+        weight_decay=train_args.weight_decay, muon_weight_decay=train_args.muon_weight_decay,
+        adam_beta1=train_args.adam_beta1,
         adam_beta2=train_args.adam_beta2, adam_epsilon=train_args.adam_epsilon), assignments)
     shape = plan.shape
     trainer = Trainer(accelerator, model, optimizers, data, train_args, run_config=run_config,

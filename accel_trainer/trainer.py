@@ -122,7 +122,8 @@ class Trainer:
         self.train_loader = self.checkpointer.dataloader
         if args.eval_tasks and self.checkpointer.sharded:
             raise ConfigError("--eval_tasks: the harness needs the whole model in one process and this run's model is "
-                              "sharded (FSDP2 or --expert_parallel_size); run `accel-trainer eval <checkpoint> --tasks ...` on the saved "
+                              "sharded (FSDP2 or --expert_parallel_size); run `accel-trainer eval <checkpoint> --tasks "
+                              "...` on the saved "
                               "checkpoints instead (in another process, or after the run)")
         self.total_steps = self.plan_total_steps()
         self.metrics = MetricsLogger(accelerator, args.output_dir)
@@ -171,7 +172,8 @@ class Trainer:
         best = self.checkpointer.best
         best = "none yet" if best is None else f"{best['value']:.4f} (step {best['step']})"
         if self.total_steps <= step:
-            self.accelerator.print(f"the checkpoint is at step {step}, at or past the end of this run ({self.total_steps} "
+            self.accelerator.print(f"the checkpoint is at step {step}, at or past the end of this run "
+                                   f"({self.total_steps} "
                                    "steps: --max_steps or --num_train_epochs): nothing left to train; raise it to "
                                    "train more")
             return
@@ -355,7 +357,8 @@ class Trainer:
             tokens += ids.numel()
             self.router.add(out)
             if self._block_log is not None:
-                self._block_log.write(json.dumps({"step": self.state.global_step + 1, "blocks": batch["block"].tolist()}) + "\n")
+                self._block_log.write(json.dumps({"step": self.state.global_step + 1,
+                                                  "blocks": batch["block"].tolist()}) + "\n")
         self.parallel.reduce_gradients()  # what the engine does not reduce (e.g. the experts' data-parallel mean)
         grad_norm = None
         if self.args.max_grad_norm > 0:
@@ -364,7 +367,9 @@ class Trainer:
         mean_loss = accelerator.reduce(total, reduction="mean")
         applied = True
         if accelerator.scaler is None:  # under fp16 the grad scaler skips (and rescales) overflowing steps itself
-            finite = torch.isfinite(mean_loss) if grad_norm is None else torch.isfinite(mean_loss) & torch.isfinite(grad_norm)
+            finite = torch.isfinite(mean_loss)
+            if grad_norm is not None:
+                finite = finite & torch.isfinite(grad_norm)
             applied = bool(finite)
         self._consistent = False
         self._step_tokens = tokens if applied else 0
@@ -497,7 +502,8 @@ class Trainer:
                 write_results(Path(args.output_dir), step, args.eval_task_names, results)
                 answer[0] = scalars(results)
             except Exception as err:  # the harness's errors are its own kinds: all reported the same way
-                answer[1] = f"--eval_tasks at step {step} failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                first_line = str(err).splitlines()[0][:300] if str(err) else ""
+                answer[1] = f"--eval_tasks at step {step} failed: {type(err).__name__}: {first_line}"
             finally:
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
@@ -519,6 +525,7 @@ class Trainer:
         a = self.args
         self.accelerator.print(
             f"accel_trainer: {self.accelerator.num_processes} process(es) [{self.accelerator.distributed_type}], "
-            f"mixed_precision={self.accelerator.mixed_precision}, {self.total_steps} steps ({self.steps_per_epoch} per epoch), "
+            f"mixed_precision={self.accelerator.mixed_precision}, {self.total_steps} steps ({self.steps_per_epoch} per "
+            f"epoch), "
             f"{self.samples_per_step} sequences/step, starting at step {self.state.global_step}, "
             f"output_dir={a.output_dir}")

@@ -393,12 +393,14 @@ def main() -> None:
             print(f"{name:<40}{seconds:>10.3f}{total / seconds / 1e9:>8.2f}")
         print(f"{'raw cold read of the checkpoint':<40}{cold_read['seconds']:>10.3f}"
               f"{ckpt_bytes / cold_read['seconds'] / 1e9:>8.2f}")
-        print(f"{'resume (cold, everything)':<40}{resume['seconds']:>10.3f}{ckpt_bytes / resume['seconds'] / 1e9:>8.2f}")
+        rate = ckpt_bytes / resume["seconds"] / 1e9
+        print(f"{'resume (cold, everything)':<40}{resume['seconds']:>10.3f}{rate:>8.2f}")
         print(f"{'load_model_for_inference (cold)':<40}{inference['seconds']:>10.3f}"
               f"{model_bytes / inference['seconds'] / 1e9:>8.2f}")
 
         sharded_gib = sharded["state_bytes"] / 2**30
-        print(f"\nsharded (FSDP2, 2 CPU ranks, {sharded_gib:.2f} GiB of state in all){'blocked s':>12}{'complete s':>12}")
+        print(f"\nsharded (FSDP2, 2 CPU ranks, {sharded_gib:.2f} GiB of state in "
+              f"all){'blocked s':>12}{'complete s':>12}")
         for mode in ("sync", "async"):
             print(f"{'ours sharded ' + mode:<53}{sharded[mode]['blocked']:>10.3f}{sharded[mode]['complete']:>12.3f}")
 
@@ -407,7 +409,8 @@ def main() -> None:
             up = {k: statistics.median(v) for k, v in upload.items()}
             print(f"\nupload to {args.upload_to} ({size / 2**30:.2f} GiB checkpoint){'seconds':>19}{'GB/s':>8}")
             for name, seconds in up.items():
-                print(f"{name:<53}{seconds:>10.3f}{format(size / seconds / 1e9, '.2f') if 'blocked' not in name else '':>8}")
+                rate = format(size / seconds / 1e9, ".2f") if "blocked" not in name else ""
+                print(f"{name:<53}{seconds:>10.3f}{rate:>8}")
 
         raw = med["raw write+fsync"]
         blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
@@ -427,7 +430,8 @@ def main() -> None:
              / (model_bytes + largest), "<= 1.00"),
         ]
         if upload is not None:
-            rows += [("upload: ours vs plain s3fs put (bandwidth)", up["plain s3fs put"] / up["ours upload (background)"],
+            rows += [("upload: ours vs plain s3fs put (bandwidth)",
+                      up["plain s3fs put"] / up["ours upload (background)"],
                       ">= 0.90"),
                      ("upload: extra seconds a save blocks training", up["save + upload: blocked"]
                       - up["save, no upload: blocked"], "~0")]

@@ -58,7 +58,8 @@ def main() -> None:
 
     from accel_trainer.checkpoint import ResumableLoader
     from accel_trainer.config import DataArguments
-    from accel_trainer.data import TokenBlocks, TrainBlocks, build_train_dataloader, load_raw_text, prepare, train_tokenizer
+    from accel_trainer.data import (TokenBlocks, TrainBlocks, build_train_dataloader, load_raw_text, prepare,
+                                    train_tokenizer)
     from accel_trainer.telemetry import flops_per_token
     from accel_trainer.models.presets import PRESETS
 

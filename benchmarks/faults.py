@@ -218,7 +218,8 @@ def file_damage_trial(work: Path, reference: Path, file: str, mode: str, rng: ra
 POINTER_GARBAGE = {
     "not UTF-8": lambda p: p.write_bytes(b"step-\xff\xfe"), "empty": lambda p: p.write_bytes(b""),
     "a folder": lambda p: (p.unlink(), p.mkdir()), "path traversal": lambda p: p.write_text("../../../etc\n"),
-    "missing step": lambda p: p.write_text("step-999\n"), "a link to /etc/passwd": lambda p: (p.unlink(), p.symlink_to("/etc/passwd")),
+    "missing step": lambda p: p.write_text("step-999\n"), "a link to /etc/passwd": lambda p: (p.unlink(),
+                                                                                              p.symlink_to("/etc/passwd")),
     "an incomplete step": lambda p: ((p.parent / "step-99").mkdir(), p.write_text("step-99\n")),
 }
 META_EDITS = {

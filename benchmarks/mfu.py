@@ -204,7 +204,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["bf16", "fp32"], help="default: bf16 on a GPU, fp32 on CPU")
-    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16 peak (default: known GPUs)")
+    parser.add_argument("--peak_tflops", type=float, default=None, help="the device's dense bf16 peak (default: known "
+                                                                        "GPUs)")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -219,9 +220,11 @@ def main() -> None:
     for variant in args.variants:
         r = results[variant] = measure(args, device, dtype, variant)
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{variant:<14}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}{r['memory_gib']:>18.2f}", flush=True)
+        print(f"{variant:<14}{r['step_ms']:>10.1f}{r['tokens_per_s']:>12,.0f}{mfu:>8}{r['memory_gib']:>18.2f}",
+              flush=True)
     if "eager" in results and "compiled" in results:
-        print(f"ratio compiled/eager tokens/s: {results['compiled']['tokens_per_s'] / results['eager']['tokens_per_s']:.2f}")
+        print(f"ratio compiled/eager tokens/s: "
+              f"{results['compiled']['tokens_per_s'] / results['eager']['tokens_per_s']:.2f}")
     shares = profile_shares(args, device, dtype)
     print("share of an eager step's time (torch.profiler):")
     for part, share in shares.items():

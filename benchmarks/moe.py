@@ -3,7 +3,8 @@ over experts, and the whole MoE layer vs a dense SwiGLU FFN with the same active
 (hidden width k x expert width), forward+backward on the same tokens.
 
     python benchmarks/moe.py [--tokens 4096 --hidden 256 --expert 192 --experts 64 --top_k 6]
-    python benchmarks/moe.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --expert 1536 --experts 64 --top_k 6
+    python benchmarks/moe.py --device cuda --dtype bf16 --tokens 16384 --hidden 2048 --expert 1536 \
+        --experts 64 --top_k 6
 
 The default is the 18b preset's routing (64 experts, top-6, expert width 3/4 of the hidden size)
 at a width a CPU runs in seconds; the second line is the 18b preset's layer itself (bf16, GPU).
@@ -108,7 +109,8 @@ def main() -> None:
     print(f"ratio moe/dense time: {times['moe layer'] / times['dense ffn']:.2f}  (target <= 1.15 on CPU, <= 1.2 at "
           f"the 18b shape on a GPU; the layer uses {layer_kind})")
     if grouped_ok:
-        print(f"ratio experts alone/dense time: {times['experts, grouped'] / times['dense ffn']:.2f}  (the grouped GEMMs "
+        print(f"ratio experts alone/dense time: {times['experts, grouped'] / times['dense ffn']:.2f}  (the grouped "
+              f"GEMMs "
               f"against one dense GEMM of the same FLOPs); routing, gathers and the weighted sum: "
               f"{(times['moe layer'] - times['experts, grouped']) / times['moe layer']:.0%} of the layer's time")
 

@@ -53,7 +53,8 @@ def main() -> None:
             owners.pick(shape, world)
         now = [expert_flops + load for load in owners.load]
         print(f"{world:>6}{before / 1e12:>19.2f}{max(now) / 1e12:>21.2f}{min(now) / 1e12:>10.2f}"
-              f"{before / max(now):>10.1f}x{before / (args.tflops * 1e9):>16.1f}{max(now) / (args.tflops * 1e9):>13.1f}")
+              f"{before / max(now):>10.1f}x{before / (args.tflops * 1e9):>16.1f}"
+              f"{max(now) / (args.tflops * 1e9):>13.1f}")
 
 
 if __name__ == "__main__":

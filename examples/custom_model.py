@@ -51,7 +51,8 @@ class TinyGPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.tok, self.pos = nn.Embedding(config.vocab_size, config.d_model), nn.Embedding(config.block_size, config.d_model)
+        self.tok, self.pos = nn.Embedding(config.vocab_size, config.d_model), nn.Embedding(config.block_size,
+                                                                                           config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln, self.head = nn.LayerNorm(config.d_model), nn.Linear(config.d_model, config.vocab_size, bias=False)
 

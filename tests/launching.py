@@ -167,7 +167,8 @@ def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1)
     assert {k.split("::")[0] for k in load_file(ca / "optimizer.safetensors")} == names  # every parameter has state
     for rank in range(ranks):
         sa, sb = (load_rng(c / f"random_states_{rank}.pkl") for c in (ca, cb))
-        assert torch.equal(sa["torch_manual_seed"], sb["torch_manual_seed"]) and sa["random_state"] == sb["random_state"]
+        assert torch.equal(sa["torch_manual_seed"],
+                           sb["torch_manual_seed"]) and sa["random_state"] == sb["random_state"]
     for name in ("trainer_state.json", "dataloader.json"):
         # The tracker run is named after each run's own output dir.
         sa, sb = (json.loads((c / name).read_text()) for c in (ca, cb))

@@ -23,7 +23,8 @@ _WHERE = {
     # weights and models
     "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",
     # the tiers
-    "CheckpointStorage": ".storage", "LocalStorage": ".storage", "WritableTier": ".storage", "RemoteTier": ".remote", "remote_tier": ".remote", "storage_for": ".remote",
+    "CheckpointStorage": ".storage", "LocalStorage": ".storage", "WritableTier": ".storage", "RemoteTier": ".remote",
+    "remote_tier": ".remote", "storage_for": ".remote",
     "fetch": ".remote", "is_url": ".remote", "parse_storage_options": ".remote", "redact": ".remote",
     # the run directory
     "RunLock": ".lock", "lock_run_dir": ".lock",

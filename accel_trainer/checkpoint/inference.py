@@ -109,7 +109,9 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
         path = fetch(str(path), storage_options)
     # Every file must be present with its size; checksums are read only for what this loads.
     target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})", checksums=READ_FOR_INFERENCE).path
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()
     saved = read_json(target / MODEL_CONFIG) if is_folder and (target / MODEL_CONFIG).is_file() else {}
@@ -131,7 +133,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     # checkpoint lacks or has in another shape, and reports it.
     model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
         None, config=config, state_dict=state, dtype=dtype, ignore_mismatched_sizes=True, output_loading_info=True)
-    report = LoadReport(loaded=sorted(set(state) - set(info["unexpected_keys"]) - {k for k, *_ in info["mismatched_keys"]}),
+    report = LoadReport(loaded=sorted(set(state) - set(info["unexpected_keys"]) - {k for k,
+                                                                                   *_ in info["mismatched_keys"]}),
                         missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]),
                         mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]])
     if strict and not report.exact:

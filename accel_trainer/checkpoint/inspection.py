@@ -12,7 +12,8 @@ import struct
 from pathlib import Path
 
 
-from .format import (CHECKPOINTS, COMPLETE, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
+from .format import (CHECKPOINTS, COMPLETE, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS,
+                     OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
 from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir
 from .manifest import read_manifest

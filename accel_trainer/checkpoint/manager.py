@@ -44,7 +44,8 @@ from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, NAME_RE, RESERVED
                      TMP_PREFIX, rng_file, step_dir_name)
 from .io import CheckpointError, fsync_dir, fsync_file, read_state, write_json, write_state
 from .lock import lock_run_dir
-from .layout import apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve, write_pointer
+from .layout import (apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve,
+                     write_pointer)
 from .manifest import read_manifest, write_complete_marker, write_manifest
 from .remote import RemoteTier, Uploader, redact, remote_tier, resolve_with_remote
 from .sharded import Channel
@@ -151,7 +152,8 @@ class Checkpointer:
                  settings: CheckpointConfig | None = None, before_resume: Callable[[Path], None] | None = None,
                  model_config: dict | None = None, **setting_overrides):
         if settings is not None and setting_overrides:
-            raise TypeError("Checkpointer(settings=..., ...): give a CheckpointConfig or its fields as keywords, not both")
+            raise TypeError("Checkpointer(settings=..., ...): give a CheckpointConfig or its fields as keywords, not "
+                            "both")
         known = {f.name for f in fields(CheckpointConfig)}
         unknown = sorted(set(setting_overrides) - known)
         if unknown:
@@ -168,7 +170,8 @@ class Checkpointer:
             if not NAME_RE.match(name) or name in RESERVED_NAMES:
                 raise ValueError(f"Checkpointer(extra=...): {name!r} cannot name a state file (use letters, digits "
                                  f"and _, not one of {sorted(RESERVED_NAMES)})")
-        self.dataloader = dataloader if dataloader is None or has_own_position(dataloader) else ResumableLoader(dataloader)
+        own_position = dataloader is None or has_own_position(dataloader)
+        self.dataloader = dataloader if own_position else ResumableLoader(dataloader)
         self.config = config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -200,7 +203,8 @@ class Checkpointer:
         if self.remote is not None and (accelerator.is_main_process or self.strategy.every_rank_commits):
             # Sharded: every rank uploads the shards it wrote, in step with the others (a channel of
             # their own); otherwise the main process uploads everything.
-            self._uploader = Uploader(self.remote, cfg.save_total_limit, cfg.keep_every_n_steps, report=accelerator.print,
+            self._uploader = Uploader(self.remote, cfg.save_total_limit, cfg.keep_every_n_steps,
+                                      report=accelerator.print,
                                       channel=Channel() if self.strategy.every_rank_commits else None,
                                       files_of=self.strategy.files_to_upload)
         self._stop = StopRequest(accelerator.num_processes) if cfg.handle_signals else None
@@ -474,7 +478,8 @@ class Checkpointer:
             if self._uploader is not None:
                 pending = sorted(self._uploader.pending())
                 if pending:
-                    self.accelerator.print(f"checkpoint: waiting for the upload of {', '.join(pending)} to {self.remote}")
+                    self.accelerator.print(f"checkpoint: waiting for the upload of {', '.join(pending)} to "
+                                           f"{self.remote}")
                 self._uploader.close()
                 self._raise_if_upload_failed()
         finally:
@@ -565,7 +570,8 @@ class Checkpointer:
         try:
             obj.load_state_dict(state)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise CheckpointError(f"{folder}: state {name!r} does not fit this run ({type(err).__name__}: {err})") from None
+            raise CheckpointError(f"{folder}: state {name!r} does not fit this run ({type(err).__name__}: "
+                                  f"{err})") from None
 
     def _restore_rng(self, folder: Path, step: int) -> None:
         acc = self.accelerator

@@ -53,7 +53,8 @@ def write_manifest(folder: Path, *, step: int, reasons: list[str], accelerator, 
             continue
         files[name] = {"size": path.stat().st_size, HASH: known.get(name) or hash_file(path), "role": role_of(name)}
     manifest = {"format_version": FORMAT_VERSION, "step": step, "sequence": sequence, "reasons": reasons,
-                "metrics": metrics or {}, "best": best, "created_unix": time.time(), "environment": environment(accelerator), "files": files}
+                "metrics": metrics or {}, "best": best, "created_unix": time.time(),
+                "environment": environment(accelerator), "files": files}
     write_json(folder / MANIFEST, manifest)
     return manifest
 

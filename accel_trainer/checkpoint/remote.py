@@ -21,7 +21,6 @@ written into a checkpoint or a log.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import threading
 import time
@@ -214,7 +213,8 @@ class RemoteTier(CheckpointStorage):
         return steps
 
     # ---------------------------------------------------------------------------------- verify
-    def problems(self, step_name: str, files: dict[str, int] | None = None, checksums: bool = False) -> tuple[list[str], dict | None]:
+    def problems(self, step_name: str, files: dict[str, int] | None = None,
+                 checksums: bool = False) -> tuple[list[str], dict | None]:
         """What makes remote ``step_name`` untrustworthy (empty: valid), and its manifest."""
         files = self.listing().get(step_name, {}) if files is None else files
         where = self.display(step_name)
@@ -285,7 +285,8 @@ class RemoteTier(CheckpointStorage):
         wrong = [f"{f}: {listed.get(f, 'missing')} bytes, expected {manifest['files'][f]['size']}"
                  for f in files if listed.get(f) != manifest["files"][f]["size"]]
         if wrong:
-            raise RemoteError(f"{self.display(name)}: uploaded objects differ from the local files: {'; '.join(wrong[:3])}")
+            raise RemoteError(f"{self.display(name)}: uploaded objects differ from the local files: "
+                              f"{'; '.join(wrong[:3])}")
         for last in (MANIFEST, COMPLETE):
             self._retry(f"uploading {self.display(name, last)}",
                         lambda: self.fs.put_file(str(folder / last), self.path(name, last)))
@@ -424,8 +425,10 @@ class Uploader:
             self.report(f"WARNING: checkpoint upload failed {len(self._outage)} times in a row (the last: "
                         f"{self._outage[-1]}); the local checkpoints are kept")
         if self._superseded:
-            self.report(f"checkpoint upload: {len(self._superseded)} checkpoint(s) not uploaded ({', '.join(self._superseded[:3])}"
-                        f"{', ...' if len(self._superseded) > 3 else ''}): newer ones came before their turn (uploads are "
+            self.report(f"checkpoint upload: {len(self._superseded)} checkpoint(s) not uploaded "
+                        f"({', '.join(self._superseded[:3])}"
+                        f"{', ...' if len(self._superseded) > 3 else ''}): newer ones came before their turn (uploads "
+                        f"are "
                         "slower than saves)")
         self._outage, self._superseded = [], []
 

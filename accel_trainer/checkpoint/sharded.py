@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .checksums import hash_file
-from .format import SHARDED_DIR
+from .format import SHARDED_DIR, shard_files_glob
 from .io import CheckpointError, check_dcp_metadata_is_data
 
 __all__ = ["SHARDED_DIR", "Channel", "ShardedState", "is_sharded"]

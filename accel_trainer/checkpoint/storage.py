@@ -106,7 +106,8 @@ class CheckpointStorage(ABC):
     def manifest_or_problem(self, step_name: str) -> tuple[dict | None, str | None]:
         """The manifest of ``step_name``, or why it cannot be read."""
         manifest = self.read_json(step_name, MANIFEST)
-        return (manifest, None) if manifest is not None else (None, f"{self.display(step_name, MANIFEST)}: missing or not valid JSON")
+        return (manifest, None) if manifest is not None else (None, f"{self.display(step_name, MANIFEST)}: missing or "
+                                                                    f"not valid JSON")
 
     def sequence(self, step_name: str) -> float:
         """The order in which ``step_name`` was saved (0 for format 1, which records none)."""

@@ -274,7 +274,8 @@ class EngineOwned(WriteStrategy):
                 acc._optimizers = [o for o in saved[0]
                                    if not all(id(p) in ours_params for g in o.param_groups for p in g["params"])]
             acc._schedulers = [s for s in saved[1]
-                               if id(s) not in ours_schedulers and id(getattr(s, "scheduler", None)) not in ours_schedulers]
+                               if id(s) not in ours_schedulers and id(getattr(s, "scheduler",
+                                                                              None)) not in ours_schedulers]
             acc._dataloaders = [d for d in saved[2] if d is not parts.raw_loader]
             yield
         finally:

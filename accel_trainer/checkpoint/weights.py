@@ -112,7 +112,8 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         return normalize_state_dict(load_file(path, device=str(device))), {}
     obj = safe_torch_load(path, map_location=device)
     if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint dict, got {type(obj).__name__}")
+        raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint dict, got "
+                              f"{type(obj).__name__}")
     for key in LEGACY_MODEL_KEYS:
         if isinstance(obj.get(key), dict):
             extras = {k: v for k, v in obj.items() if k != key}

@@ -21,6 +21,8 @@ from .tokenizer import (byte_tokenizer, character_tokenizer, load_tokenizer, tok
 
 __all__ = ["DataError", "MIX_PERIOD", "Permutation", "RunSampler", "TOKENIZER_DIR", "TextData", "TokenBlocks",
            "TokenizerError", "TrainBlocks", "ValidationBlocks", "build_datasets", "build_eval_dataloader",
-           "build_train_dataloader", "byte_tokenizer", "character_tokenizer", "check_data_files", "data_identity", "default_corpus_files", "file_hashes", "load_raw_text",
-           "load_tokenizer", "mix_pattern", "parse_mix", "prepare", "prepare_raw", "raw_source", "read_prepared", "token_byte_lengths",
+           "build_train_dataloader", "byte_tokenizer", "character_tokenizer", "check_data_files", "data_identity",
+           "default_corpus_files", "file_hashes", "load_raw_text",
+           "load_tokenizer", "mix_pattern", "parse_mix", "prepare", "prepare_raw", "raw_source", "read_prepared",
+           "token_byte_lengths",
            "train_tokenizer", "vocab_size_for"]

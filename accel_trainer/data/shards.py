@@ -114,7 +114,8 @@ def _prepare(dataset, column: str, tokenizer, out: Path, source: dict, num_proc:
     dtype = np.dtype(plan["dtype"])
     todo = [i for i in range(len(plan["shards"])) if not _shard_done(out, i)]
     began, new_tokens = time.perf_counter(), 0
-    bar = tqdm(total=plan["num_documents"], unit="doc", desc=f"tokenising into {out}", disable=not progress or not interactive(),
+    bar = tqdm(total=plan["num_documents"], unit="doc", desc=f"tokenising into {out}",
+               disable=not progress or not interactive(),
                initial=plan["num_documents"] - sum(b - a for i, (a, b) in enumerate(plan["shards"]) if i in todo))
     import multiprocessing
 
@@ -135,7 +136,8 @@ def _prepare(dataset, column: str, tokenizer, out: Path, source: dict, num_proc:
     manifest = _complete(out, plan)
     if progress and todo:
         print(f"prepared {out}: {manifest['total_tokens']:,} tokens in {len(plan['shards'])} shards; "
-              f"{new_tokens:,} tokens tokenised now in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+              f"{new_tokens:,} tokens tokenised now in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):,.0f} "
+              f"tokens/s)")
     return manifest
 
 
@@ -235,7 +237,8 @@ def read_prepared(path: str | Path) -> dict:
     except Exception as err:  # an unreadable manifest, in any way
         raise DataError(f"--prepared_data={str(path)!r}: {err}") from None
     if manifest.get("format") != FORMAT:
-        raise DataError(f"{path / COMPLETE_MANIFEST}: format {manifest.get('format')!r}, this accel_trainer reads {FORMAT!r}")
+        raise DataError(f"{path / COMPLETE_MANIFEST}: format {manifest.get('format')!r}, this accel_trainer reads "
+                        f"{FORMAT!r}")
     for shard in manifest["shard_files"]:
         file = path / shard["tokens"]["file"]
         expected = shard["tokens_count"] * np.dtype(manifest["dtype"]).itemsize

@@ -101,7 +101,8 @@ def _check_json(f: str, column: str) -> None:
             except UnicodeDecodeError as err:
                 raise DataError(f"--data_files: {f}:{number}: not UTF-8 ({err.reason})") from None
             except json.JSONDecodeError as err:
-                hint = " (a file holding one JSON object over several lines is not supported: use one object per line)" \
+                hint = (" (a file holding one JSON object over several lines is not supported: use one object "
+                        "per line)") \
                     if number == 1 and raw.strip() == b"{" else ""
                 raise DataError(f"--data_files: {f}:{number}: invalid JSON ({err.msg} at column {err.colno}){hint}") \
                     from None
@@ -110,7 +111,8 @@ def _check_json(f: str, column: str) -> None:
 
 def _check_record(where: str, record, column: str) -> None:
     if not isinstance(record, dict):
-        raise DataError(f"--data_files: {where}: expected a JSON object with a {column!r} key, got {type(record).__name__}")
+        raise DataError(f"--data_files: {where}: expected a JSON object with a {column!r} key, got "
+                        f"{type(record).__name__}")
     if column not in record:
         texts = [k for k, v in record.items() if isinstance(v, str)]
         hint = f"; pass --text_column {texts[0]}" if len(texts) == 1 else ""

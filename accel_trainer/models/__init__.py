@@ -5,21 +5,22 @@ own module) and our MoE's classes with the transformers Auto classes.
 """
 
 from .building import (CUSTOM_KEY, ModelPlan, ModelShape, build_on_meta, check_folder_or_hub, config_from_json,
-                       count_parameters_of, custom_config_json, load_auto_config, logits_of, loss_of, plan_custom, plan_hugging_face,
-                       plan_preset)
+                       count_parameters_of, custom_config_json, first_attr, load_auto_config, logits_of, loss_of,
+                       plan_custom, plan_hugging_face, plan_preset)
 from .configuration_moe import MoEConfig
-from .family import (CUSTOM, HUGGING_FACE, ModelFamily, default_family, families, family_named, family_of, family_of_model,
-                     family_of_preset, register_family, unregister_family)
+from .family import (CUSTOM, HUGGING_FACE, ModelFamily, default_family, families, family_named, family_of,
+                     family_of_model, family_of_preset, register_family, unregister_family)
 from .hf_folder import SHARD_BYTES, write_hf_weights
-from .modeling_moe import MoECausalLMOutput, MoEFeedForward, MoEForCausalLM, MoEModel, count_parameters, parameter_counts
+from .modeling_moe import (MoECausalLMOutput, MoEFeedForward, MoEForCausalLM, MoEModel, count_parameters,
+                           parameter_counts)
 from .moe_family import ACCEL_MOE
 
 for _family in (ACCEL_MOE, HUGGING_FACE, CUSTOM):  # the first is the default preset's (``--preset tiny``)
     register_family(_family)
 
-__all__ = ["ACCEL_MOE", "CUSTOM", "CUSTOM_KEY", "HUGGING_FACE", "MoECausalLMOutput", "MoEConfig",
-           "MoEFeedForward", "MoEForCausalLM", "MoEModel", "ModelFamily", "ModelPlan", "ModelShape", "SHARD_BYTES",
-           "build_on_meta", "check_folder_or_hub", "config_from_json", "count_parameters", "count_parameters_of",
-           "custom_config_json", "default_family", "families", "family_named", "load_auto_config", "family_of", "family_of_model", "family_of_preset",
-           "logits_of", "loss_of", "parameter_counts", "plan_custom", "plan_hugging_face", "plan_preset",
-           "register_family", "unregister_family", "write_hf_weights"]
+__all__ = ["ACCEL_MOE", "CUSTOM", "CUSTOM_KEY", "HUGGING_FACE", "MoECausalLMOutput", "MoEConfig", "MoEFeedForward",
+           "MoEForCausalLM", "MoEModel", "ModelFamily", "ModelPlan", "ModelShape", "SHARD_BYTES", "build_on_meta",
+           "check_folder_or_hub", "config_from_json", "count_parameters", "count_parameters_of", "custom_config_json",
+           "default_family", "families", "family_named", "family_of", "family_of_model", "family_of_preset",
+           "first_attr", "load_auto_config", "logits_of", "loss_of", "parameter_counts", "plan_custom",
+           "plan_hugging_face", "plan_preset", "register_family", "unregister_family", "write_hf_weights"]

@@ -57,7 +57,8 @@ class ModelShape:
         return cls(num_layers=first_attr(config, "num_hidden_layers", "n_layer", "n_layers", "num_layers"),
                    num_heads=heads, head_dim=head_dim, hidden_size=hidden,
                    context=first_attr(config, "max_position_embeddings", "n_positions", "block_size", "max_seq_len"),
-                   num_experts=first_attr(config, "num_experts", "num_local_experts", "n_routed_experts", default=0) or 0,
+                   num_experts=first_attr(config, "num_experts", "num_local_experts", "n_routed_experts",
+                                          default=0) or 0,
                    experts_per_token=first_attr(config, "num_experts_per_tok", "top_k", "moe_top_k", default=0) or 0)
 
 
@@ -235,7 +236,8 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
             resize_to = args.vocab_size
         if tokenizer is not None and len(tokenizer) > (resize_to or model_vocab):
             raise ConfigError(f"the tokenizer has {len(tokenizer)} ids but {name} has {model_vocab} embedding rows; "
-                              f"pass --vocab_size {len(tokenizer)} (or more) to add rows (reported as newly initialised)")
+                              f"pass --vocab_size {len(tokenizer)} (or more) to add rows (reported as newly "
+                              f"initialised)")
     else:
         if "vocab_size" not in overridden:
             from ..data import vocab_size_for
@@ -259,7 +261,8 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
 
     described = f"{config.model_type} " + ("from " + name if source == "pretrained" else
                                             f"from config {name}" if flag == "config_name" else "(fresh)")
-    plan = ModelPlan(source, described, config, build, shape, _decoder_layer_classes(config), notes, family=HUGGING_FACE)
+    plan = ModelPlan(source, described, config, build, shape, _decoder_layer_classes(config), notes,
+                     family=HUGGING_FACE)
     return plan
 
 
@@ -311,14 +314,16 @@ def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
     given = [f"--{n}" for n in ("preset", "model_name_or_path", "config_name", "model_type", "config_overrides")
              if getattr(args, n, None)]
     if given:
-        raise ConfigError(f"{', '.join(given)}: this recipe trains its own module ({getattr(model_factory, '__name__', model_factory)}); "
+        raise ConfigError(f"{', '.join(given)}: this recipe trains its own module "
+                          f"({getattr(model_factory, '__name__', model_factory)}); "
                           "its config is in the recipe")
     try:
         custom_config_json(config, None)
     except TypeError as err:
         raise ConfigError(f"the model config of this recipe is not plain JSON ({err}); use numbers, strings, lists "
                           "and dicts in its fields") from None
-    layers = list(getattr(model_factory, "no_split_modules", None) or getattr(model_factory, "_no_split_modules", None) or [])
+    layers = list(getattr(model_factory, "no_split_modules", None) or getattr(model_factory, "_no_split_modules",
+                                                                              None) or [])
     name = getattr(model_factory, "__qualname__", type(model_factory).__name__)
     return ModelPlan("custom", name, config, lambda: model_factory(config), ModelShape.of(config), layers,
                      model_class=model_factory if isinstance(model_factory, type) else None, family=CUSTOM)

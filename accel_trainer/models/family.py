@@ -178,5 +178,6 @@ HUGGING_FACE = ModelFamily(name="hugging_face", parameter_rule=GENERIC_RULE)
 #: Your own ``nn.Module`` (a ``model_factory``): saved and loaded by name, no Hugging Face folder.
 CUSTOM = ModelFamily(name="custom", parameter_rule=GENERIC_RULE, export_formats={})
 
-__all__ = ["CUSTOM", "HUGGING_FACE", "DATA_PARALLEL", "default_family", "ModelFamily", "families", "family_named", "family_of", "family_of_model",
+__all__ = ["CUSTOM", "HUGGING_FACE", "DATA_PARALLEL", "default_family", "ModelFamily", "families", "family_named",
+           "family_of", "family_of_model",
            "family_of_preset", "register_family", "unregister_family"]

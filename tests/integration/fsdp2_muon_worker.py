@@ -86,7 +86,8 @@ def load():
     set_optimizer_state_dict(model, opt, state["optimizer"])
     step(model, opt)
     reference_next = torch.load(folder + ".next.pt", weights_only=True)
-    print(f"rank{rank} world{dist.get_world_size()} resumed_step_diff {max_diff(model, reference_next):.3e}", flush=True)
+    print(f"rank{rank} world{dist.get_world_size()} resumed_step_diff "
+          f"{max_diff(model, reference_next):.3e}", flush=True)
 
 
 save() if mode == "save" else load()

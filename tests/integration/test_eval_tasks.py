@@ -47,7 +47,8 @@ def test_accel_trainer_eval_gives_the_numbers_of_the_harness_own_cli(trained, tm
 def test_in_loop_tasks_run_at_their_steps_and_a_resumed_run_continues_them(tmp_path):
     out = tmp_path / "run"
     run = [*TINY, "--eval_steps", "0", "--save_steps", "2", "--eval_tasks", TASK, "--eval_tasks_steps", "2",
-           "--eval_tasks_limit", "8", "--eval_include_path", TASKS, "--lr_schedule_steps", "6", "--output_dir", str(out)]
+           "--eval_tasks_limit", "8", "--eval_include_path", TASKS, "--lr_schedule_steps", "6", "--output_dir",
+           str(out)]
     launch([*run, "--max_steps", "4"])  # 4 steps, then 2 more after a resume
     launch([*run, "--max_steps", "6", "--resume_from_checkpoint", "latest"])
     records = read_jsonl(out / "metrics.jsonl")

@@ -54,7 +54,8 @@ def runs(tmp_path_factory):
 
 def test_ep2_trains_as_ep1_with_its_experts_split_over_the_ranks(runs):
     ep1, ep2, stdout = runs
-    assert "expert parallel: 2 ranks per expert group x 1 data-parallel groups; 2 experts of each MoE layer per rank" in stdout
+    assert ("expert parallel: 2 ranks per expert group x 1 data-parallel groups; 2 experts of each MoE layer per "
+            "rank") in stdout
     assert sorted(losses(ep2)) == list(range(1, STEPS + 1))
     assert_close(losses(ep1), losses(ep2), range(1, STEPS + 1), SAME_WORLD)
     # The router and its telemetry are computed before the exchange: the same on both.

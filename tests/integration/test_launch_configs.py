@@ -13,7 +13,8 @@ CONFIGS = REPO / "accelerate_configs"
 def test_documented_two_process_cpu_command_runs_two_processes(tmp_path):
     """ACCELERATE_USE_CPU=1 accelerate launch --config_file accelerate_configs/cpu_2proc.yaml ..."""
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"), "--main_process_port",
+        [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml"),
+         "--main_process_port",
          str(free_port()), "recipes/moe18b.py", *TINY, "--max_steps", "2", "--eval_steps", "0",
          "--output_dir", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "ACCELERATE_USE_CPU": "1"})

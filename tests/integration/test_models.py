@@ -45,7 +45,8 @@ def models(tmp_path_factory):
     from accel_trainer.data import character_tokenizer, load_raw_text, train_tokenizer
 
     root = tmp_path_factory.mktemp("models")
-    tokenizer = train_tokenizer(load_raw_text(DataArguments(max_corpus_bytes=100_000))["text"], 320, show_progress=False)
+    tokenizer = train_tokenizer(load_raw_text(DataArguments(max_corpus_bytes=100_000))["text"], 320,
+                                show_progress=False)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     for kind, shape in SHAPES.items():
@@ -124,7 +125,8 @@ def test_the_custom_module_rebuilds_from_its_checkpoint_alone(models, tmp_path, 
     launch([*args[:-2], "--max_steps", "4", "--output_dir", str(tmp_path)], script=script)
     latest = LocalStorage(tmp_path / "checkpoints").read_pointer("latest")
     config = json.loads((tmp_path / "checkpoints" / latest / "config.json").read_text())
-    assert config["model_type"] == "accel_trainer_custom" and config["accel_trainer_custom"]["config"]["vocab_size"] == 25
+    assert config["model_type"] == "accel_trainer_custom"
+    assert config["accel_trainer_custom"]["config"]["vocab_size"] == 25
     model, loaded_config, step = load_model_for_inference(tmp_path, model_class=TinyGPT, device="cpu")
     assert isinstance(loaded_config, GPTConfig) and step == 4 and model.load_report.exact
     logits = model(torch.tensor([[10, 8, 17]]))

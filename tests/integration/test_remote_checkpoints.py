@@ -255,10 +255,12 @@ def test_no_credential_reaches_a_file_a_log_or_an_error(tmp_path, s3, url, capsy
 
     from launching import RECIPE, TINY, launch
 
-    secrets = {"key": "testing", "secret": "SuperSecret-9f8e7d", "client_kwargs": {"aws_session_token": "SessTok-4c3b2a"}}
+    secrets = {"key": "testing", "secret": "SuperSecret-9f8e7d",
+               "client_kwargs": {"aws_session_token": "SessTok-4c3b2a"}}
     options = json.dumps({**s3, **secrets})
     out = tmp_path / "run"
-    proc = launch([*TINY, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--report_to", "tensorboard",
+    proc = launch([*TINY, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(out), "--report_to",
+                   "tensorboard",
                    "--checkpoint_upload_to", url, "--storage_options", options])
     leaks = ("SuperSecret-9f8e7d", "SessTok-4c3b2a")
     streams = proc.stdout + proc.stderr
@@ -296,7 +298,8 @@ def test_a_store_gone_for_good_ends_with_status_4_saying_so_once_per_outage(tmp_
     out = tmp_path / "run"
     proc = launch([*TINY, "--max_steps", "4", "--save_steps", "2", "--eval_steps", "0", "--output_dir", str(out),
                    "--checkpoint_upload_to", "s3://bucket/run", "--storage_options", json.dumps(options)], check=False,
-                  env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+                  env={"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
     assert proc.returncode == 4, proc.stderr[-3000:]
     status = json.loads((out / "exit_status.json").read_text())
     assert status["exit_code"] == 4 and "object store" in status["meaning"]

@@ -41,7 +41,8 @@ def test_config_fields(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_header_says_when_and_how(name):
     text = (CONFIGS / name).read_text()
-    assert text.startswith("#") and re.search(r"(?m)^# Launch.*accelerate launch --config_file accelerate_configs/" + name, text)
+    assert text.startswith("#") and re.search(r"(?m)^# Launch.*accelerate launch --config_file "
+                                              r"accelerate_configs/" + name, text)
 
 
 def test_slurm_script_is_valid_bash_and_requeues_with_latest():

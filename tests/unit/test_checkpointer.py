@@ -70,7 +70,8 @@ def test_several_optimizers_by_name_and_a_mismatch_names_them(loop, tmp_path):
     assert b.ckpt.resume("latest") == 3 and b.train(2) == expected
     c = loop(optimizers=("embeddings", "other"))
     with pytest.raises(CheckpointError, match=r"optimizers \['embeddings', 'rest'\] but this run has "
-                                              r"\['embeddings', 'other'\] \(missing \['other'\], unexpected \['rest'\]\)"):
+                                              r"\['embeddings', 'other'\] \(missing \['other'\], unexpected "
+                                              r"\['rest'\]\)"):
         c.ckpt.resume("latest")
 
 
@@ -170,7 +171,8 @@ def test_save_strict_raises_and_keeps_the_checkpoints(loop, tmp_path):
     a = loop(save_strict=True)
     a.ckpt.save(1)
     with failing_disk("random_states_0.pkl"), pytest.raises(CheckpointError, match=r"not saved: RuntimeError: .*No "
-                                                                                   r"space left on device.*--save_strict"):
+                                                                                   r"space left on "
+                                                                                   r"device.*--save_strict"):
         a.ckpt.save(2)
     assert_intact(tmp_path, latest=1)
 

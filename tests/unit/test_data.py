@@ -33,7 +33,8 @@ def bpe(corpus, tmp_path_factory):
 
 
 def prepared(corpus, tokenizer, out, shard_bytes=60_000, name="byte"):
-    return prepare(corpus, "text", tokenizer, out, {"tokenizer_name": name}, shard_text_bytes=shard_bytes, progress=False)
+    return prepare(corpus, "text", tokenizer, out, {"tokenizer_name": name}, shard_text_bytes=shard_bytes,
+                   progress=False)
 
 
 # -------------------------------------------------------------------------------- tokenizers
@@ -276,7 +277,8 @@ BAD_FILES = {  # name: (bytes or None for a folder, what the one line must say)
     "empty.txt": (b"", r"empty.txt is empty"),
     "binary.txt": (b"ELF\x00\x01\x02" * 100, r"binary.txt holds binary data, not text \(a NUL byte at offset 3\)"),
     "latin1.txt": (LATIN1 * 50, r"latin1.txt is not UTF-8 text \(byte 0xe9 at offset 3\); if it is Latin-1.*iconv"),
-    "bad.jsonl": (b'{"text": "a"}\n{"text": "b"}\n{"text": b}\n', r"bad.jsonl:3: invalid JSON \(Expecting value at column 10\)"),
+    "bad.jsonl": (b'{"text": "a"}\n{"text": "b"}\n{"text": b}\n', r"bad.jsonl:3: invalid JSON \(Expecting value at "
+                                                                  r"column 10\)"),
     "nocol.jsonl": (b'{"body": "x"}\n', r"nocol.jsonl:1: no 'text' key \(it has \['body'\]\); pass --text_column body"),
     "array.json": (b'[{"text": "a"}, {"content": "b"}]', r"array.json record 1: no 'text' key"),
     "dir": (None, r"dir is a directory; pass the files in it"),

@@ -72,7 +72,8 @@ def test_save_strict_stops_with_one_line_and_keeps_checkpoints(run, tmp_path):
         code, out = run("--save_strict")
     assert code == 2
     errors = [line for line in out.err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "checkpoint at step 4 not saved: " in errors[0] and errors[0].endswith("(--save_strict)")
+    assert len(errors) == 1 and "checkpoint at step 4 not saved: " in errors[0]
+    assert errors[0].endswith("(--save_strict)")
     assert "Traceback" not in out.err
     root = tmp_path / "checkpoints"
     assert (root / "step-2" / "COMPLETE").exists() and not (root / "step-4").exists()

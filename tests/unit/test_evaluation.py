@@ -29,7 +29,8 @@ def test_val_bpb_is_the_summed_loss_over_ln2_and_the_texts_bytes(tmp_path, recip
     from accel_trainer.data import build_datasets
 
     text = tmp_path / "a.txt"
-    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}\n" for i in range(400)))
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog "
+                            f"{i * 7 % 13}\n" for i in range(400)))
     out = tmp_path / "run"
     assert recipe_module.main(["--preset", "tiny", "--data_files", str(text), "--block_size", "64", "--max_steps", "2",
                                "--eval_steps", "2", "--max_eval_batches", "2", "--per_device_eval_batch_size", "3",
@@ -52,7 +53,8 @@ def test_val_bpb_is_the_summed_loss_over_ln2_and_the_texts_bytes(tmp_path, recip
 
 def test_best_can_follow_val_bpb(tmp_path, recipe_module):
     out = tmp_path / "run"
-    assert recipe_module.main(["--preset", "tiny", "--max_corpus_bytes", "60000", "--block_size", "32", "--max_steps", "4",
+    assert recipe_module.main(["--preset", "tiny", "--max_corpus_bytes", "60000", "--block_size", "32", "--max_steps",
+                               "4",
                                "--eval_steps", "2", "--max_eval_batches", "1", "--per_device_train_batch_size", "2",
                                "--report_to", "none", "--disable_tqdm", "--metric_for_best_model", "val_bpb",
                                "--output_dir", str(out)]) == 0

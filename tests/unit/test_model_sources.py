@@ -59,7 +59,8 @@ def test_a_fused_matrix_is_orthogonalised_part_by_part():
     grad = torch.randn(2, 12, 8)
     weight.grad = grad.clone()
     Muon([{"params": [weight], "parts": [-2, [6, 6]]}], lr=0.1, momentum=0.0, nesterov=False).step()
-    expected = torch.cat([zeropower_via_newtonschulz(half) * math.sqrt(max(1.0, 6 / 8)) for half in grad.split(6, -2)], -2)
+    expected = torch.cat([zeropower_via_newtonschulz(half) * math.sqrt(max(1.0, 6 / 8)) for half in grad.split(6, -2)],
+                         -2)
     assert torch.allclose(weight.detach(), -0.1 * expected)
 
 

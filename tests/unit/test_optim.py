@@ -186,7 +186,9 @@ def test_optimizer_state_loads_by_name_across_a_weight_decay_regrouping(tmp_path
     after = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=3e-3, weight_decay=0.1)).optimizers
     load_into(tmp_path, after, names)
     assert [g["weight_decay"] for g in after["adamw"].param_groups] == [0.1, 0.0]
-    old = {n: before["adamw"].state[p] for g in before["adamw"].param_groups for n, p in zip(g["param_names"], g["params"])}
-    new = {n: after["adamw"].state[p] for g in after["adamw"].param_groups for n, p in zip(g["param_names"], g["params"])}
+    old = {n: before["adamw"].state[p] for g in before["adamw"].param_groups for n, p in zip(g["param_names"],
+                                                                                             g["params"])}
+    new = {n: after["adamw"].state[p] for g in after["adamw"].param_groups for n, p in zip(g["param_names"],
+                                                                                           g["params"])}
     assert old.keys() == new.keys()
     assert all(torch.equal(old[n][k], new[n][k]) for n in old for k in ("exp_avg", "exp_avg_sq", "step"))

@@ -209,7 +209,8 @@ def test_resume_from_something_that_is_not_a_checkpoint_is_one_line_before_any_w
 
 
 def test_resume_with_another_block_size_is_refused_unless_the_data_position_is_reset(tiny_run, recipe_module, capsys):
-    code, _, err = resume_with(recipe_module, capsys, tiny_run, "--resume_from_checkpoint", "latest", "--block_size", "32")
+    code, _, err = resume_with(recipe_module, capsys, tiny_run, "--resume_from_checkpoint", "latest", "--block_size",
+                               "32")
     assert code == 2 and "tokenising" not in err
     assert "--block_size: 64 -> 32" in err and "--reset_data_position" in err
     code, out, _ = resume_with(recipe_module, capsys, tiny_run, "--resume_from_checkpoint", "latest", "--block_size",
@@ -252,6 +253,7 @@ def test_a_damaged_config_of_the_newest_checkpoint_falls_back_before_any_work(tm
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
     capsys.readouterr()
-    code, out, err = resume_with(recipe_module, capsys, tmp_path, "--resume_from_checkpoint", "latest", "--max_steps", "5")
+    code, out, err = resume_with(recipe_module, capsys, tmp_path, "--resume_from_checkpoint", "latest", "--max_steps",
+                                 "5")
     assert code == 0, err
     assert "checkpoints/step-2: step 2" in out  # resumed from the older, intact checkpoint

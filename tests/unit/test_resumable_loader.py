@@ -80,4 +80,5 @@ def test_end_epoch_drops_the_rest_and_the_next_epoch_is_a_new_order():
     loader.end_epoch()
     assert (loader.epoch, loader.samples_in_epoch, loader.batches_left()) == (1, 0, 10)
     second = draw(loader, 10)
-    assert sorted(torch.cat(second).tolist()) == list(range(40)) and [b.tolist() for b in second[:2]] != [b.tolist() for b in first]
+    assert sorted(torch.cat(second).tolist()) == list(range(40))
+    assert [b.tolist() for b in second[:2]] != [b.tolist() for b in first]

@@ -86,7 +86,8 @@ def test_a_compiled_run_resumes_an_eager_checkpoint_and_the_reverse(recipe_modul
     assert recipe_module.main([*args, *COMPILE, "--max_steps", "2", "--output_dir", str(tmp_path / "to_eager")]) == 0
     for name, resume_args in (("to_compiled", COMPILE), ("to_eager", [])):
         out = tmp_path / name
-        assert recipe_module.main([*args, *resume_args, "--output_dir", str(out), "--resume_from_checkpoint", "step-2"]) == 0
+        assert recipe_module.main([*args, *resume_args, "--output_dir", str(out), "--resume_from_checkpoint",
+                                   "step-2"]) == 0
         got = {r["step"]: r["loss"] for r in read_jsonl(out / "metrics.jsonl")}
         assert sorted(got) == [1, 2, 3, 4]
         for step in (3, 4):
