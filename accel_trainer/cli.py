@@ -500,11 +500,19 @@ def _print_expert_parallel_plan(config, name: str, args, block: int, options: di
     return 0
 
 
+class _NoAbbrevParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="accel-trainer", description=__doc__,
+    # No abbreviations anywhere: a prefix of a flag is an unknown flag, never silently another one.
+    parser = argparse.ArgumentParser(prog="accel-trainer", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    remote = "JSON options of the remote filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}'"
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_NoAbbrevParser)
+    remote = ("JSON options of the remote filesystem, e.g. '{\"endpoint_url\": \"http://host:9000\"}', or @FILE; "
+              "without it, the ACCEL_TRAINER_STORAGE_OPTIONS variable")
     p = sub.add_parser("list", help="every checkpoint of a run (a folder or s3://bucket/prefix)")
     p.add_argument("output_dir")
     p.add_argument("--json", action="store_true")

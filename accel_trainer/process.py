@@ -40,7 +40,9 @@ def write_exit_status(output_dir: str | None, code: int | None, reason: str, ste
     try:
         if code is not None and _another_live_run(path):
             return  # a run refused because another one trains here must not overwrite that one's status
-        if code == 2 and _another_runs_outcome(path):
+        if code is None:
+            _STARTED.add(str(path.resolve()))
+        elif code == 2 and str(path.resolve()) not in _STARTED and _a_runs_outcome(path):
             return  # a command refused before it started leaves the status of the run that ended here
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{EXIT_STATUS}.tmp")
@@ -64,11 +66,14 @@ def _is_main_process(local: bool = False) -> bool:
         return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0") or 0) == 0
 
 
-def _another_runs_outcome(path: Path) -> bool:
-    """The status file records how another process's run ended."""
+# Status files this invocation marked "running" (its own run started; its outcome is its to write).
+_STARTED: set[str] = set()
+
+
+def _a_runs_outcome(path: Path) -> bool:
+    """The status file records how a run ended."""
     try:
-        record = read_json(path)
-        return record.get("exit_code") is not None and record.get("pid") != os.getpid()
+        return read_json(path).get("exit_code") is not None
     except (InputError, OSError, AttributeError):
         return False
 
@@ -93,6 +98,8 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
     import sys
 
     step = None
+    if output_dir:
+        _STARTED.discard(str((Path(output_dir) / EXIT_STATUS).resolve()))  # a new invocation
     try:
         trainer = job()
     except InputError as err:

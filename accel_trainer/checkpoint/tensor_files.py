@@ -1,9 +1,10 @@
 """Write and read the big tensor files of a checkpoint at disk speed.
 
-``write_safetensors`` streams each tensor's bytes straight from memory to the file (no pickle, no
-zip, no intermediate copy), hashes the same bytes on the way (xxh3-128, faster than
-any disk, so the checksum costs no extra read pass), and fsyncs. The file is standard safetensors: anything that
-reads safetensors reads it.
+:class:`SafetensorsFile` streams each tensor's bytes straight from memory to the file (no pickle,
+no zip, no intermediate copy) and hashes the same bytes from memory (xxh3-128, in a thread while the
+disk flush runs, so the checksum costs no extra read pass). The file is standard safetensors:
+anything that reads safetensors reads it. :class:`StagingBuffers` holds the copies an async save
+writes from.
 """
 
 from __future__ import annotations
@@ -69,21 +70,6 @@ class SafetensorsFile:
         for chunk in self.chunks():
             hasher.update(chunk)
         return hasher.hexdigest()
-
-
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      fsync: bool = True) -> str:
-    """Write ``tensors`` as a safetensors file (fsynced unless ``fsync=False``); return its xxh3-128.
-
-    Raises:
-        ValueError: naming the tensor whose dtype safetensors cannot hold.
-    """
-    try:
-        file = SafetensorsFile(tensors, metadata)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
-    file.write(path, fsync=fsync)
-    return file.digest()
 
 
 class StagingBuffers:

@@ -181,10 +181,22 @@ def apply_overrides(config, overrides: str | None) -> None:
             close = difflib.get_close_matches(key.strip(), list(config.to_dict()), n=3, cutoff=0.6)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ConfigError(f"--config_overrides: {config.model_type} configs have no key {key.strip()!r}{hint}")
+    hidden, heads = first_attr(config, "hidden_size"), first_attr(config, "num_attention_heads")
+    derived_head_dim = (getattr(config, "head_dim", None) is not None and bool(hidden) and bool(heads)
+                        and config.head_dim == hidden // heads)
     try:
         config.update_from_string(overrides)
     except ValueError as err:
         raise ConfigError(f"--config_overrides={overrides!r}: {err}") from None
+    given = {item.partition("=")[0].strip() for item in overrides.split(",")}
+    if derived_head_dim and "head_dim" not in given and given & {"hidden_size", "num_attention_heads"}:
+        # head_dim was hidden_size // heads when the config was made: follow the new sizes, as a config
+        # built with them would (update_from_string alone would keep the old value).
+        hidden, heads = config.hidden_size, config.num_attention_heads
+        if hidden % heads:
+            raise ConfigError(f"--config_overrides {overrides!r}: hidden_size={hidden} is not divisible by "
+                              f"num_attention_heads={heads} (use a multiple of {heads}, or give head_dim too)")
+        config.head_dim = hidden // heads
 
 
 def _decoder_layer_classes(config) -> list[str]:
