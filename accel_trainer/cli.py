@@ -13,6 +13,7 @@
     accel-trainer train-tokenizer --data_files ... --vocab_size 32768 --output_dir tok/   byte-level BPE
     accel-trainer train-tokenizer --alphabet ACDEFGHIKLMNPQRSTVWY --output_dir tok/   one id per character
     accel-trainer prepare-data --data_files ... --tokenizer_name tok/ --output_dir data/x   token shards
+    accel-trainer import  OLD.pt --output_dir RUN [--preset|--config_name|--model_name_or_path ...]   bring a run
     accel-trainer env                                  versions and devices
 
 <ckpt> is a step-N folder, a run's output dir (its latest), or <output_dir>/best|latest.
@@ -416,6 +417,15 @@ def load_presets(recipe: str | None) -> dict | None:
     return module.PRESETS
 
 
+def cmd_import(args) -> int:
+    from .importing import main as import_main
+
+    if not args.rest or args.rest[0].startswith("-"):
+        raise ConfigError("import: give the old checkpoint first: accel-trainer import OLD.pt --output_dir RUN "
+                          "[--preset NAME | --model_name_or_path X | --config_name X] (see docs/migrating.md)")
+    return import_main(args.rest)
+
+
 def cmd_plan(args) -> int:
     import math
 
@@ -565,6 +575,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="PNG path (default: <output_dir>/metrics.png)")
     p.set_defaults(func=cmd_plot)
     sub.add_parser("env", help="print versions and devices").set_defaults(func=cmd_env)
+    p = sub.add_parser("import", help="a .pt checkpoint of another trainer as a checkpoint here (with its optimizer "
+                                      "state): OLD.pt --output_dir RUN and the recipe's model flags", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_import)
     p = sub.add_parser("plan", help="per-GPU memory under FSDP2 and checkpoint cost, before spending GPU hours")
     p.add_argument("--preset", default="18b", help="a preset of the recipe (default 18b)")
     p.add_argument("--recipe", default=None, help="a recipe file with its own PRESETS (default: the package's presets)")

@@ -268,9 +268,12 @@ class TrainingArguments:
                                                                         "(launchers print it when a run fails): AWS_* "
                                                                         "variables, a file, or that variable; any "
                                                                         "given are never saved or logged."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest, best, step-<N> or a path; "
-                                                                               "'latest' with no checkpoint starts "
-                                                                               "fresh."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={
+        "help": "latest, best, step-<N> or a path; 'latest' with no checkpoint starts fresh. A .pt file of another "
+                "trainer is imported into --output_dir (weights, optimizer state, counters) and continued."})
+    trust_pickled_class: list[str] | None = field(default=None, metadata={
+        "help": "With --resume_from_checkpoint OLD.pt: a class the file pickles (module.Class), read as a dict of "
+                "its fields after you read its code (its code never runs)."})
     init_from: str | None = field(default=None, metadata={"help": "Start from these weights only (non-strict, "
                                                                   "reported); counters and optimizer start fresh."})
     reset_optimizer: bool = field(default=False, metadata={"help": "With --resume_from_checkpoint: restore "

@@ -12,9 +12,9 @@ from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, load_weights
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
+from .importing import is_single_file_checkpoint
 from .errors import ConfigError, InputError, error_class
-from .models import (CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, plan_custom, plan_hugging_face,
-                     plan_preset)
+from .models import CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, plan_model
 from .parallel import ParallelDims
 from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
 from .process import write_exit_status
@@ -61,23 +61,6 @@ def check_shared_output_dir(accelerator, output_dir: str | Path) -> None:
                           f"({'; '.join(problems[:4])}): checkpoints need it (all ranks write into each one, rank 0 "
                           "commits it). Use a shared file system (NFS, Lustre, GPFS, a shared volume) for "
                           "--output_dir; with node-local disks the checkpoints cannot be committed")
-
-
-def plan_model(model_args: ModelArguments, tokenizer, presets: dict | None = None, model_factory=None,
-               model_config=None) -> ModelPlan:
-    """Which model this run trains, decided (and checked) before any data work: your own module
-    (``model_factory`` and ``model_config``), a transformers model (``--model_name_or_path``,
-    ``--config_name``, ``--model_type``), or a preset of a registered family (``--preset``; with a
-    recipe's own ``presets``, of the family that has those names).
-
-    Raises:
-        ConfigError: naming the flag and what to do.
-    """
-    if model_factory is not None:
-        return plan_custom(model_factory, model_config, model_args)
-    if model_args.hugging_face:
-        return plan_hugging_face(model_args, tokenizer)
-    return plan_preset(model_args.preset or "tiny", model_args.vocab_size, tokenizer, presets)
 
 
 def run_tokenizer(args: DataArguments):
@@ -176,11 +159,57 @@ def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print):
         refuse_incompatible(folder, plan, run_config)
         saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
         changes = [f"{k}: {saved_run.get(k)!r} -> {v!r}" for k, v in run_config.items()
-                   if k not in QUIET_KEYS and saved_run.get(k) != v]
+                   if k not in QUIET_KEYS and k in saved_run and saved_run.get(k) != v]
         if changes:
             print_fn("resuming with changed settings (the new values apply):\n  " + "\n  ".join(changes))
 
     return check
+
+
+def import_for_resume(spec: str, accelerator, plan: ModelPlan, model_args, train_args) -> str:
+    """``--resume_from_checkpoint OLD.pt``: import the file into ``--output_dir`` as ``step-N`` and
+    return what to resume. Resubmitting the same command continues from ``latest`` (the file is
+    imported once); a folder holding another run's checkpoints is refused.
+
+    Raises:
+        CheckpointError: the file cannot be imported (naming why), or the folder holds another run.
+    """
+    from .checkpoint import hash_file, list_checkpoints
+    from .importing import import_into, read_old_checkpoint
+
+    root = Path(train_args.output_dir) / "checkpoints"
+    existing = list_checkpoints(root) if root.is_dir() else []
+    digest = hash_file(spec)
+    for _, step_folder in reversed(existing):
+        imported = (read_json(step_folder / RUN_CONFIG).get("imported_from") or {}) \
+            if (step_folder / RUN_CONFIG).is_file() else {}
+        if imported.get("xxh3_128") == digest:
+            accelerator.print(f"--resume_from_checkpoint {spec}: already imported into {root} (as "
+                              f"{step_folder.name}); continuing from latest")
+            return "latest"
+    if existing:
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: --output_dir={train_args.output_dir!r} holds the "
+                              "checkpoints of another run; import into a new --output_dir")
+    old = read_old_checkpoint(spec, tuple(train_args.trust_pickled_class or ()))
+    folder = import_into(old, accelerator, plan, train_args.output_dir, to_dict(model_args),
+                         muon_params=tuple(model_args.muon_params or ()),
+                         adamw_params=tuple(model_args.adamw_params or ()),
+                         reset_optimizer=train_args.reset_optimizer, print_fn=accelerator.print)
+    return str(folder)
+
+
+def adopt_optimizer_assignment(folder: Path, model_args, run_config: dict, print_fn=print):
+    """A resume continues with the checkpoint's ``--muon_params``/``--adamw_params`` when none are
+    given (the optimizer state is kept per optimizer: an imported Adam run stays on AdamW)."""
+    if model_args.muon_params or model_args.adamw_params or not (folder / RUN_CONFIG).is_file():
+        return model_args
+    saved = read_json(folder / RUN_CONFIG)
+    muon, adamw = saved.get("muon_params"), saved.get("adamw_params")
+    if not (muon or adamw):
+        return model_args
+    print_fn(f"--muon_params/--adamw_params: the checkpoint's ({muon or []} / {adamw or []})")
+    run_config.update(muon_params=muon, adamw_params=adamw)
+    return dataclasses.replace(model_args, muon_params=muon, adamw_params=adamw)
 
 
 def main_process_first(accelerator, work):
@@ -309,10 +338,13 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     except CheckpointError as err:
         raise ConfigError(f"--checkpoint_upload_to: {err}") from None
     folder = None
+    if is_single_file_checkpoint(spec):  # another trainer's .pt: imported as step-N, then resumed like ours
+        spec = import_for_resume(spec, accelerator, plan, model_args, train_args)
     if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
             resume_policy(plan, run_config, accelerator.print)(folder)
+            model_args = adopt_optimizer_assignment(folder, model_args, run_config, accelerator.print)
     # Only now: a command refused above leaves the status of the run that ended here as it was.
     write_exit_status(train_args.output_dir, None, "running")
     data = main_process_first(accelerator, lambda: build_datasets(

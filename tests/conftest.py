@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
-
+import torch
 from launching import REPO, RUN, launch
 from loops import Loop
+
+# One thread per process, here and in every process the tests launch (they inherit the variable): the
+# suite runs on two workers (pytest-xdist), and 2-rank launches already use both cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ _WHERE = {
     "inspect": ".inspection", "diff": ".inspection",
     # weights and models
     "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",
+    "load_state_into": ".weights", "normalize_state_dict": ".weights",
     # the tiers
     "CheckpointStorage": ".storage", "LocalStorage": ".storage", "WritableTier": ".storage", "RemoteTier": ".remote",
     "remote_tier": ".remote", "storage_for": ".remote",

@@ -6,7 +6,7 @@ own module) and our MoE's classes with the transformers Auto classes.
 
 from .building import (CUSTOM_KEY, ModelPlan, ModelShape, build_on_meta, check_folder_or_hub, config_from_json,
                        count_parameters_of, custom_config_json, first_attr, load_auto_config, logits_of, loss_of,
-                       plan_custom, plan_hugging_face, plan_preset)
+                       plan_custom, plan_hugging_face, plan_model, plan_preset)
 from .configuration_moe import MoEConfig
 from .family import (CUSTOM, HUGGING_FACE, ModelFamily, default_family, families, family_named, family_of,
                      family_of_model, family_of_preset, register_family, unregister_family)
@@ -23,4 +23,4 @@ __all__ = ["ACCEL_MOE", "CUSTOM", "CUSTOM_KEY", "HUGGING_FACE", "MoECausalLMOutp
            "check_folder_or_hub", "config_from_json", "count_parameters", "count_parameters_of", "custom_config_json",
            "default_family", "families", "family_named", "family_of", "family_of_model", "family_of_preset",
            "first_attr", "load_auto_config", "logits_of", "loss_of", "parameter_counts", "plan_custom",
-           "plan_hugging_face", "plan_preset", "register_family", "unregister_family", "write_hf_weights"]
+           "plan_hugging_face", "plan_model", "plan_preset", "register_family", "unregister_family", "write_hf_weights"]

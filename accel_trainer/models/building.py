@@ -341,6 +341,23 @@ def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
                      model_class=model_factory if isinstance(model_factory, type) else None, family=CUSTOM)
 
 
+def plan_model(model_args, tokenizer, presets: dict | None = None, model_factory=None,
+               model_config=None) -> ModelPlan:
+    """Which model this run trains, decided (and checked) before any data work: your own module
+    (``model_factory`` and ``model_config``), a transformers model (``--model_name_or_path``,
+    ``--config_name``, ``--model_type``), or a preset of a registered family (``--preset``; with a
+    recipe's own ``presets``, of the family that has those names).
+
+    Raises:
+        ConfigError: naming the flag and what to do.
+    """
+    if model_factory is not None:
+        return plan_custom(model_factory, model_config, model_args)
+    if model_args.hugging_face:
+        return plan_hugging_face(model_args, tokenizer)
+    return plan_preset(model_args.preset or "tiny", model_args.vocab_size, tokenizer, presets)
+
+
 # ------------------------------------------------------------------------- a family's preset
 def plan_preset(preset: str, vocab_size: int | None, tokenizer, presets: dict | None = None,
                 family: ModelFamily | str | None = None) -> ModelPlan:
