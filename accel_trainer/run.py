@@ -308,6 +308,12 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if train_args.init_from:
         report = load_weights(model, train_args.init_from, strict=model_args.strict)
         accelerator.print(f"--init_from {train_args.init_from}: {report}")
+        left = report.missing + [k for k, *_ in report.mismatched]
+        if Path(train_args.init_from).is_file() and (not report.loaded or left):
+            # Another trainer's file that does not fill this model would train from random weights.
+            raise ConfigError(f"--init_from {train_args.init_from}: {len(report.loaded)} of its tensors fit "
+                              f"{plan.name} and {len(left)} of the model's are not in it ({', '.join(left[:3])}); "
+                              "give the model flags of the file's model (or a model_factory)")
     dims = dims or ParallelDims(accelerator.num_processes)
     parallel = dims.plan(plan.family, accelerator.device.type)
     parallel.apply(model)  # before the optimizers: they must see the laid-out parameters

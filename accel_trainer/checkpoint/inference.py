@@ -10,7 +10,7 @@ import torch
 from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS
 from .io import CheckpointError, read_json
 from .layout import resolve_path
-from .weights import LoadReport, load_state_into, read_weights
+from .weights import LoadReport, adapt_linear_layout, load_state_into, read_weights
 
 _REGISTERED: dict[str, type] = {}
 
@@ -41,7 +41,45 @@ def _build_custom(folder: Path, saved: dict, model_class):
     except TypeError as err:
         raise CheckpointError(f"{folder}: {cls.__name__} cannot be built from its saved config ({err})") from None
 
-LEGACY_STEP_KEYS = ("global_step", "step")
+LEGACY_STEP_KEYS = ("global_step", "step", "iter_num")
+
+
+def refuse_random_weights(source: Path, report: LoadReport, what: str) -> None:
+    """A single file is someone else's state dict: a model it does not fill whole would answer with
+    random weights. Refuse that in one line instead of returning it.
+
+    Raises:
+        CheckpointError: naming how much was left as initialised and what to pass.
+    """
+    left = report.missing + [k for k, *_ in report.mismatched]
+    if report.loaded and not left:
+        return
+    first = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+    raise CheckpointError(
+        f"{source}: {len(report.loaded)} of its tensors fit a {what} built from its config and {len(left)} of the "
+        f"model's are not in it ({first}); the model would hold random weights. Pass model_class= (your own "
+        "module) or config= (a transformers config) that describe the file's model")
+
+
+def _single_file_of_your_own(target: Path, state, extras: dict, model_class, config, dtype, device, strict: bool):
+    """``model_class(config)`` for an old single-file checkpoint of your own module: ``config=``, or the
+    file's ``config`` dict."""
+    config = config if config is not None else extras.get("config")
+    if config is None:
+        raise CheckpointError(f"{target}: no 'config' in the file to build {model_class.__name__} from; pass config=")
+    try:
+        model = model_class(config)
+    except (TypeError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{target}: {model_class.__name__} cannot be built from the file's config "
+                              f"({type(err).__name__}: {err}); pass config=") from None
+    report = load_state_into(model, state, strict=strict)
+    refuse_random_weights(target, report, model_class.__name__)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device=device).eval()
+    model.load_report = report
+    step = next((extras[k] for k in LEGACY_STEP_KEYS if isinstance(extras.get(k), int)), extras.get("epoch"))
+    return model, config, step
 READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_CONFIG, MANIFEST}
 
 
@@ -115,6 +153,8 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()
     saved = read_json(target / MODEL_CONFIG) if is_folder and (target / MODEL_CONFIG).is_file() else {}
+    if not is_folder and model_class is not None:  # your own module's .pt file: model_class(its config)
+        return _single_file_of_your_own(target, state, extras, model_class, config, dtype, device, strict)
     if saved.get("model_type") == CUSTOM_MODEL:
         model, config = _build_custom(target, saved, model_class)
         report = load_state_into(model, state, strict=strict)
@@ -129,6 +169,12 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise CheckpointError(f"{target}: no causal LM class is registered for model type {config.model_type!r}; "
                               "import the package that defines it first")
+    if not is_folder:  # nanoGPT's GPT-2 stores nn.Linear [out, in] where transformers has Conv1D [in, out]
+        with torch.device("meta"):
+            skeleton = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+        state, transposed = adapt_linear_layout(skeleton, state)
+    else:
+        transposed = []
     # transformers builds the model without a second copy of the weights, initialises what the
     # checkpoint lacks or has in another shape, and reports it.
     model, info = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
@@ -136,9 +182,12 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     report = LoadReport(loaded=sorted(set(state) - set(info["unexpected_keys"]) - {k for k,
                                                                                    *_ in info["mismatched_keys"]}),
                         missing=sorted(info["missing_keys"]), unexpected=sorted(info["unexpected_keys"]),
-                        mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]])
+                        mismatched=[(k, tuple(a), tuple(b)) for k, a, b in info["mismatched_keys"]],
+                        transposed=transposed)
     if strict and not report.exact:
         raise CheckpointError(f"{target}: strict weight loading failed; differences:\n{report}")
+    if not is_folder:
+        refuse_random_weights(target, report, type(model).__name__)
     model.to(device=device).eval()
     model.load_report = report
     if is_folder:

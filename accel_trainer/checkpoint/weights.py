@@ -60,6 +60,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     resized: list[tuple[str, int, int]] = field(default_factory=list)  # (what, rows loaded, rows now)
+    transposed: list[str] = field(default_factory=list)  # [out, in] matrices read into [in, out] (Conv1D)
 
     @property
     def exact(self) -> bool:
@@ -78,6 +79,10 @@ class LoadReport:
         if self.mismatched:
             lines.append(f"{len(self.mismatched)} shape-mismatched (skipped, left as initialised):")
             lines += [f"  {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in self.mismatched]
+        if self.transposed:
+            lines.append(f"{len(self.transposed)} matrices converted from nn.Linear's [out, in] layout (nanoGPT) "
+                         f"to the model's Conv1D [in, out]: {', '.join(self.transposed[:4])}"
+                         + (", ..." if len(self.transposed) > 4 else ""))
         for what, loaded, now in self.resized:
             lines.append(f"{what}: rows 0..{loaded - 1} loaded, rows {loaded}..{now - 1} newly initialised")
         return "\n".join(lines)
@@ -172,14 +177,48 @@ def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in state.items()} if wrapped else state
 
 
+def adapt_linear_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Weights saved in ``nn.Linear``'s [out, in] layout (nanoGPT's GPT-2) for a model whose matrices
+    are transformers' ``Conv1D`` [in, out]: transposed, all of them, when the file's non-square ones
+    show that layout. A square matrix cannot show its layout, so the file decides for all of them,
+    never the shape of one: a file whose layout its shapes do not reveal is left as it is.
+
+    Returns:
+        ``(state, names transposed)``.
+
+    Raises:
+        CheckpointError: some matrices in one layout and some in the other.
+    """
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return state, []
+    conv = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
+    if not conv:
+        return state, []
+    own = model.state_dict()
+    telling = [k for k in conv if k in state and state[k].ndim == 2 and state[k].shape[0] != state[k].shape[1]
+               and k in own]
+    linear = [k for k in telling if tuple(state[k].shape) == tuple(own[k].shape[::-1])]
+    native = [k for k in telling if tuple(state[k].shape) == tuple(own[k].shape)]
+    if not linear:
+        return state, []
+    if native:
+        raise CheckpointError(f"the file holds Conv1D matrices in both layouts ({native[0]} as the model's, "
+                              f"{linear[0]} transposed); it is not one model's state dict")
+    names = sorted(k for k in conv if k in state and state[k].ndim == 2)
+    return {k: (v.t().contiguous() if k in names else v) for k, v in state.items()}, names
+
+
 def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = False) -> LoadReport:
     """Copy matching tensors into ``model`` by name; never crashes on a mismatch unless ``strict``.
 
     Raises:
         CheckpointError: with ``strict=True``, listing every missing, unexpected and mis-shaped key.
     """
+    state, transposed = adapt_linear_layout(model, state)
     own = model.state_dict()
-    report = LoadReport()
+    report = LoadReport(transposed=transposed)
     usable = {}
     for key, value in state.items():
         if key not in own:

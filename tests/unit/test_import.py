@@ -227,3 +227,39 @@ def test_an_optimizer_that_does_not_fit_is_refused_naming_the_first_mismatch(tmp
     assert "optimizer does not fit this model" in err
     assert ("holds 8 parameters, the model's share is 9" in err if bad == "short"
             else "position 1 (exp_avg [3, 3]) is not" in err)
+
+
+def test_a_single_file_never_loads_into_random_weights_silently(tmp_path):
+    """Seed 004's file names no model type: without model_class= it is refused, with it it loads."""
+    from accel_trainer import load_model_for_inference
+    from accel_trainer.checkpoint import CheckpointError
+
+    config = {"vocab_size": 25, "d_model": 16}
+    torch.manual_seed(0)
+    model = Vocab25(config).eval()
+    old = tmp_path / "best_model.pt"
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict(), "config": config}, old)
+    with pytest.raises(CheckpointError, match="0 of its tensors fit a MoEForCausalLM built from its config and .* "
+                                              "the model would hold random weights. Pass model_class="):
+        load_model_for_inference(old, device="cpu")
+    loaded, loaded_config, step = load_model_for_inference(old, device="cpu", model_class=Vocab25)
+    ids = torch.randint(0, 25, (1, 8))
+    assert torch.equal(loaded(ids), model(ids)) and loaded_config == config and step == 3
+
+
+def test_nanogpt_linear_layout_is_converted_into_gpt2s_conv1d(tmp_path):
+    """nanoGPT keeps nn.Linear [out, in]; transformers' GPT-2 has Conv1D [in, out]. The square
+    attn.c_proj cannot show its layout: the file's non-square matrices decide for all of them."""
+    from accel_trainer import load_model_for_inference
+
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+    torch.manual_seed(0)
+    reference = GPT2LMHeadModel(config).eval()
+    conv = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    nanogpt = {k: (v.t().contiguous() if k.endswith(conv) else v) for k, v in reference.state_dict().items()}
+    old = tmp_path / "ckpt.pt"
+    torch.save({"model": nanogpt, "config": config.to_dict(), "iter_num": 100}, old)
+    model, _, _ = load_model_for_inference(old, device="cpu")
+    assert len(model.load_report.transposed) == 8 and not model.load_report.mismatched
+    ids = torch.randint(0, 64, (1, 10))
+    assert torch.equal(model(ids).logits, reference(ids).logits)
