@@ -10,7 +10,8 @@ import torch
 from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, load_weights, lock_run_dir, read_json, remote_tier,
                          resolve_on_main)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
-from .data import TOKENIZER_DIR, build_datasets, data_identity, file_hashes, load_tokenizer, parse_mix, read_prepared
+from .data import (DATA_IDENTITY_VERSION, TOKENIZER_DIR, build_datasets, data_contents, data_identity, file_hashes,
+                   legacy_data_identity, load_tokenizer, parse_mix, read_prepared)
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .importing import is_single_file_checkpoint
 from .errors import ConfigError, InputError, error_class
@@ -92,11 +93,14 @@ def block_size_for(plan: ModelPlan, args: DataArguments, preset: str | None, def
 
 
 # Run-config keys that may differ on resume without comment (they say where/how, not what).
+# (The optimizer assignment: a change shows as an optimizer that does not load.)
 QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to", "run_name", "async_save",
               "reset_optimizer", "reset_data_position", "bf16", "fp16", "log_data_blocks",
               "optimizer_assignment", "eval_tasks", "eval_tasks_steps", "eval_tasks_limit", "eval_include_path",
-              "eval_tasks_strict", "metric_for_best_model",
-              "data_file_hashes"}  # the assignment: a change shows as an optimizer that does not load
+              "eval_tasks_strict", "metric_for_best_model", "trust_pickled_class",
+              "data_file_hashes", "data_contents", "data_identity_version"}
+# Flags that name where data is: covered by the contents identity (paths are not identity).
+PATH_KEYS = ("data_files", "prepared_data", "data_mix", "tokenizer_name")
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "prepared_data", "data_mix", "text_column",
              "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity")
@@ -117,7 +121,27 @@ def _architecture(config_json: dict, keys) -> dict:
     return {k: config_json.get(k) for k in keys}
 
 
-def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None:
+def _data_change(key: str, saved_run: dict, run_config: dict) -> str:
+    """One changed data setting, said as the user can act on it: the files whose contents differ."""
+    if key != "data_identity":
+        return f"--{key}: {saved_run.get(key)!r} -> {run_config.get(key)!r}"
+    then = (saved_run.get("data_contents") or {}).get("files") or []
+    now = (run_config.get("data_contents") or {}).get("files") or []
+    names = sorted(run_config.get("data_file_hashes") or {})
+    if then and now and len(then) == len(now):
+        differ = [names[i] if i < len(names) else f"file {i + 1}" for i, (a, b) in enumerate(zip(then, now)) if a != b]
+        if differ:
+            return f"the data's contents (edited since: {', '.join(differ)})"
+    if then and now and len(then) != len(now):
+        return f"the data's contents ({len(then)} files then, {len(now)} now)"
+    then_files, now_files = saved_run.get("data_file_hashes") or {}, run_config.get("data_file_hashes") or {}
+    edited = sorted(f for f in set(then_files) & set(now_files) if then_files[f] != now_files[f])
+    if edited:
+        return f"the data's contents (edited since: {', '.join(edited)})"
+    return "the data's contents (other files, another tokenizer, or other prepared shards)"
+
+
+def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict, legacy_identity: str | None = None) -> None:
     """Refuse a checkpoint this run cannot continue: another architecture (the config keys that shape
     the weights), or other data under a saved data position.
 
@@ -136,12 +160,19 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None
             f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
             "instead of --resume_from_checkpoint")
     saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
-    then_files, now_files = saved_run.get("data_file_hashes") or {}, run_config.get("data_file_hashes") or {}
-    edited = sorted(f for f in set(then_files) & set(now_files) if then_files[f] != now_files[f])
-    contents = ("the data's contents (" + (f"edited since: {', '.join(edited)}" if edited else
-                                           "a file edited or re-prepared under the same name") + ")")
-    changed = [(contents if k == "data_identity" else f"--{k}: {saved_run.get(k)!r} -> {run_config.get(k)!r}")
-               for k in DATA_KEYS if k in saved_run and saved_run.get(k) != run_config.get(k)]
+    if saved_run.get("data_identity_version", 1) >= DATA_IDENTITY_VERSION:
+        # The data by contents alone: the same bytes at another path are the same data.
+        keys = [k for k in DATA_KEYS if k not in PATH_KEYS]
+        now_identity = run_config.get("data_identity")
+    else:  # a checkpoint of an older version recorded paths in its identity: compare it the old way
+        keys, now_identity = list(DATA_KEYS), legacy_identity or run_config.get("data_identity")
+    changed = []
+    for k in keys:
+        if k not in saved_run:
+            continue
+        now = now_identity if k == "data_identity" else run_config.get(k)
+        if saved_run.get(k) != now:
+            changed.append(_data_change(k, saved_run, run_config))
     if changed and not run_config.get("reset_data_position"):
         raise CheckpointError(
             f"{folder}: the data differs from the checkpoint's ({'; '.join(changed)}) and its data position counts "
@@ -150,16 +181,18 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict) -> None
             "start this data from its beginning")
 
 
-def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print):
+def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print, legacy_identity: str | None = None):
     """What a run checks of the checkpoint it resumes, once, before any data work:
     :func:`refuse_incompatible`, then a printed list of the settings that changed (the new values apply).
     Also usable as a Checkpointer's ``before_resume``."""
 
     def check(folder: Path) -> None:
-        refuse_incompatible(folder, plan, run_config)
+        refuse_incompatible(folder, plan, run_config, legacy_identity)
         saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
+        same_data = saved_run.get("data_identity") == run_config.get("data_identity")
         changes = [f"{k}: {saved_run.get(k)!r} -> {v!r}" for k, v in run_config.items()
-                   if k not in QUIET_KEYS and k in saved_run and saved_run.get(k) != v]
+                   if k not in QUIET_KEYS and k in saved_run and saved_run.get(k) != v
+                   and not (same_data and k in PATH_KEYS)]  # the same data at another path: not a change
         if changes:
             print_fn("resuming with changed settings (the new values apply):\n  " + "\n  ".join(changes))
 
@@ -332,7 +365,8 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
          train_args) -> Trainer:
     # data_identity: the data by content (an edited file under the same name is other data).
     run_config = {**to_dict(model_args, data_args, train_args), "block_size": block_size,
-                  "data_identity": data_identity(data_args), "data_file_hashes": file_hashes(data_args),
+                  "data_identity": data_identity(data_args), "data_identity_version": DATA_IDENTITY_VERSION,
+                  "data_contents": data_contents(data_args), "data_file_hashes": file_hashes(data_args),
                   # samples per optimizer step over all processes: a resume on another world size says so
                   "global_batch_size": train_args.per_device_train_batch_size
                   * train_args.gradient_accumulation_steps * accelerator.num_processes}
@@ -349,7 +383,7 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
-            resume_policy(plan, run_config, accelerator.print)(folder)
+            resume_policy(plan, run_config, accelerator.print, legacy_data_identity(data_args))(folder)
             model_args = adopt_optimizer_assignment(folder, model_args, run_config, accelerator.print)
     # Only now: a command refused above leaves the status of the run that ended here as it was.
     write_exit_status(train_args.output_dir, None, "running")

@@ -15,14 +15,15 @@ from .order import MIX_PERIOD, Permutation, RunSampler, TrainBlocks, ValidationB
 from .pipeline import (TextData, build_datasets, build_eval_dataloader, build_train_dataloader, parse_mix,
                        prepare_raw)
 from .shards import TOKENIZER_DIR, TokenBlocks, prepare, read_prepared
-from .sources import check_data_files, data_identity, default_corpus_files, file_hashes, load_raw_text, raw_source
+from .sources import (DATA_IDENTITY_VERSION, check_data_files, data_contents, data_identity, default_corpus_files,
+                      file_hashes, legacy_data_identity, load_raw_text, raw_source)
 from .tokenizer import (byte_tokenizer, character_tokenizer, load_tokenizer, token_byte_lengths, train_tokenizer,
                         vocab_size_for)
 
-__all__ = ["DataError", "MIX_PERIOD", "Permutation", "RunSampler", "TOKENIZER_DIR", "TextData", "TokenBlocks",
-           "TokenizerError", "TrainBlocks", "ValidationBlocks", "build_datasets", "build_eval_dataloader",
-           "build_train_dataloader", "byte_tokenizer", "character_tokenizer", "check_data_files", "data_identity",
-           "default_corpus_files", "file_hashes", "load_raw_text",
+__all__ = ["DATA_IDENTITY_VERSION", "DataError", "MIX_PERIOD", "Permutation", "RunSampler", "TOKENIZER_DIR",
+           "TextData", "TokenBlocks", "TokenizerError", "TrainBlocks", "ValidationBlocks", "build_datasets",
+           "build_eval_dataloader",
+           "build_train_dataloader", "byte_tokenizer", "character_tokenizer", "check_data_files", "data_contents",
+           "data_identity", "default_corpus_files", "file_hashes", "legacy_data_identity", "load_raw_text",
            "load_tokenizer", "mix_pattern", "parse_mix", "prepare", "prepare_raw", "raw_source", "read_prepared",
-           "token_byte_lengths",
-           "train_tokenizer", "vocab_size_for"]
+           "token_byte_lengths", "train_tokenizer", "vocab_size_for"]

@@ -218,9 +218,55 @@ def raw_source(args: DataArguments) -> dict:
             "files": {f: {k: v for k, v in file_identity(f).items() if k != "mtime_ns"} for f in files or ()}}
 
 
+#: The version of :func:`data_identity`: 2 identifies data by contents alone (paths are not identity).
+DATA_IDENTITY_VERSION = 2
+
+
+def tokenizer_identity(name: str | None) -> str:
+    """A tokenizer by content: a local folder's files hashed (any path to the same files is the same
+    tokenizer), else its name (``byte``, a Hub name)."""
+    import hashlib
+
+    from ..checkpoint import hash_file
+
+    name = name or "byte"
+    folder = Path(name)
+    if not folder.is_dir():
+        return name
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".txt", ".model", ".jinja"))
+    return "sha256:" + hashlib.sha256(json.dumps([[p.name, hash_file(p)] for p in files]).encode()).hexdigest()[:16]
+
+
+def data_contents(args: DataArguments) -> dict:
+    """What this run trains on, by content alone: every local file's bytes in the order they are read
+    (sorted by path, as :func:`load_raw_text` reads them), or the prepared folders' manifests
+    (``tokens.json``) in order with their weights; the tokenizer by content; the flags that decide the
+    documents. No path: the same bytes at another path (a relative path, a copy, another machine)
+    are the same data."""
+    from ..checkpoint import hash_file
+
+    if args.data_mix or args.prepared_data:
+        items = args.data_mix or [f"{f}:1" for f in args.prepared_data]
+        parts = [item.rpartition(":") for item in items]
+        return {"prepared": [[hash_file(Path(f) / "tokens.json") if (Path(f) / "tokens.json").is_file() else None,
+                              weight] for f, _, weight in parts]}
+    files = sorted(args.data_files) if args.data_files else []
+    return {"dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+            "text_column": args.text_column, "tokenizer": tokenizer_identity(args.tokenizer_name),
+            "max_corpus_bytes": None if (args.dataset_name or args.data_files) else args.max_corpus_bytes,
+            "files": [[Path(f).suffix, file_identity(f)["xxh3_128"]] for f in files]}
+
+
 def data_identity(args: DataArguments) -> str:
-    """One digest of what this run trains on, by content: the raw inputs (every local file's bytes),
-    or the prepared folders' manifests (``tokens.json``). A resume compares it with the checkpoint's."""
+    """One digest of :func:`data_contents`. A resume compares it with the checkpoint's."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(data_contents(args), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def legacy_data_identity(args: DataArguments) -> str:
+    """The identity runs recorded before :data:`DATA_IDENTITY_VERSION` 2 (paths included), so that
+    their checkpoints still resume on the same paths."""
     import hashlib
 
     from ..checkpoint import hash_file

@@ -177,3 +177,30 @@ def test_a_dropped_connections_orphaned_task_prints_no_traceback(capsys, caplog)
         assert any("ValueError" in str(r.exc_info) for r in caplog.records)  # anything else still reported
     finally:
         loop.close()
+
+
+def test_the_same_bytes_at_another_path_resume_exactly(tmp_path, recipe_module, monkeypatch):
+    """A run moves (another machine, a copied corpus, a relative path): the data is its contents."""
+    data = tmp_path / "here" / "a.jsonl"
+    data.parent.mkdir()
+    write_jsonl(data, DOCS)
+    common = [a for a in TINY if a not in ("--max_corpus_bytes", "300000")] + [
+        "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1"]
+    straight = tmp_path / "straight"
+    assert recipe_module.main([*common, "--data_files", str(data), "--output_dir", str(straight),
+                               "--max_steps", "4"]) == 0
+    moved = tmp_path / "moved"
+    assert recipe_module.main([*common, "--data_files", str(data), "--output_dir", str(moved),
+                               "--max_steps", "2"]) == 0
+    copy = tmp_path / "elsewhere" / "corpus.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(data.read_bytes())
+    monkeypatch.chdir(copy.parent)
+    assert recipe_module.main([*common, "--data_files", "corpus.jsonl", "--output_dir", str(moved),
+                               "--max_steps", "4", "--resume_from_checkpoint", "latest"]) == 0
+
+    def losses(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    assert losses(moved) == losses(straight)
