@@ -246,6 +246,9 @@ class TrainingArguments:
     keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a "
                                                                            "multiple of N."})
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start a fresh run in an --output_dir that holds another run's checkpoints: they and its "
+                "metrics.jsonl are moved aside into <output_dir>/overwritten-<time>/ (delete it when sure)."})
     save_on_exception: bool = field(default=True, metadata={"help": "Save an emergency checkpoint when the loop raises "
                                                                     "(single process)."})
     save_strict: bool = field(default=False, metadata={"help": "Stop the run when a checkpoint does not fit or fails "
@@ -427,8 +430,6 @@ HF_TRAINER_ADVICE = {
     "push_to_hub": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
     "hub_model_id": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
     "hub_token": "export with `accel-trainer export <checkpoint> <dir>`, then `huggingface-cli upload <repo> <dir>`",
-    "overwrite_output_dir": "a run continues its output dir with --resume_from_checkpoint latest; "
-                            "choose a new --output_dir to start over",
     "do_train": "the recipe always trains (and evaluates every --eval_steps)",
     "do_eval": "the recipe evaluates every --eval_steps steps",
     "deepspeed": "choose DDP, FSDP or DeepSpeed with `accelerate launch --config_file accelerate_configs/<env>.yaml`",

@@ -245,6 +245,36 @@ def adopt_optimizer_assignment(folder: Path, model_args, run_config: dict, print
     return dataclasses.replace(model_args, muon_params=muon, adamw_params=adamw)
 
 
+def one_run_per_output_dir(output_dir: str | Path, overwrite: bool, print_fn=print) -> None:
+    """A fresh start (no ``--resume_from_checkpoint``) in a folder that holds another run's
+    checkpoints would replace its ``step-N`` folders and mix both runs in ``metrics.jsonl``: refused,
+    unless ``--overwrite_output_dir`` (then that run is moved aside, never deleted).
+
+    Raises:
+        ConfigError: naming the folder and the two ways on.
+    """
+    import datetime
+    import shutil
+
+    from .checkpoint import list_checkpoints
+
+    root = Path(output_dir) / "checkpoints"
+    held = list_checkpoints(root) if root.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise ConfigError(f"--output_dir={str(output_dir)!r} holds the checkpoints of a run (newest "
+                          f"{held[-1][1].name}); continue it with --resume_from_checkpoint latest, or start over "
+                          "with --overwrite_output_dir (that run is moved aside), or choose a new --output_dir")
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = Path(output_dir) / f"overwritten-{stamp}"
+    aside.mkdir()
+    for name in ("checkpoints", "metrics.jsonl", "eval"):
+        if (Path(output_dir) / name).exists():
+            shutil.move(str(Path(output_dir) / name), str(aside / name))
+    print_fn(f"--overwrite_output_dir: the previous run's checkpoints and metrics are in {aside}")
+
+
 def main_process_first(accelerator, work):
     """``work()`` on the main process, then on the others (which find its results, e.g. prepared data,
     on disk). Bad input found by the main process is raised on every process, so each exits with
@@ -314,6 +344,14 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
                                  getattr(accelerator, "parallelism_config", None), plan.family)
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
+    try:
+        if not train_args.resume_from_checkpoint:  # the main process decides; a refusal reaches every rank
+            main_process_first(accelerator, lambda: one_run_per_output_dir(
+                train_args.output_dir, train_args.overwrite_output_dir, accelerator.print))
+    except InputError:
+        if lock is not None:
+            lock.release()
+        raise
     try:
         return _run(accelerator, plan, dims, block_size, model_args, data_args, train_args)
     finally:

@@ -214,3 +214,17 @@ def test_gpt_neox_fused_qkv_is_orthogonalised_per_projection_across_heads():
         expected = -zeropower_via_newtonschulz(rows) * math.sqrt(max(1.0, rows.shape[0] / rows.shape[1]))
         torch.testing.assert_close(weight.detach().view(heads, 3, head_dim, hidden)[:, part].reshape(-1, hidden),
                                    expected)
+
+
+def test_a_fresh_start_in_a_folder_of_another_run_is_refused_unless_overwritten(capsys, tmp_path):
+    assert recipe(capsys, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(tmp_path), *QUICK)[0] == 0
+    before = (tmp_path / "metrics.jsonl").read_text()
+    code, err = recipe(capsys, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(tmp_path), *QUICK)
+    assert code == 2 and "holds the checkpoints of a run (newest step-2); continue it with --resume_from_checkpoint " \
+                         "latest, or start over with --overwrite_output_dir" in one_line(err)
+    assert (tmp_path / "metrics.jsonl").read_text() == before
+    code, _ = recipe(capsys, "--max_steps", "2", "--save_steps", "2", "--output_dir", str(tmp_path),
+                     "--overwrite_output_dir", *QUICK)
+    assert code == 0
+    aside = next(tmp_path.glob("overwritten-*"))
+    assert (aside / "checkpoints" / "step-2" / "COMPLETE").is_file() and (aside / "metrics.jsonl").read_text() == before
