@@ -90,6 +90,32 @@ def _another_live_run(path: Path) -> bool:
         return False
 
 
+def die_with_launcher() -> bool:
+    """Under a launcher (``accelerate launch``, ``torchrun``): ask Linux to send this worker SIGTERM
+    when its launcher dies, even by SIGKILL. torch elastic starts each worker in a session of its
+    own, so a kill of the launcher's process group would otherwise leave the workers training and
+    writing checkpoints with nobody to wait for them; SIGTERM makes each save its emergency
+    checkpoint and end, so nothing is left saying "running". Returns whether it was set.
+    """
+    import ctypes
+    import signal
+    import sys
+
+    launched = any(k in os.environ for k in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "ACCELERATE_DYNAMO_BACKEND"))
+    if not launched or not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(1, int(signal.SIGTERM), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+            return False
+    except (OSError, AttributeError):
+        return False
+    if parent == 1 or os.getppid() != parent:  # the launcher died before the request: end now
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True
+
+
 def exit_code_of(job, output_dir: str | None = None) -> int:
     """Run ``job``; turn bad input (flags, data, checkpoints) into one line on stderr and exit status
     2, a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
@@ -98,6 +124,7 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
     import sys
 
     step = None
+    die_with_launcher()
     if output_dir:
         _STARTED.discard(str((Path(output_dir) / EXIT_STATUS).resolve()))  # a new invocation
     try:

@@ -401,7 +401,8 @@ class Trainer:
         logging = step % args.logging_steps == 0 or last
         if logging:
             metrics.update(self.train_metrics(mean_loss, grad_norm))
-        if args.eval_steps and (step % args.eval_steps == 0 or last):
+        epoch_end = args.save_on_each_epoch and self._epoch_finished  # its checkpoint carries the val loss
+        if (args.eval_steps and (step % args.eval_steps == 0 or last)) or epoch_end:
             metrics.update(self.evaluate())
             self.last_eval = (step, metrics["val_loss"])
         if args.eval_tasks and ((args.eval_tasks_steps and step % args.eval_tasks_steps == 0) or last):
@@ -414,7 +415,7 @@ class Trainer:
             self.metrics.log(metrics, step=step)
         if args.save_steps and step % args.save_steps == 0:
             reasons.append("periodic")
-        if args.save_on_each_epoch and self._epoch_finished:
+        if epoch_end:
             reasons.append("epoch")
         if last:
             reasons.append("final")

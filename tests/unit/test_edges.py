@@ -228,3 +228,13 @@ def test_a_fresh_start_in_a_folder_of_another_run_is_refused_unless_overwritten(
     assert code == 0
     aside = next(tmp_path.glob("overwritten-*"))
     assert (aside / "checkpoints" / "step-2" / "COMPLETE").is_file() and (aside / "metrics.jsonl").read_text() == before
+
+
+def test_an_epoch_end_checkpoint_carries_the_validation_loss(capsys, tmp_path):
+    """Seed 004's habit: a checkpoint per epoch, each with its validation loss, whatever --eval_steps is."""
+    code, _ = recipe(capsys, "--save_on_each_epoch", "--eval_steps", "0", "--num_train_epochs", "1",
+                     "--block_size", "128", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path), *QUICK)
+    assert code == 0
+    epoch_ends = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "checkpoints").glob("step-*")]
+    epoch_ends = [m for m in epoch_ends if "epoch" in m["reasons"]]
+    assert epoch_ends and all("val_loss" in m["metrics"] for m in epoch_ends)
