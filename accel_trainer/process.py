@@ -125,6 +125,10 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
 
     step = None
     die_with_launcher()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # A restarted round (--max_restarts) must not connect to a dead rank's old gloo address at
+        # init: lazy initialisation connects the pairs on first use, among the ranks of this round.
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
     if output_dir:
         _STARTED.discard(str((Path(output_dir) / EXIT_STATUS).resolve()))  # a new invocation
     try:

@@ -63,12 +63,14 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check:
     return proc
 
 
-def popen_launch(args: list[str], num_processes: int = 2, script: Path = RECIPE) -> subprocess.Popen:
+def popen_launch(args: list[str], num_processes: int = 2, script: Path = RECIPE,
+                 launcher: list[str] = ()) -> subprocess.Popen:
     """`accelerate launch --multi_gpu` on CPU ranks in a session of its own (``os.killpg`` reaches
-    the launcher and every rank); its output is read from ``proc.stdout``."""
+    the launcher and every rank); its output is read from ``proc.stdout``. ``launcher``: more flags
+    of `accelerate launch` (``--max_restarts 1``)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
            "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(script), *args]
+           "--dynamo_backend", "no", *launcher, str(script), *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONUNBUFFERED": "1"},
                             start_new_session=True)

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from launching import RUN, popen_launch, run_pids, wait_for
+from launching import RUN, assert_same_final_state, popen_launch, read_jsonl, run_pids, wait_for
 
 
 def running(pid: int) -> bool:
@@ -35,3 +35,21 @@ def test_a_sigkill_to_the_launchers_process_group_ends_every_worker(tmp_path):
     assert not alive, f"workers {alive} outlived their launcher"
     status = json.loads((tmp_path / "exit_status.json").read_text())
     assert status["exit_code"] == 128 + signal.SIGTERM and status["meaning"] != "running", status
+
+
+def test_a_killed_rank_comes_back_under_max_restarts_with_the_losses_of_an_uninterrupted_run(tmp_path,
+                                                                                                straight_2proc):
+    """`accelerate launch --max_restarts 1 ... --resume_from_checkpoint latest`: kill -9 of one rank;
+    the launcher starts a new round, which resumes from latest and finishes as if nothing happened."""
+    proc = popen_launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"],
+                        launcher=["--max_restarts", "1", "--monitor_interval", "0.5"])
+    wait_for(tmp_path / "checkpoints" / "step-6" / "COMPLETE", proc)
+    ranks = {rank: pid for pid, rank in run_pids(tmp_path).items() if rank >= 0}
+    os.kill(ranks[1], signal.SIGKILL)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    assert "resumed from" in output, output[-3000:]
+    assert json.loads((tmp_path / "exit_status.json").read_text())["exit_code"] == 0
+    assert_same_final_state(straight_2proc, tmp_path, ranks=2)
+    last = read_jsonl(straight_2proc / "metrics.jsonl")[-1]["step"]
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["step"] == last
