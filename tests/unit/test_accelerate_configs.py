@@ -52,3 +52,5 @@ def test_slurm_script_is_valid_bash_and_requeues_with_latest():
     assert "#SBATCH --signal=B:USR1@" in text and "scontrol requeue" in text
     assert "--resume_from_checkpoint latest" in text and "cluster_fsdp_multinode.yaml" in text
     assert "--prepared_data $PREPARED_DATA" in text and "--data_mix $DATA_MIX" in text
+    assert "trap requeue USR1 TERM" in text  # pre-emption without warning is SIGTERM
+    assert "--max_restarts" in text  # a dead rank comes back within the allocation
