@@ -55,7 +55,13 @@ def cmd_list(args) -> int:
     from .checkpoint import list_run, storage_for
 
     rows = list_run(args.output_dir, args.storage_options_dict)
-    return _print_rows(rows, args.json, storage_for(args.output_dir, args.storage_options_dict).display())
+    code = _print_rows(rows, args.json, storage_for(args.output_dir, args.storage_options_dict).display())
+    branches = Path(args.output_dir) / "branches"
+    if not args.json and branches.is_dir():  # kept aside when an older step was resumed
+        for branch in sorted(p for p in branches.iterdir() if p.is_dir()):
+            steps = sorted((p.name for p in branch.glob("step-*")), key=lambda n: int(n[5:]))
+            print(f"abandoned branch {branch}: {', '.join(steps) or 'empty'}")
+    return code
 
 
 def _print_rows(rows: list[dict], as_json: bool, where: str) -> int:

@@ -245,6 +245,51 @@ def adopt_optimizer_assignment(folder: Path, model_args, run_config: dict, print
     return dataclasses.replace(model_args, muon_params=muon, adamw_params=adamw)
 
 
+def keep_abandoned_branch_aside(folder: Path, output_dir: str | Path, print_fn=print) -> Path | None:
+    """Resuming an older step of this run (``step-K`` with newer checkpoints beside it) starts a new
+    branch whose saves would replace the newer ``step-N`` folders: they are moved, whole, into
+    ``<output_dir>/branches/abandoned-<time>/`` first (``accel-trainer list`` shows them there), and
+    ``latest``/``best`` are pointed at what ``checkpoints/`` still holds. Main process only.
+
+    Returns:
+        The folder the newer checkpoints went to, or None when there were none.
+    """
+    import datetime
+    import shutil
+
+    from .checkpoint import MANIFEST, list_checkpoints, write_pointer
+
+    root = Path(output_dir) / "checkpoints"
+    try:
+        if folder.resolve().parent != root.resolve():
+            return None  # another run's checkpoint, or a file: nothing of this folder to set aside
+        step = int(folder.name.split("-", 1)[1])
+    except (ValueError, IndexError, OSError):
+        return None
+    newer = [f for s, f in list_checkpoints(root) if s > step]
+    if not newer:
+        return None
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    aside = Path(output_dir) / "branches" / f"abandoned-{stamp}"
+    aside.mkdir(parents=True)
+    for f in newer:
+        shutil.move(str(f), str(aside / f.name))
+    write_pointer(root, "latest", folder)
+    best, best_value = None, None
+    for _, f in list_checkpoints(root):  # best over what the folder holds now
+        manifest = read_json(f / MANIFEST) if (f / MANIFEST).is_file() else {}
+        value = (manifest.get("metrics") or {}).get("val_loss")
+        if value is not None and (best_value is None or value < best_value):
+            best, best_value = f, value
+    if best is not None:
+        write_pointer(root, "best", best)
+    else:
+        (root / "best").unlink(missing_ok=True)
+    print_fn(f"--resume_from_checkpoint {folder.name}: the newer checkpoints of this run "
+             f"({', '.join(f.name for f in newer)}) are kept aside in {aside}; this run continues from {folder.name}")
+    return aside
+
+
 def one_run_per_output_dir(output_dir: str | Path, overwrite: bool, print_fn=print) -> None:
     """A fresh start (no ``--resume_from_checkpoint``) in a folder that holds another run's
     checkpoints would replace its ``step-N`` folders and mix both runs in ``metrics.jsonl``: refused,
@@ -422,6 +467,9 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
         if folder is not None:
             resume_policy(plan, run_config, accelerator.print, legacy_data_identity(data_args))(folder)
+            if accelerator.is_main_process:
+                keep_abandoned_branch_aside(Path(folder), train_args.output_dir, accelerator.print)
+            accelerator.wait_for_everyone()
             model_args = adopt_optimizer_assignment(folder, model_args, run_config, accelerator.print)
     # Only now: a command refused above leaves the status of the run that ended here as it was.
     write_exit_status(train_args.output_dir, None, "running")

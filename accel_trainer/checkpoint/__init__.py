@@ -18,7 +18,8 @@ _WHERE = {
     "ResumableLoader": ".dataloader", "CheckpointError": ".io", "RemoteError": ".remote",
     # resolving and reading
     "resolve": ".layout", "resolve_path": ".layout", "checkpoint_folder": ".layout", "list_checkpoints": ".layout",
-    "prune": ".layout", "verify": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
+    "prune": ".layout", "write_pointer": ".layout",
+    "verify": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
     "inspect": ".inspection", "diff": ".inspection",
     # weights and models
     "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",

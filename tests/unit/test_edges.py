@@ -238,3 +238,19 @@ def test_an_epoch_end_checkpoint_carries_the_validation_loss(capsys, tmp_path):
     epoch_ends = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "checkpoints").glob("step-*")]
     epoch_ends = [m for m in epoch_ends if "epoch" in m["reasons"]]
     assert epoch_ends and all("val_loss" in m["metrics"] for m in epoch_ends)
+
+
+def test_resuming_an_older_step_keeps_the_abandoned_branch_aside(capsys, tmp_path):
+    """Seed 001's "continue from step 25000 with a lower LR": the newer checkpoints are not replaced."""
+    from accel_trainer.checkpoint import resolve
+
+    run = ["--save_steps", "2", "--eval_steps", "2", "--output_dir", str(tmp_path), *QUICK]
+    assert recipe(capsys, "--max_steps", "6", *run)[0] == 0
+    abandoned = {n: (tmp_path / "checkpoints" / n / "model.safetensors").read_bytes() for n in ("step-4", "step-6")}
+    assert recipe(capsys, "--max_steps", "6", "--resume_from_checkpoint", "step-2", "--learning_rate", "1e-4",
+                  *run)[0] == 0
+    branch = next((tmp_path / "branches").glob("abandoned-*"))
+    assert {n: (branch / n / "model.safetensors").read_bytes() for n in abandoned} == abandoned
+    assert resolve("latest", tmp_path).path.name == "step-6"  # the new branch's
+    assert cli_main(["list", str(tmp_path)]) == 0
+    assert f"abandoned branch {branch}: step-4, step-6" in capsys.readouterr().out
