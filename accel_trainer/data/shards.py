@@ -29,6 +29,7 @@ import numpy as np
 
 from ..checkpoint import atomic_write_text, fsync_file, hash_file, read_json
 from ..errors import DataError
+from .sources import TOKEN_IDS
 
 FORMAT = "accel_trainer.tokens/1"
 PLAN, COMPLETE_MANIFEST, TOKENIZER_DIR = "plan.json", "tokens.json", "tokenizer"
@@ -56,10 +57,13 @@ def _tokenize_range(bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     start, end = bounds
     tokenizer = _WORKER["tokenizer"]
     texts = _WORKER["dataset"][start:end][_WORKER["column"]]
-    backend = tokenizer.backend_tokenizer
-    # The Rust tokenizer directly: no attention masks or offsets built only to be dropped.
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+    if _WORKER["column"] == TOKEN_IDS:  # pre-tokenised documents: the ids as they are
+        ids = texts
+    else:
+        backend = tokenizer.backend_tokenizer
+        # The Rust tokenizer directly: no attention masks or offsets built only to be dropped.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
     ends = np.cumsum(np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids)))
     tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int64)
     is_text = np.ones(len(tokens), dtype=bool)
@@ -89,6 +93,12 @@ def prepare(dataset, column: str, tokenizer, output_dir: str | Path, source: dic
             its disk is full (or fails) while the shards are written.
     """
     out = Path(output_dir)
+    if TOKEN_IDS in dataset.column_names and column not in dataset.column_names:
+        column = TOKEN_IDS
+        largest = max((max(d) for d in dataset[TOKEN_IDS] if d), default=-1)
+        if largest >= len(tokenizer):
+            raise DataError(f"--data_files: token id {largest} is not below the tokenizer's {len(tokenizer)} ids; "
+                            "give the --tokenizer_name the ids were made with")
     out.mkdir(parents=True, exist_ok=True)
     if (out / COMPLETE_MANIFEST).is_file():
         manifest = read_prepared(out)

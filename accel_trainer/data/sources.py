@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import pickle
 import sysconfig
 import time
 from pathlib import Path
@@ -20,7 +21,9 @@ from ..errors import DataError
 from ..hub import require_hub
 
 EXTENSION_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json",
-                      ".jsonl": "json", ".parquet": "parquet"}
+                      ".jsonl": "json", ".parquet": "parquet", ".pkl": "pickle", ".pickle": "pickle"}
+# The column of pre-tokenised documents (a pickled list of token-id lists): no tokenising, ids as they are.
+TOKEN_IDS = "input_ids"
 CHUNK = 1 << 20
 
 
@@ -47,15 +50,58 @@ def check_data_files(files: list[str], text_column: str) -> str:
     builders = {EXTENSION_BUILDERS.get(e) for e in exts}
     if None in builders or len(builders) != 1:
         raise DataError(f"--data_files: file types {sorted(exts)} are not one of the supported kinds "
-                        "(.txt/.md, .json/.jsonl, .parquet; one kind per run)")
+                        "(.txt/.md, .json/.jsonl, .parquet, .pkl of a list of texts or of token-id lists; one kind "
+                        "per run)")
     builder = builders.pop()
     if builder == "text" and text_column != "text":
         raise DataError(f"--text_column={text_column!r}: text files have one column, 'text'; leave --text_column out")
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"--data_files: {f} is empty")
-        {"text": _check_text, "json": _check_json, "parquet": _check_parquet}[builder](f, text_column)
+        if builder == "pickle":
+            read_pickled_documents(f)
+        else:
+            {"text": _check_text, "json": _check_json, "parquet": _check_parquet}[builder](f, text_column)
     return builder
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Builds lists, tuples, dicts, strings and numbers, which the pickle opcodes make by themselves;
+    any class or function the file names is refused, so no code of the file ever runs."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def read_pickled_documents(path: str | Path) -> tuple[str, list]:
+    """``("text", [str, ...])`` or ``("input_ids", [[int, ...], ...])`` from a pickled dataset
+    (seed 002's ``dataset.pkl``), read without running any code.
+
+    Raises:
+        DataError: anything else in the file (a class, an array), naming it and the conversion to run.
+    """
+    convert = ("convert it where you trust it: python -c \"import json, pickle; [print(json.dumps({'text': t})) "
+               f"for t in pickle.load(open('{path}', 'rb'))]\" > corpus.jsonl, and pass corpus.jsonl")
+    try:
+        with open(path, "rb") as f:
+            obj = _DataOnlyUnpickler(f).load()
+    except pickle.UnpicklingError as err:
+        raise DataError(f"--data_files: {path} pickles {err}, which could run code when loaded; {convert}") from None
+    except (EOFError, ValueError, TypeError, IndexError) as err:
+        raise DataError(f"--data_files: {path} is not a readable pickle ({type(err).__name__}: {err})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("text"), list):
+        obj = obj["text"]
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(d, dict) and isinstance(d.get("text"), str)
+                                                      for d in obj):
+        obj = [d["text"] for d in obj]
+    if isinstance(obj, (list, tuple)) and obj and all(isinstance(d, str) for d in obj):
+        return "text", list(obj)
+    if isinstance(obj, (list, tuple)) and obj and all(
+            isinstance(d, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in d)
+            for d in obj):
+        return TOKEN_IDS, [list(d) for d in obj]
+    kind = type(obj).__name__ + (f" of {type(obj[0]).__name__}" if isinstance(obj, (list, tuple)) and obj else "")
+    raise DataError(f"--data_files: {path} holds a {kind}, not a list of texts or of token-id lists; {convert}")
 
 
 def _check_text(f: str, _column: str) -> None:
@@ -158,6 +204,16 @@ def load_raw_text(args: DataArguments):
             raw = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
         except Exception as err:
             raise DataError(f"--dataset_name={args.dataset_name!r}: could not load it ({_root_cause(err)})") from None
+    elif args.data_files and check_data_files(list(args.data_files), args.text_column) == "pickle":
+        columns: dict[str, list] = {}
+        for f in sorted(args.data_files):
+            column, documents = read_pickled_documents(f)
+            columns.setdefault(column, []).extend(documents)
+        if len(columns) > 1:
+            raise DataError("--data_files: some pickles hold texts and some token ids; give one kind per run")
+        raw = datasets.Dataset.from_dict(columns)
+        if TOKEN_IDS in columns:
+            return raw  # pre-tokenised: the column is the ids, whatever --text_column says
     elif args.data_files:
         builder = check_data_files(list(args.data_files), args.text_column)
         extra = {"sample_by": "document"} if builder == "text" else {}

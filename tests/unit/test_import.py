@@ -263,3 +263,33 @@ def test_nanogpt_linear_layout_is_converted_into_gpt2s_conv1d(tmp_path):
     assert len(model.load_report.transposed) == 8 and not model.load_report.mismatched
     ids = torch.randint(0, 64, (1, 10))
     assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_a_pickled_dataset_of_texts_or_token_ids_becomes_shards_and_a_pickled_object_is_refused(tmp_path, capsys):
+    """Seed 002's dataset.pkl: read without running code (only lists, strings and numbers are built)."""
+    import pickle
+
+    from accel_trainer.data import read_prepared
+
+    texts = [f"document {i}: the quick brown fox jumps over the lazy dog." for i in range(40)]
+    (tmp_path / "texts.pkl").write_bytes(pickle.dumps(texts))
+    assert cli_main(["prepare-data", "--data_files", str(tmp_path / "texts.pkl"), "--tokenizer_name", "byte",
+                     "--output_dir", str(tmp_path / "texts")]) == 0
+    ids = [[(i * 7 + j) % 200 for j in range(5 + i % 3)] for i in range(30)]
+    (tmp_path / "ids.pkl").write_bytes(pickle.dumps(ids))
+    assert cli_main(["prepare-data", "--data_files", str(tmp_path / "ids.pkl"), "--tokenizer_name", "byte",
+                     "--output_dir", str(tmp_path / "ids")]) == 0
+    manifest = read_prepared(tmp_path / "ids")
+    assert manifest["total_tokens"] == sum(len(d) + 1 for d in ids)  # the ids as they are, each + EOS
+    import numpy as np
+
+    eos = load_tokenizer("byte").eos_token_id
+    tokens = np.fromfile(tmp_path / "ids" / "shard-00000.bin", dtype=manifest.get("dtype", "uint16"))
+    assert tokens.tolist() == [t for d in ids for t in [*d, eos]]
+    (tmp_path / "object.pkl").write_bytes(pickle.dumps({"documents": MoERunConfig()}))
+    capsys.readouterr()
+    assert cli_main(["prepare-data", "--data_files", str(tmp_path / "object.pkl"), "--tokenizer_name", "byte",
+                     "--output_dir", str(tmp_path / "object")]) == 2
+    err = capsys.readouterr().err
+    assert f"pickles {__name__}.MoERunConfig, which could run code when loaded" in err and "corpus.jsonl" in err
+    assert "Traceback" not in err
