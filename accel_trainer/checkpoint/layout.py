@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX
-from .io import CheckpointError
+from .format import CHECKPOINTS, COMPLETE, DATALOADER, LATEST, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX, state_file
+from .io import CheckpointError, read_json
 from .manifest import verify
 from .storage import LocalStorage, select_for_deletion  # noqa: F401 (part of this module's API)
 
@@ -107,12 +108,32 @@ def resolve_latest_valid(root: Path, checksums: bool | set[str] = True) -> Resol
     return Resolved(None, "; ".join(rejected))
 
 
+EPOCH_RE = re.compile(r"^epoch-(\d+)$")
+
+
+def epoch_end_checkpoint(root: Path, epoch: int) -> Path | None:
+    """The checkpoint saved when epoch ``epoch`` (counted from 1) ended (``--save_on_each_epoch``):
+    saved for the reason ``epoch``, its data position at the end of the ``epoch - 1``-th pass (from 0)."""
+    for _, folder in reversed(list_checkpoints(root)):
+        try:
+            manifest = read_json(folder / MANIFEST)
+            position = read_json(folder / state_file(DATALOADER))
+        except (CheckpointError, OSError):
+            continue
+        if "epoch" not in (manifest.get("reasons") or []):
+            continue
+        passes = position.get("epoch", -1) + (1 if position.get("samples_in_epoch") else 0)
+        if passes == epoch:
+            return folder
+    return None
+
+
 def resolve(spec: str, output_dir: str | Path, checksums: bool | set[str] = True) -> Resolved:
     """Turn ``--resume_from_checkpoint`` into a verified checkpoint folder.
 
     Args:
-        spec: ``latest``, ``best``, ``step-<N>``, or a path (a ``step-N`` folder, a run's output dir
-            meaning its latest, or ``<output_dir>/best``).
+        spec: ``latest``, ``best``, ``step-<N>``, ``epoch-<N>`` (saved when epoch N ended, from 1), or a
+            path (a ``step-N`` folder, a run's output dir meaning its latest, or ``<output_dir>/best``).
         output_dir: the run's output dir, where ``latest``/``best``/``step-N`` are looked up.
         checksums: verify every file's checksum, or only those of the named files (sizes always).
 
@@ -133,6 +154,13 @@ def resolve(spec: str, output_dir: str | Path, checksums: bool | set[str] = True
         folder = read_pointer(root, "best") if spec == "best" else root / spec
         if folder is None or not folder.is_dir():
             raise CheckpointError(f"{flag}: no such checkpoint; {describe_available(root)}")
+        return _verified(folder, flag, checksums)
+    epoch = EPOCH_RE.match(spec)
+    if epoch:
+        folder = epoch_end_checkpoint(root, int(epoch.group(1)))
+        if folder is None:
+            raise CheckpointError(f"{flag}: no checkpoint saved at the end of epoch {epoch.group(1)} (epochs count "
+                                  f"from 1; --save_on_each_epoch saves them); {describe_available(root)}")
         return _verified(folder, flag, checksums)
     found = resolve_path(spec, flag, checksums)
     if not (found.path / COMPLETE).is_file():  # a resume needs a whole checkpoint, not weights

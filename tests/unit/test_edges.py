@@ -238,6 +238,12 @@ def test_an_epoch_end_checkpoint_carries_the_validation_loss(capsys, tmp_path):
     epoch_ends = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "checkpoints").glob("step-*")]
     epoch_ends = [m for m in epoch_ends if "epoch" in m["reasons"]]
     assert epoch_ends and all("val_loss" in m["metrics"] for m in epoch_ends)
+    # Seed 004 resumes "from epoch N", counted from 1.
+    from accel_trainer.checkpoint import resolve
+
+    assert resolve("epoch-1", tmp_path).path.name == f"step-{epoch_ends[0]['step']}"
+    code, err = recipe(capsys, "--resume_from_checkpoint", "epoch-5", "--output_dir", str(tmp_path), *QUICK)
+    assert code == 2 and "no checkpoint saved at the end of epoch 5 (epochs count from 1" in one_line(err)
 
 
 def test_resuming_an_older_step_keeps_the_abandoned_branch_aside(capsys, tmp_path):
