@@ -84,9 +84,6 @@ class ModelArguments:
         if self.model_name_or_path and (self.config_name or self.model_type):
             problems.append(f"--model_name_or_path and {hf[1]}: the weights bring their config; change it with "
                             "--config_overrides")
-        if self.config_overrides and not hf:
-            problems.append("--config_overrides: changes a Hugging Face config; give --model_name_or_path, "
-                            "--config_name or --model_type (presets are changed in accel_trainer/models/presets.py)")
         if self.experts_implementation not in (None, "grouped_mm", "batched_mm", "eager"):
             problems.append(f"--experts_implementation={self.experts_implementation!r}: choose grouped_mm, batched_mm "
                             "or eager")

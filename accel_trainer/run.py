@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import torch
@@ -114,10 +115,16 @@ ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_h
                      "tie_word_embeddings")
 
 
+# Settings of your own module's config that shape no weight (changeable on resume, the optimizer
+# state kept): dropout rates, by name.
+RUNTIME_SETTING = re.compile(r"dropout|drop_rate|drop_prob", re.IGNORECASE)
+
+
 def _architecture(config_json: dict, keys) -> dict:
-    if CUSTOM_KEY in config_json:  # your own module: its class and every field of its config
+    if CUSTOM_KEY in config_json:  # your own module: its class and every field of its config but dropout
         custom = config_json[CUSTOM_KEY]
-        return {"class": custom.get("class"), **(custom.get("config") or {})}
+        fields = {k: v for k, v in (custom.get("config") or {}).items() if not RUNTIME_SETTING.search(k)}
+        return {"class": custom.get("class"), **fields}
     return {k: config_json.get(k) for k in keys}
 
 

@@ -316,6 +316,29 @@ def custom_config_json(config, model_class) -> dict:
             CUSTOM_KEY: {"class": qualified, "config": fields}}
 
 
+def override_custom_config(config, overrides: str):
+    """``--config_overrides k=v,...`` on your own module's config (a dataclass or a dict): values are
+    read as JSON (numbers, true/false) or else kept as text; a copy is returned.
+
+    Raises:
+        ConfigError: a key the config does not have, naming the keys it has.
+    """
+    fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
+    changes = {}
+    for item in overrides.split(","):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or not key:
+            raise ConfigError(f"--config_overrides {item!r}: expected key=value (several joined by commas)")
+        if key not in fields:
+            raise ConfigError(f"--config_overrides: this module's config has no key {key!r} (it has "
+                              f"{', '.join(sorted(fields))})")
+        try:
+            changes[key] = json.loads(text)
+        except ValueError:
+            changes[key] = text
+    return dataclasses.replace(config, **changes) if dataclasses.is_dataclass(config) else {**fields, **changes}
+
+
 def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
     """Your own module: ``model_factory(config)`` builds it; ``forward(input_ids, labels=None)`` returns
     the loss (a tensor, or an object or dict with ``loss``).
@@ -323,12 +346,14 @@ def plan_custom(model_factory: Callable, config, args) -> ModelPlan:
     Raises:
         ConfigError: Hugging Face model flags or a preset given with a module of your own.
     """
-    given = [f"--{n}" for n in ("preset", "model_name_or_path", "config_name", "model_type", "config_overrides")
+    given = [f"--{n}" for n in ("preset", "model_name_or_path", "config_name", "model_type")
              if getattr(args, n, None)]
     if given:
         raise ConfigError(f"{', '.join(given)}: this recipe trains its own module "
                           f"({getattr(model_factory, '__name__', model_factory)}); "
                           "its config is in the recipe")
+    if getattr(args, "config_overrides", None):
+        config = override_custom_config(config, args.config_overrides)
     try:
         custom_config_json(config, None)
     except TypeError as err:
@@ -355,6 +380,10 @@ def plan_model(model_args, tokenizer, presets: dict | None = None, model_factory
         return plan_custom(model_factory, model_config, model_args)
     if model_args.hugging_face:
         return plan_hugging_face(model_args, tokenizer)
+    if model_args.config_overrides:
+        raise ConfigError("--config_overrides: changes a Hugging Face config or your own module's; give "
+                          "--model_name_or_path, --config_name or --model_type (presets are changed in "
+                          "accel_trainer/models/presets.py)")
     return plan_preset(model_args.preset or "tiny", model_args.vocab_size, tokenizer, presets)
 
 

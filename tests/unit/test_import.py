@@ -293,3 +293,20 @@ def test_a_pickled_dataset_of_texts_or_token_ids_becomes_shards_and_a_pickled_ob
     err = capsys.readouterr().err
     assert f"pickles {__name__}.MoERunConfig, which could run code when loaded" in err and "corpus.jsonl" in err
     assert "Traceback" not in err
+
+
+def test_dropout_of_your_own_module_changes_on_resume_keeping_the_optimizer_state(tmp_path, capsys):
+    """Seeds 002/004 fine-tune "with a different dropout": a setting, not an architecture change."""
+    config = {"vocab_size": VOCAB, "d_model": 16, "dropout": 0.0}
+    run = ["--output_dir", str(tmp_path), "--save_steps", "2", *QUICK]
+    assert run_main([*run, "--max_steps", "2"], model_factory=Vocab25, model_config=config) == 0
+    capsys.readouterr()
+    assert run_main([*run, "--max_steps", "4", "--resume_from_checkpoint", "latest", "--config_overrides",
+                     "dropout=0.25"], model_factory=Vocab25, model_config=config) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "--reset_optimizer" not in out
+    saved = json.loads((tmp_path / "checkpoints" / "step-4" / "config.json").read_text())
+    assert saved["accel_trainer_custom"]["config"]["dropout"] == 0.25
+    code = run_main([*run, "--max_steps", "6", "--resume_from_checkpoint", "latest", "--config_overrides",
+                     "d_model=32"], model_factory=Vocab25, model_config=config)
+    assert code == 2 and "the model architecture differs" in capsys.readouterr().err
