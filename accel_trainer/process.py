@@ -116,6 +116,38 @@ def die_with_launcher() -> bool:
     return True
 
 
+def join_this_rounds_process_group() -> bool:
+    """In a round restarted by ``accelerate launch --max_restarts`` (torch elastic): start the process
+    group on a namespace of the launcher's store that is this round's own. The launcher keeps one store
+    for every round, and the keys the ranks exchange their addresses under are the same each round, so
+    a rank of the new round could read the address a dead rank of the old round left there and fail
+    connecting to it ("Connection refused"). Accelerate then uses this group. Returns whether it did.
+    """
+    import datetime
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if not restart or restart == "0" or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    on_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true") or not torch.cuda.is_available()
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    timeout = datetime.timedelta(minutes=30)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    dist.init_process_group("gloo" if on_cpu else "cuda:nccl,cpu:gloo", store=dist.PrefixStore(
+        f"/accel_trainer/round_{restart}", store), rank=rank, world_size=world, timeout=timeout)
+    if rank == 0:
+        import sys
+
+        print(f"restart {restart} (accelerate launch --max_restarts): the ranks joined this round's process group",
+              file=sys.stderr)
+    return True
+
+
 def exit_code_of(job, output_dir: str | None = None) -> int:
     """Run ``job``; turn bad input (flags, data, checkpoints) into one line on stderr and exit status
     2, a stop signal into 128 + signal number after its emergency checkpoint, and a run stopped by
@@ -125,10 +157,7 @@ def exit_code_of(job, output_dir: str | None = None) -> int:
 
     step = None
     die_with_launcher()
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        # A restarted round (--max_restarts) must not connect to a dead rank's old gloo address at
-        # init: lazy initialisation connects the pairs on first use, among the ranks of this round.
-        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    join_this_rounds_process_group()
     if output_dir:
         _STARTED.discard(str((Path(output_dir) / EXIT_STATUS).resolve()))  # a new invocation
     try:
