@@ -280,7 +280,8 @@ class _DataPosition:
 
 
 def import_into(old: OldCheckpoint, accelerator, plan, output_dir: str | Path, run_config: dict, *,
-                muon_params=(), adamw_params=(), reset_optimizer: bool = False, print_fn=print) -> Path:
+                muon_params=(), adamw_params=(), reset_optimizer: bool = False, print_fn=print,
+                digest: str | None = None) -> Path:
     """Write ``old`` as ``<output_dir>/checkpoints/step-N`` for the model ``plan`` builds (a
     collective call: every process calls it; the main process writes).
 
@@ -314,7 +315,7 @@ def import_into(old: OldCheckpoint, accelerator, plan, output_dir: str | Path, r
     ema = old.ema_loss
     train_state = TrainState(global_step=old.n, tokens_seen=old.tokens or 0,
                              ema_loss=torch.tensor(ema, dtype=torch.float32) if ema is not None else None)
-    digest = hash_file(old.path)
+    digest = digest or hash_file(old.path)  # the caller may have hashed it already (one read of a big file)
     config = {**run_config, "optimizer_assignment": assignment_summary(assignments),
               "muon_params": list(muon_params) or None, "adamw_params": list(adamw_params) or None,
               "imported_from": {"path": str(old.path), "xxh3_128": digest, "step": old.step, "epoch": old.epoch,

@@ -231,7 +231,7 @@ def import_for_resume(spec: str, accelerator, plan: ModelPlan, model_args, train
         raise CheckpointError(f"--resume_from_checkpoint {spec}: --output_dir={train_args.output_dir!r} holds the "
                               "checkpoints of another run; import into a new --output_dir")
     old = read_old_checkpoint(spec, tuple(train_args.trust_pickled_class or ()))
-    folder = import_into(old, accelerator, plan, train_args.output_dir, to_dict(model_args),
+    folder = import_into(old, accelerator, plan, train_args.output_dir, to_dict(model_args), digest=digest,
                          muon_params=tuple(model_args.muon_params or ()),
                          adamw_params=tuple(model_args.adamw_params or ()),
                          reset_optimizer=train_args.reset_optimizer, print_fn=accelerator.print)
@@ -431,7 +431,7 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if train_args.init_from:
         report = load_weights(model, train_args.init_from, strict=model_args.strict)
         accelerator.print(f"--init_from {train_args.init_from}: {report}")
-        left = report.missing + [k for k, *_ in report.mismatched]
+        left = report.left_as_initialised
         if Path(train_args.init_from).is_file() and (not report.loaded or left):
             # Another trainer's file that does not fill this model would train from random weights.
             raise ConfigError(f"--init_from {train_args.init_from}: {len(report.loaded)} of its tensors fit "

@@ -51,7 +51,7 @@ def refuse_random_weights(source: Path, report: LoadReport, what: str) -> None:
     Raises:
         CheckpointError: naming how much was left as initialised and what to pass.
     """
-    left = report.missing + [k for k, *_ in report.mismatched]
+    left = report.left_as_initialised
     if report.loaded and not left:
         return
     first = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")

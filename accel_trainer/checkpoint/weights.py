@@ -63,6 +63,11 @@ class LoadReport:
     transposed: list[str] = field(default_factory=list)  # [out, in] matrices read into [in, out] (Conv1D)
 
     @property
+    def left_as_initialised(self) -> list[str]:
+        """The model's tensors the load did not fill (missing or of another shape)."""
+        return self.missing + [k for k, *_ in self.mismatched]
+
+    @property
     def exact(self) -> bool:
         return not (self.missing or self.unexpected or self.mismatched or self.resized)
 
