@@ -280,6 +280,19 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_upgrade(args) -> int:
+    from .checkpoint import upgrade
+
+    for result in upgrade(args.path):
+        if result.action == "upgraded":
+            print(f"upgraded {result.folder}: format {result.from_version} -> current (verified)")
+        elif result.action == "finished":
+            print(f"finished {result.folder}: an interrupted upgrade completed")
+        else:
+            print(f"current  {result.folder}: nothing to do")
+    return 0
+
+
 def cmd_plot(args) -> int:
     try:
         from .plotting import plot_metrics
@@ -576,6 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep_every_n_steps", type=int, default=None)
     p.add_argument("--dry_run", action="store_true", help="only show what would be deleted")
     p.set_defaults(func=cmd_prune)
+    p = sub.add_parser("upgrade", help="rewrite checkpoints of an older format version as the current one (atomic)")
+    p.add_argument("path", help="a step-N folder, or a run's output dir (every checkpoint in it)")
+    p.set_defaults(func=cmd_upgrade)
     p = sub.add_parser("plot", help="PNG of loss and LR curves from metrics.jsonl")
     p.add_argument("output_dir")
     p.add_argument("--out", default=None, help="PNG path (default: <output_dir>/metrics.png)")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (MODEL_CONFIG, RUN_CONFIG, CheckpointError, load_weights, lock_run_dir, read_json, remote_tier,
-                         resolve_on_main)
+from .checkpoint import (EXCEPT_OPTIMIZER, MANIFEST, MODEL_CONFIG, RUN_CONFIG, CheckpointError, is_optimizer_file,
+                         load_weights, lock_run_dir, read_json, remote_tier, resolve_on_main, verify)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import (DATA_IDENTITY_VERSION, TOKENIZER_DIR, build_datasets, data_contents, data_identity, file_hashes,
                    legacy_data_identity, load_tokenizer, parse_mix, read_prepared)
@@ -148,6 +148,15 @@ def _data_change(key: str, saved_run: dict, run_config: dict) -> str:
     return "the data's contents (other files, another tokenizer, or other prepared shards)"
 
 
+def _effective(key: str, config: dict):
+    """A data setting's value as the run applies it: raw data without --tokenizer_name is tokenised
+    'byte' (format-1 runs recorded that default by name, later ones as None)."""
+    value = config.get(key)
+    if key == "tokenizer_name" and value is None and not (config.get("prepared_data") or config.get("data_mix")):
+        return "byte"
+    return value
+
+
 def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict, legacy_identity: str | None = None) -> None:
     """Refuse a checkpoint this run cannot continue: another architecture (the config keys that shape
     the weights), or other data under a saved data position.
@@ -177,8 +186,8 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict, legacy_
     for k in keys:
         if k not in saved_run:
             continue
-        now = now_identity if k == "data_identity" else run_config.get(k)
-        if saved_run.get(k) != now:
+        now = now_identity if k == "data_identity" else _effective(k, run_config)
+        if _effective(k, saved_run) != now:
             changed.append(_data_change(k, saved_run, run_config))
     if changed and not run_config.get("reset_data_position"):
         raise CheckpointError(
@@ -250,6 +259,16 @@ def adopt_optimizer_assignment(folder: Path, model_args, run_config: dict, print
     print_fn(f"--muon_params/--adamw_params: the checkpoint's ({muon or []} / {adamw or []})")
     run_config.update(muon_params=muon, adamw_params=adamw)
     return dataclasses.replace(model_args, muon_params=muon, adamw_params=adamw)
+
+
+def say_damaged_optimizer(folder: Path, print_fn=print) -> None:
+    """Under --reset_optimizer, name the optimizer files of ``folder`` that do not verify (the resume
+    goes on without them)."""
+    files = read_json(folder / MANIFEST)["files"]
+    problems = verify(folder, checksums={name for name in files if is_optimizer_file(name)})
+    if problems:
+        print_fn(f"WARNING: {folder}: its optimizer state is damaged ({'; '.join(problems[:3])}); --reset_optimizer "
+                 "resumes its weights, counters and data position with a fresh optimizer")
 
 
 def keep_abandoned_branch_aside(folder: Path, output_dir: str | Path, print_fn=print) -> Path | None:
@@ -471,7 +490,12 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     if is_single_file_checkpoint(spec):  # another trainer's .pt: imported as step-N, then resumed like ours
         spec = import_for_resume(spec, accelerator, plan, model_args, train_args)
     if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
-        folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote)
+        # --reset_optimizer reads no optimizer state: a checkpoint whose optimizer files are damaged
+        # still gives its weights, counters and data position (said loudly below).
+        folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote,
+                                 checksums=EXCEPT_OPTIMIZER if train_args.reset_optimizer else True)
+        if folder is not None and train_args.reset_optimizer and accelerator.is_main_process:
+            say_damaged_optimizer(Path(folder), accelerator.print)
         if folder is not None:
             resume_policy(plan, run_config, accelerator.print, legacy_data_identity(data_args))(folder)
             if accelerator.is_main_process:

@@ -19,7 +19,7 @@ _WHERE = {
     # resolving and reading
     "resolve": ".layout", "resolve_path": ".layout", "checkpoint_folder": ".layout", "list_checkpoints": ".layout",
     "prune": ".layout", "write_pointer": ".layout",
-    "verify": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
+    "verify": ".manifest", "EXCEPT_OPTIMIZER": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
     "inspect": ".inspection", "diff": ".inspection",
     # weights and models
     "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",
@@ -28,11 +28,12 @@ _WHERE = {
     "CheckpointStorage": ".storage", "LocalStorage": ".storage", "WritableTier": ".storage", "RemoteTier": ".remote",
     "remote_tier": ".remote", "storage_for": ".remote",
     "fetch": ".remote", "is_url": ".remote", "parse_storage_options": ".remote", "redact": ".remote",
+    "upgrade": ".upgrading", "upgrade_checkpoint": ".upgrading",
     # the run directory
     "RunLock": ".lock", "lock_run_dir": ".lock",
     # on-disk names
     "MODEL_CONFIG": ".format", "RUN_CONFIG": ".format", "COMPLETE": ".format", "MANIFEST": ".format",
-    "CUSTOM_MODEL": ".format", "register_model": ".inference",
+    "CUSTOM_MODEL": ".format", "register_model": ".inference", "is_optimizer_file": ".format",
     # durable files, for other writers of the package (prepared data, exports)
     "atomic_write_text": ".io", "fsync_file": ".io", "fsync_tree": ".io", "read_json": ".io", "write_json": ".io",
     "hash_file": ".checksums", "SafetensorsFile": ".tensor_files",

@@ -15,7 +15,8 @@ import re
 
 # Version 2: state saved by name through the Checkpointer component (dataloader position, named
 # extra states, Accelerate's RNG file as the only one); version 1 checkpoints are still readable for
-# weights (inference, export, inspection) but are not resumed.
+# weights (inference, export, inspection) and resume once rewritten by upgrading.py. A new version
+# adds its golden checkpoint to tests/data/golden (written by the last code of the old one).
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
@@ -97,6 +98,12 @@ def step_dir_name(step: int) -> str:
 def state_file(name: str, plain_json: bool = True) -> str:
     """The file of a named state (schedulers, dataloader, a loop's extras)."""
     return f"{name}{STATE_SUFFIXES[0] if plain_json else STATE_SUFFIXES[1]}"
+
+
+def is_optimizer_file(name: str) -> bool:
+    """A file that holds optimizer state only (not the sharded layout, whose files mix model and
+    optimizer)."""
+    return name in (OPTIMIZER_TENSORS, OPTIMIZER_GROUPS) or name.startswith(FSDP_OPTIMIZER_PREFIX)
 
 
 def role_of(name: str) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from .format import CHECKPOINTS, COMPLETE, DATALOADER, LATEST, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX, state_file
 from .io import CheckpointError, read_json
 from .manifest import verify
-from .storage import LocalStorage, select_for_deletion  # noqa: F401 (part of this module's API)
+from .storage import LocalStorage, epoch_of, select_for_deletion  # noqa: F401 (part of this module's API)
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -122,8 +122,7 @@ def epoch_end_checkpoint(root: Path, epoch: int) -> Path | None:
             continue
         if "epoch" not in (manifest.get("reasons") or []):
             continue
-        passes = position.get("epoch", -1) + (1 if position.get("samples_in_epoch") else 0)
-        if passes == epoch:
+        if epoch_of(position) == epoch:
             return folder
     return None
 

@@ -539,8 +539,8 @@ class Checkpointer:
         manifest = read_manifest(folder)
         if manifest.get("format_version") != FORMAT_VERSION:
             raise CheckpointError(f"{folder}: written in checkpoint format {manifest.get('format_version')}, this "
-                                  f"accel_trainer resumes format {FORMAT_VERSION}; its weights still load "
-                                  "(load_weights, load_model_for_inference, or --init_from)")
+                                  f"accel_trainer resumes format {FORMAT_VERSION}: run accel-trainer upgrade {folder} "
+                                  "first (rewrites it atomically; its weights load as they are)")
         if self.before_resume is not None:
             self.before_resume(folder)
         unknown = set(exclude) - set(PARTS) - set(self.extra)

@@ -14,7 +14,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .format import COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, role_of
+from .format import COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, is_optimizer_file, role_of
 from .io import CheckpointError, read_json, write_json
 from .checksums import HASH, hash_file
 
@@ -99,7 +99,22 @@ def _marker_problem(folder: Path, manifest: dict) -> str | None:
     return None
 
 
-def verify(folder: str | Path, checksums: bool | set[str] = True) -> list[str]:
+class ExceptOptimizer:
+    """A ``checksums`` argument for a resume that reads no optimizer state (``--reset_optimizer``):
+    every file verified in full but the optimizer's, which are not looked at (a damaged one does not
+    make the checkpoint unusable for what is read)."""
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "ExceptOptimizer()"
+
+
+EXCEPT_OPTIMIZER = ExceptOptimizer()
+
+
+def verify(folder: str | Path, checksums: bool | set[str] | ExceptOptimizer = True) -> list[str]:
     """Problems that make ``folder`` unusable, each naming the file; empty when the checkpoint is valid.
 
     Never raises for a damaged checkpoint: every failure to read or decode its metadata is a problem.
@@ -107,7 +122,8 @@ def verify(folder: str | Path, checksums: bool | set[str] = True) -> list[str]:
     Args:
         folder: a ``step-N`` checkpoint folder.
         checksums: also compare every file's xxh3-128 (reads every byte), not only its size; a set of
-            file names checks only those (a reader verifies what it reads, e.g. not the optimizer).
+            file names checks only those (a reader verifies what it reads, e.g. not the optimizer);
+            :data:`EXCEPT_OPTIMIZER` checks every file but the optimizer's, those not at all.
     """
     folder = Path(folder)
     try:
@@ -120,13 +136,17 @@ def verify(folder: str | Path, checksums: bool | set[str] = True) -> list[str]:
         if problem:
             return [problem]
         problems = []
+        skip_optimizer = isinstance(checksums, ExceptOptimizer)
         for name, info in manifest["files"].items():
             path = folder / name
+            if skip_optimizer and is_optimizer_file(name):
+                continue
             if not path.is_file():
                 problems.append(f"{path}: missing ({info.get('role', '')})")
             elif path.stat().st_size != info.get("size"):
                 problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {info.get('size')}")
-            elif (checksums is True or (checksums and name in checksums)) and hash_file(path) != info.get(HASH):
+            elif ((checksums is True or skip_optimizer or (checksums and name in checksums))
+                  and hash_file(path) != info.get(HASH)):
                 problems.append(f"{path}: checksum mismatch (the file changed after it was saved)")
         return problems
     except CheckpointError as err:

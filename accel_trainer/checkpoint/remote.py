@@ -21,6 +21,7 @@ written into a checkpoint or a log.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -28,7 +29,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .checksums import CHUNK, HASH, new_hasher
+from .checksums import CHUNK, HASH, hash_file, new_hasher
 from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, STEP_RE, TMP_PREFIX
 from .io import CheckpointError, fsync_tree
 from .manifest import MANIFEST_HASH, verify
@@ -303,9 +304,13 @@ class RemoteTier(CheckpointStorage):
             pass
 
     # -------------------------------------------------------------------------------- download
-    def download(self, name: str, dest_root: Path, progress: bool = True) -> Path:
+    def download(self, name: str, dest_root: Path, progress: bool = True, report=None) -> Path:
         """Copy remote ``name`` into ``dest_root/name`` (via a temporary folder, then verified with
         every checksum and renamed); returns the local folder.
+
+        A local ``dest_root/name`` that is damaged (the reason to download) keeps what is intact: each
+        of its files whose size and checksum are the remote manifest's is linked into the new copy, and
+        only the others are downloaded. ``report`` (a print function) is told which.
 
         Raises:
             RemoteError: the remote checkpoint is not valid, a transfer failed, or the copy does not verify.
@@ -319,8 +324,13 @@ class RemoteTier(CheckpointStorage):
         tmp = dest_root / f"{TMP_PREFIX}download-{name}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        names = [*manifest["files"], MANIFEST, COMPLETE]
-        total = sum(info["size"] for info in manifest["files"].values())
+        kept = _keep_intact_files(final, manifest, tmp)
+        names = [f for f in manifest["files"] if f not in kept] + [MANIFEST, COMPLETE]
+        total = sum(info["size"] for f, info in manifest["files"].items() if f not in kept)
+        if kept and report is not None:
+            fetched = [f for f in manifest["files"] if f not in kept]
+            report(f"checkpoint: {name}: {len(kept)} of {len(manifest['files'])} files intact locally; downloading "
+                   f"{len(fetched)} ({', '.join(fetched[:4])}{', ...' if len(fetched) > 4 else ''}; {total:,} bytes)")
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not progress) as bar:
             def get(f):
                 (tmp / f).parent.mkdir(parents=True, exist_ok=True)
@@ -338,6 +348,28 @@ class RemoteTier(CheckpointStorage):
             shutil.rmtree(final)
         tmp.rename(final)
         return final
+
+
+def _keep_intact_files(local: Path, manifest: dict, into: Path) -> set[str]:
+    """Link each file of the local copy ``local`` whose size and checksum are ``manifest``'s into
+    ``into``; the names linked (none when there is no local copy)."""
+    kept: set[str] = set()
+    if not local.is_dir():
+        return kept
+    for f, info in manifest["files"].items():
+        path = local / f
+        try:
+            if path.stat().st_size != info.get("size") or hash_file(path) != info.get(HASH):
+                continue
+            (into / f).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, into / f)
+            except OSError:
+                shutil.copy2(path, into / f)
+        except OSError:
+            continue
+        kept.add(f)
+    return kept
 
 
 def manifest_files(folder: Path) -> list[str]:
@@ -547,8 +579,10 @@ def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, che
             try:
                 if problems:
                     raise RemoteError(problems[0])
-                report(f"checkpoint: {tier.display(name)} is newer than any local checkpoint: downloading it")
-                return Resolved(tier.download(name, root, progress=progress))
+                why = ("its local copy does not verify" if (root / name).is_dir()
+                       else "is newer than any local checkpoint")
+                report(f"checkpoint: {tier.display(name)} {why}: downloading it")
+                return Resolved(tier.download(name, root, progress=progress, report=report))
             except RemoteError as err:  # damaged or unreachable: the next older one, as locally
                 report(f"WARNING: 'latest' skips the remote {name}: {err}")
         if local_error is not None:
@@ -560,7 +594,7 @@ def resolve_with_remote(spec: str, output_dir: str | Path, tier: RemoteTier, che
     if name is None or tier.problems(name)[0]:
         raise local_error
     report(f"checkpoint: {tier.display(name)} is not in the local checkpoints: downloading it")
-    return Resolved(tier.download(name, root, progress=progress))
+    return Resolved(tier.download(name, root, progress=progress, report=report))
 
 
 def cache_dir(url: str) -> Path:

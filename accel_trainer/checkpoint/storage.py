@@ -169,13 +169,22 @@ class CheckpointStorage(ABC):
             row = {"name": name, "step": step_number(name), "complete": complete, "epoch": None, "metrics": {},
                    "problem": None, "size_bytes": sum(listing[name].values()),
                    "tags": [p for p, target in pointers.items() if target == name]}
+            manifest = None
             if complete:
                 manifest, row["problem"] = self.manifest_or_problem(name)
                 row["metrics"] = (manifest or {}).get("metrics") or {}
             position = self.read_json(name, state_file(DATALOADER))
-            row["epoch"] = position.get("epoch") if position else None
+            row["epoch"] = epoch_of(position) if position else None
+            if row["epoch"] and "epoch" in ((manifest or {}).get("reasons") or []):
+                row["tags"].append(f"epoch-{row['epoch']}")  # what --resume_from_checkpoint takes
             rows.append(row)
         return rows
+
+
+def epoch_of(position: dict) -> int:
+    """The epoch a data position is in, counted from 1 as users count them; a position at an epoch's
+    boundary (nothing read of the next) belongs to the epoch that ended, 0 before any data."""
+    return int(position.get("epoch", 0)) + (1 if position.get("samples_in_epoch") else 0)
 
 
 class LocalStorage(CheckpointStorage):

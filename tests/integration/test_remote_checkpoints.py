@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
-from accel_trainer.checkpoint import CheckpointError, load_model_for_inference  # noqa: E402
+from accel_trainer.checkpoint import CheckpointError, load_model_for_inference, verify  # noqa: E402
 from accel_trainer.checkpoint.remote import RemoteTier, fetch, resolve_with_remote  # noqa: E402
 from launching import REPO, TINY, launch, read_jsonl  # noqa: E402
 from loops import Loop  # noqa: E402
@@ -140,6 +140,27 @@ def test_a_damaged_remote_object_fails_verify_and_latest_falls_back(s3, url, tmp
     reports = []
     found = resolve_with_remote("latest", tmp_path / "fresh", tier, report=reports.append, progress=False)
     assert found.path.name == "step-1" and any("skips the remote step-2" in r for r in reports)
+
+
+def test_a_damaged_local_checkpoint_downloads_only_its_damaged_files_from_the_store(s3, url, tmp_path):
+    tier = uploaded_run(tmp_path / "run", url, s3)
+    local = tmp_path / "run" / "checkpoints" / "step-2"
+    damaged = local / "optimizer.safetensors"
+    data = bytearray(damaged.read_bytes())
+    data[-10] ^= 0xFF  # a bad sector: same size, another checksum
+    damaged.write_bytes(bytes(data))
+    intact = {p.name: p.stat().st_ino for p in local.iterdir() if p.name not in ("optimizer.safetensors",)}
+    reports = []
+    found = resolve_with_remote("latest", tmp_path / "run", tier, report=reports.append, progress=False)
+    assert found.path == local and verify(local) == []
+    files = len(json.loads((local / "manifest.json").read_text())["files"])
+    assert any(f"{files - 1} of {files} files intact locally; downloading 1 (optimizer.safetensors" in r
+               for r in reports), reports
+    assert any("its local copy does not verify: downloading it" in r for r in reports)
+    # The intact files are the same inodes (linked, not downloaded again); the damaged one is new.
+    kept = {n: (local / n).stat().st_ino for n in intact if n not in ("manifest.json", "COMPLETE")}
+    assert kept == {n: i for n, i in intact.items() if n in kept}
+    assert damaged.read_bytes() == tier.fs.cat_file(tier.path("step-2", "optimizer.safetensors"))
 
 
 def test_reading_tools_take_an_s3_url(s3, url, tmp_path, monkeypatch):

@@ -242,6 +242,14 @@ def test_an_epoch_end_checkpoint_carries_the_validation_loss(capsys, tmp_path):
     from accel_trainer.checkpoint import resolve
 
     assert resolve("epoch-1", tmp_path).path.name == f"step-{epoch_ends[0]['step']}"
+    # ... and `list` counts epochs as they do, naming the epoch-end checkpoint as the flag takes it.
+    from accel_trainer.cli import main as cli_main
+
+    capsys.readouterr()
+    assert cli_main(["list", str(tmp_path)]) == 0
+    first = f"step-{epoch_ends[0]['step']} "
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(first))
+    assert row.split()[1] == "1" and "epoch-1" in row
     code, err = recipe(capsys, "--resume_from_checkpoint", "epoch-5", "--output_dir", str(tmp_path), *QUICK)
     assert code == 2 and "no checkpoint saved at the end of epoch 5 (epochs count from 1" in one_line(err)
 
@@ -260,3 +268,35 @@ def test_resuming_an_older_step_keeps_the_abandoned_branch_aside(capsys, tmp_pat
     assert resolve("latest", tmp_path).path.name == "step-6"  # the new branch's
     assert cli_main(["list", str(tmp_path)]) == 0
     assert f"abandoned branch {branch}: step-4, step-6" in capsys.readouterr().out
+
+
+def test_reset_optimizer_resumes_past_damaged_optimizer_files_saying_so(capsys, tmp_path):
+    """#27: the only checkpoint's optimizer state is damaged (no intact older one): --reset_optimizer
+    still continues from its weights, counters and data position, and says what it lost."""
+    import shutil
+
+    def run(out):
+        return ["--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1", "--output_dir", str(out), *QUICK]
+
+    damaged_run, intact_run = tmp_path / "damaged", tmp_path / "intact"
+    assert recipe(capsys, "--max_steps", "4", *run(damaged_run))[0] == 0
+    shutil.copytree(damaged_run, intact_run)
+    damaged = damaged_run / "checkpoints" / "step-4" / "optimizer.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # truncated: a size the manifest does not have
+    resume = ["--max_steps", "6", "--resume_from_checkpoint", "latest"]
+    code, err = recipe(capsys, *resume, *run(damaged_run))
+    assert code == 2 and "optimizer.safetensors" in one_line(err)  # without the flag: refused, nothing loaded
+    capsys.readouterr()
+    assert run_main([*resume, "--reset_optimizer", *run(damaged_run)]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING" in out and "its optimizer state is damaged" in out and "optimizer.safetensors: size" in out
+    assert "continuing at step 5" in out
+    # Weights, counters, data position and RNG as an intact checkpoint resumed with a fresh optimizer gives.
+    assert run_main([*resume, "--reset_optimizer", *run(intact_run)]) == 0
+    assert "damaged" not in capsys.readouterr().out
+
+    def losses(out):
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in rows if "loss" in r and r["step"] > 4}
+
+    assert losses(damaged_run) == losses(intact_run) and sorted(losses(damaged_run)) == [5, 6]
