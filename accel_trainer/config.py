@@ -253,6 +253,11 @@ class TrainingArguments:
     async_save: bool = field(default=False, metadata={"help": "Stage state in memory and write checkpoints in a "
                                                               "background thread (sharded FSDP2 runs: each rank's "
                                                               "shards)."})
+    checkpoint_compression: str = field(default="none", metadata={"help": "none, or zstd: lossless compression of "
+                                                                          "the weights and optimizer state in "
+                                                                          "checkpoints (see docs/performance.md)."})
+    checkpoint_compression_level: int = field(default=3, metadata={"help": "zstd level of --checkpoint_compression "
+                                                                           "(1 fastest .. 22)."})
     checkpoint_upload_to: str | None = field(default=None, metadata={"help": "Also upload every complete checkpoint, "
                                                                              "in the background, to this fsspec URL "
                                                                              "(s3://bucket/prefix; pip install "
@@ -304,6 +309,11 @@ class TrainingArguments:
                 problems.append(f"--{name}={getattr(self, name)}: must be >= 0")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"--max_steps={self.max_steps}: must be > 0, or -1 to use --num_train_epochs")
+        if self.checkpoint_compression not in ("none", "zstd"):
+            problems.append(f"--checkpoint_compression={self.checkpoint_compression}: use none or zstd")
+        if not 1 <= self.checkpoint_compression_level <= 22:
+            problems.append(f"--checkpoint_compression_level={self.checkpoint_compression_level}: zstd levels are "
+                            "1..22")
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             problems.append(f"--num_train_epochs={self.num_train_epochs}: must be > 0")
         for name in ("learning_rate", "muon_learning_rate"):  # 0 freezes that optimizer's parameters
@@ -393,7 +403,10 @@ class TrainingArguments:
                                 best_metric=self.metric_for_best_model,
                                 async_save=self.async_save, save_strict=self.save_strict, handle_signals=True,
                                 upload_to=self.checkpoint_upload_to,
-                                storage_options=self.parsed_storage_options or None)
+                                storage_options=self.parsed_storage_options or None,
+                                compression=(None if self.checkpoint_compression == "none"
+                                             else self.checkpoint_compression),
+                                compression_level=self.checkpoint_compression_level)
 
     @property
     def eval_task_names(self) -> list[str]:

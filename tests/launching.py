@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import load as load_rng  # weights-only, with the numpy globals RNG states need
-from safetensors.torch import load_file
+
+from accel_trainer.checkpoint.format import tensor_file
+from accel_trainer.checkpoint.stored_tensors import read_tensor_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"
@@ -159,14 +161,17 @@ def assert_same_final_state(a: Path, b: Path, step: int = STEPS, ranks: int = 1)
         for key in ("loss", "lr/muon", "lr/adamw", "ema_loss", "tokens_seen", "val_loss"):
             assert x.get(key) == y.get(key), (x["step"], key, x.get(key), y.get(key))
     ca, cb = a / "checkpoints" / f"step-{step}", b / "checkpoints" / f"step-{step}"
-    wa, wb = load_file(ca / "model.safetensors"), load_file(cb / "model.safetensors")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    # Files are a function of the state alone: the same state after a resume gives the same bytes.
-    for name in ("model.safetensors", "optimizer.safetensors", "optimizer.json"):
-        assert (ca / name).read_bytes() == (cb / name).read_bytes(), name
+    for name in ("model.safetensors", "optimizer.safetensors"):  # stored plain or compressed (ztensors)
+        fa, fb = tensor_file(ca, name), tensor_file(cb, name)
+        ta, tb = read_tensor_file(fa), read_tensor_file(fb)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+        if fa.name == fb.name:  # files are a function of the state alone: the same state, the same bytes
+            assert fa.read_bytes() == fb.read_bytes(), name
+    assert (ca / "optimizer.json").read_bytes() == (cb / "optimizer.json").read_bytes()
     names = {n for o in json.loads((ca / "optimizer.json").read_text())["optimizers"].values()
              for g in o["param_groups"] for n in g["param_names"]}
-    assert {k.split("::")[0] for k in load_file(ca / "optimizer.safetensors")} == names  # every parameter has state
+    saved = read_tensor_file(tensor_file(ca, "optimizer.safetensors"))
+    assert {k.split("::")[0] for k in saved} == names  # every parameter has state
     for rank in range(ranks):
         sa, sb = (load_rng(c / f"random_states_{rank}.pkl") for c in (ca, cb))
         assert torch.equal(sa["torch_manual_seed"],

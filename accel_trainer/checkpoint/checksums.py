@@ -26,3 +26,25 @@ def hash_file(path: str | Path) -> str:
         while n := f.readinto(buf):
             hasher.update(view[:n])
     return hasher.hexdigest()
+
+
+class StoredFile:
+    """A file to be, as the bytes :meth:`chunks` yields: ``write`` streams them to disk; ``digest``
+    hashes the same bytes from memory, so it can run in a thread while the disk flush (fsync, which
+    releases the GIL) is in progress."""
+
+    def chunks(self):
+        raise NotImplementedError
+
+    def write(self, path: str | Path, fsync: bool = True) -> None:
+        with open(path, "wb", buffering=0) as f:
+            for chunk in self.chunks():
+                f.write(chunk)
+            if fsync:
+                os.fsync(f.fileno())
+
+    def digest(self) -> str:
+        hasher = new_hasher()
+        for chunk in self.chunks():
+            hasher.update(chunk)
+        return hasher.hexdigest()

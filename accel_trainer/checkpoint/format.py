@@ -12,6 +12,7 @@ names; no other module spells a checkpoint file name as a string.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 # Version 2: state saved by name through the Checkpointer component (dataloader position, named
 # extra states, Accelerate's RNG file as the only one); version 1 checkpoints are still readable for
@@ -34,6 +35,11 @@ COMPLETE = "COMPLETE"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
+# The same tensors compressed (--checkpoint_compression zstd): see ztensors.py. A checkpoint holds one
+# of the two names for each; readers find it with tensor_file().
+COMPRESSED_SUFFIX = ".ztensors"
+MODEL_WEIGHTS_Z = "model" + COMPRESSED_SUFFIX
+OPTIMIZER_TENSORS_Z = "optimizer" + COMPRESSED_SUFFIX
 OPTIMIZER_GROUPS = "optimizer.json"
 # Named states, each ``<name>.json`` (or ``<name>.pt``): see :func:`state_file`.
 SCHEDULERS = "schedulers"
@@ -66,6 +72,8 @@ ROLES = {
     MODEL_WEIGHTS: "model weights (safetensors, names as in model.state_dict(), no wrapper prefixes)",
     MODEL_CONFIG: "model config (rebuilds the model without the training script)",
     OPTIMIZER_TENSORS: "every optimizer state tensor, keyed '<parameter name>::<state key>'",
+    MODEL_WEIGHTS_Z: "model weights, zstd-compressed losslessly (ztensors; `accel-trainer export` writes safetensors)",
+    OPTIMIZER_TENSORS_Z: "every optimizer state tensor, keyed '<parameter name>::<state key>', zstd-compressed",
     OPTIMIZER_GROUPS: "optimizers by name: param groups with param_names and hyperparameters, scalar state",
     f"{SCHEDULERS}.json": "LR schedulers by name",
     f"{DATALOADER}.json": "data position: epoch and samples consumed in it (all processes), epoch RNG",
@@ -103,7 +111,20 @@ def state_file(name: str, plain_json: bool = True) -> str:
 def is_optimizer_file(name: str) -> bool:
     """A file that holds optimizer state only (not the sharded layout, whose files mix model and
     optimizer)."""
-    return name in (OPTIMIZER_TENSORS, OPTIMIZER_GROUPS) or name.startswith(FSDP_OPTIMIZER_PREFIX)
+    return name in (OPTIMIZER_TENSORS, OPTIMIZER_TENSORS_Z, OPTIMIZER_GROUPS) or name.startswith(FSDP_OPTIMIZER_PREFIX)
+
+
+def stored_name(name: str, compressed: bool) -> str:
+    """The file a tensor file (``model.safetensors``, ``optimizer.safetensors``) is stored as."""
+    return name.replace(".safetensors", COMPRESSED_SUFFIX) if compressed else name
+
+
+def tensor_file(folder: Path, name: str) -> Path | None:
+    """The stored file of tensor file ``name`` in ``folder``: plain or compressed; None when neither is."""
+    for candidate in (name, stored_name(name, True)):
+        if (Path(folder) / candidate).is_file():
+            return Path(folder) / candidate
+    return None
 
 
 def role_of(name: str) -> str:

@@ -12,14 +12,24 @@ import struct
 from pathlib import Path
 
 
-from .format import (CHECKPOINTS, COMPLETE, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS, OPTIMIZER_GROUPS,
-                     OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file)
+from .format import (CHECKPOINTS, COMPLETE, COMPRESSED_SUFFIX, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS,
+                     OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file,
+                     tensor_file)
+from .ztensors import shapes_and_sizes
 from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir
 from .manifest import read_manifest
 from .storage import LocalStorage, step_number
 
 KNOWN_JSON = {MODEL_CONFIG, RUN_CONFIG, OPTIMIZER_GROUPS, state_file(SCHEDULERS), state_file(DATALOADER)}
+
+
+def tensor_header(path: Path) -> dict:
+    """``{name: {"dtype", "shape", "nbytes"}}`` of a plain or compressed tensor file, no tensor read."""
+    if str(path).endswith(COMPRESSED_SUFFIX):
+        return shapes_and_sizes(path)
+    return {k: {"dtype": v["dtype"], "shape": v["shape"], "nbytes": v["data_offsets"][1] - v["data_offsets"][0]}
+            for k, v in safetensors_header(path).items()}
 
 
 def safetensors_header(path: Path) -> dict:
@@ -89,11 +99,12 @@ def _optimizer_summary(folder: Path) -> list[dict]:
     if not (folder / OPTIMIZER_GROUPS).exists():
         return []
     description = read_json(folder / OPTIMIZER_GROUPS)
-    header = safetensors_header(folder / OPTIMIZER_TENSORS) if (folder / OPTIMIZER_TENSORS).exists() else {}
+    stored = tensor_file(folder, OPTIMIZER_TENSORS)
+    header = tensor_header(stored) if stored is not None else {}
     sizes: dict[str, int] = {}
     for key, info in header.items():
         name = key.rpartition("::")[0]
-        sizes[name] = sizes.get(name, 0) + info["data_offsets"][1] - info["data_offsets"][0]
+        sizes[name] = sizes.get(name, 0) + info["nbytes"]
     summary = []
     for opt_name, saved in description.get("optimizers", {}).items():
         names = [n for group in saved["param_groups"] for n in group["param_names"]]
@@ -106,8 +117,9 @@ def _optimizer_summary(folder: Path) -> list[dict]:
 def _model_shapes(folder: Path) -> dict[str, list[int]] | None:
     """Model tensor names and shapes from the safetensors header or, for a sharded (FSDP)
     checkpoint, from its torch.distributed.checkpoint metadata; no tensor is read."""
-    if (folder / MODEL_WEIGHTS).is_file():
-        return {k: info["shape"] for k, info in safetensors_header(folder / MODEL_WEIGHTS).items()}
+    stored = tensor_file(folder, MODEL_WEIGHTS)
+    if stored is not None:
+        return {k: info["shape"] for k, info in tensor_header(stored).items()}
     from .weights import sharded_model_shapes  # imports torch: only for sharded checkpoints
 
     return sharded_model_shapes(folder)
@@ -138,10 +150,11 @@ class _Tensors:
         self._file = self._full = None
 
     def __enter__(self):
-        if (self.folder / MODEL_WEIGHTS).is_file():
-            from safetensors import safe_open
+        stored = tensor_file(self.folder, MODEL_WEIGHTS)
+        if stored is not None:
+            from .stored_tensors import open_tensor_file
 
-            self._file = safe_open(self.folder / MODEL_WEIGHTS, "pt").__enter__()
+            self._file = open_tensor_file(stored).__enter__()
         else:
             from .weights import _dcp_dir, consolidate_sharded, normalize_state_dict
 
@@ -182,7 +195,7 @@ def inspect(folder: str | Path) -> dict:
         "schedulers": {n: {"last_epoch": s.get("last_epoch"), "base_lrs": s.get("base_lrs"),
                            "last_lr": s.get("_last_lr")} for n, s in schedulers.items() if isinstance(s, dict)},
         "grad_scaler": SCALER in manifest["files"],
-        "sharded_weights": not (folder / MODEL_WEIGHTS).is_file(),
+        "sharded_weights": tensor_file(folder, MODEL_WEIGHTS) is None,
         "model_config": model_config,
         "run_config": read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else None,
     }

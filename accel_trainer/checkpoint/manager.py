@@ -74,6 +74,10 @@ class CheckpointConfig:
         upload_to: an fsspec URL (``s3://bucket/prefix``): every complete checkpoint is also uploaded
             there in the background (see :mod:`remote`), and resume looks there too.
         storage_options: for that filesystem (s3fs: ``{"endpoint_url": ...}``); never saved or printed.
+        compression: ``"zstd"``: store the model's and optimizers' tensors compressed losslessly
+            (``*.ztensors``, bytes grouped per element; see :mod:`.ztensors`); None stores safetensors.
+            Sharded (FSDP2) checkpoints use DCP's own zstd stream extension.
+        compression_level: zstd's level (1 fastest; 3 its default).
     """
 
     save_total_limit: int | None = None
@@ -86,8 +90,15 @@ class CheckpointConfig:
     lock: bool = True
     upload_to: str | None = None
     storage_options: dict | None = None
+    compression: str | None = None
+    compression_level: int = 3
 
     def __post_init__(self):
+        if self.compression not in (None, "zstd"):
+            raise CheckpointError(f"CheckpointConfig(compression={self.compression!r}): use 'zstd' or None")
+        if not isinstance(self.compression_level, int) or not 1 <= self.compression_level <= 22:
+            raise CheckpointError(f"CheckpointConfig(compression_level={self.compression_level!r}): zstd levels are "
+                                  "1..22")
         for name in ("save_total_limit", "keep_every_n_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -180,7 +191,8 @@ class Checkpointer:
         self.before_resume = before_resume
         # Who writes the model and optimizer tensors, chosen once (see :mod:`strategies`).
         self.strategy = choose_strategy(SaveParts(accelerator, model, self.optimizers, self.schedulers, dataloader,
-                                                  commit=self._commit, upload=self._submit_upload))
+                                                  commit=self._commit, upload=self._submit_upload,
+                                                  compression=cfg.compression, compression_level=cfg.compression_level))
         self.async_save = cfg.async_save and self.strategy.background
         self._sequence: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None

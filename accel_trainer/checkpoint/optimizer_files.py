@@ -13,9 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from .format import OPTIMIZER_GROUPS, OPTIMIZER_TENSORS
+from .format import OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, tensor_file
+from .stored_tensors import read_tensor_file
 from .io import CheckpointError, like_parameter, read_json, write_json
 
 FORMAT = "accel_trainer.optimizer/2"
@@ -91,10 +91,13 @@ def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], devic
         raise CheckpointError(f"{folder / OPTIMIZER_GROUPS}: holds optimizers {sorted(saved_all)} but this run has "
                               f"{sorted(optimizers)} (missing {missing}, unexpected {extra})")
     tensors: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(folder / OPTIMIZER_TENSORS, framework="pt", device=device) as f:
-        for key in f.keys():
-            pname, _, item = key.rpartition("::")
-            tensors.setdefault(pname, {})[item] = f.get_tensor(key)
+    stored = tensor_file(folder, OPTIMIZER_TENSORS)
+    if stored is None:
+        raise CheckpointError(f"{folder}: no {OPTIMIZER_TENSORS} (nor its compressed form) for the optimizer state; "
+                              "resume with --reset_optimizer to start the optimizer fresh")
+    for key, value in read_tensor_file(stored, device=device).items():
+        pname, _, item = key.rpartition("::")
+        tensors.setdefault(pname, {})[item] = value
     states = {}
     for opt_name, opt in optimizers.items():
         saved = saved_all[opt_name]

@@ -77,8 +77,9 @@ class ShardedState:
         optimizers: name -> optimizer over (some of) its parameters.
     """
 
-    def __init__(self, model, optimizers: dict):
+    def __init__(self, model, optimizers: dict, compression: str | None = None):
         self.model, self.optimizers = model, optimizers
+        self.compression = compression  # "zstd": DCP's own zstd stream extension on every shard file
         # DCP's collectives and ours in the background thread go over a group of their own.
         self.channel = Channel()
         self.distributed, self.group, self.rank = self.channel.distributed, self.channel.group, self.channel.rank
@@ -103,8 +104,14 @@ class ShardedState:
         import torch.distributed.checkpoint as dcp
 
         state = self.state_dict()
+        writer = None
+        if self.compression == "zstd":  # DCP's readers decode it by themselves (its extension registry)
+            from torch.distributed.checkpoint._extension import ZStandard
+
+            writer = dcp.FileSystemWriter(str(folder), _extensions=[ZStandard()])
         if not background:
-            dcp.save(state, checkpoint_id=str(folder), process_group=self.group, no_dist=not self.distributed)
+            dcp.save(state, checkpoint_id=str(folder), storage_writer=writer, process_group=self.group,
+                     no_dist=not self.distributed)
             return None
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -114,7 +121,7 @@ class ShardedState:
             # step cannot race it; pinned memory makes that device-to-host copy run at full speed.
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                         use_async_staging=False, use_non_blocking_copy=cuda))
-        result = dcp.async_save(state, checkpoint_id=str(folder), process_group=self.group,
+        result = dcp.async_save(state, checkpoint_id=str(folder), storage_writer=writer, process_group=self.group,
                                 async_stager=self._stager, no_dist=not self.distributed)
         return getattr(result, "upload_completion", result)
 

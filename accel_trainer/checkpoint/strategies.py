@@ -7,7 +7,7 @@ step:
 
 * :class:`TensorFiles` (a model held whole on each rank: one process, DDP): the main process writes
   ``model.safetensors`` and ``optimizer.safetensors`` itself, streamed and hashed, by parameter
-  name, now or from staging buffers in a background thread.
+  name, now or from staging buffers in a background thread (``*.ztensors`` when compressed).
 * :class:`Sharded` (DTensor parameters: FSDP2): every rank writes its shards of the model and the
   named optimizers through ``torch.distributed.checkpoint`` into ``sharded/``; rank 0 commits only
   once every rank reported its files (see :mod:`.sharded`).
@@ -30,10 +30,12 @@ from typing import Any, Callable
 from accelerate.utils import DistributedType
 
 from . import optimizer_files
-from .format import MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR, writer_rank
+from .format import (MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR, stored_name,
+                     tensor_file, writer_rank)
 from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_tree
 from .sharded import Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
+from .ztensors import ZstdTensorFile
 from .weights import load_weights_in_place, normalize_key, normalize_state_dict
 
 # Sharded or engine-managed states stay entirely with Accelerate (it knows how to gather/shard them).
@@ -68,6 +70,8 @@ class SaveParts:
     raw_loader: Any
     commit: Callable[..., list]
     upload: Callable[[Path, dict], None]
+    compression: str | None = None  # "zstd": tensor files as ztensors (see ztensors.py)
+    compression_level: int = 3
 
 
 class WriteStrategy:
@@ -119,7 +123,10 @@ class WriteStrategy:
             shards = getattr(self, "shards", None) or ShardedState(acc.unwrap_model(parts.model), parts.optimizers)
             shards.load(folder / SHARDED_DIR, optimizers=load_optimizers)
             return
-        load_weights_in_place(folder / MODEL_WEIGHTS, acc.unwrap_model(parts.model))
+        weights = tensor_file(folder, MODEL_WEIGHTS)
+        if weights is None:
+            raise CheckpointError(f"{folder}: no {MODEL_WEIGHTS} (nor {stored_name(MODEL_WEIGHTS, True)}) to resume")
+        load_weights_in_place(weights, acc.unwrap_model(parts.model))
         if load_optimizers:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
             optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device)
@@ -163,8 +170,15 @@ class TensorFiles(WriteStrategy):
             big = {name: self.staging.stage(name, t) for name, t in big.items()}
         return big
 
+    def _file(self, tensors: dict):
+        if self.parts.compression == "zstd":
+            return ZstdTensorFile(tensors, level=self.parts.compression_level)
+        return SafetensorsFile(tensors)
+
     def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
-        files = {name: SafetensorsFile(tensors) for name, tensors in big.items()}
+        # Compressed here, so in the background thread of an async save too (zstd runs outside the GIL).
+        compressed = self.parts.compression is not None
+        files = {stored_name(name, compressed): self._file(tensors) for name, tensors in big.items()}
         for name, file in files.items():
             file.write(tmp / name, fsync=False)
         # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
@@ -184,7 +198,7 @@ class Sharded(WriteStrategy):
 
     def __init__(self, parts: SaveParts):
         super().__init__(parts)
-        self.shards = ShardedState(parts.accelerator.unwrap_model(parts.model), parts.optimizers)
+        self.shards = ShardedState(parts.accelerator.unwrap_model(parts.model), parts.optimizers, parts.compression)
 
     def write_tensors(self, tmp: Path, stage: bool) -> dict:
         return {SHARDED_DIR: self.shards.save(tmp / SHARDED_DIR, background=stage)}

@@ -10,13 +10,11 @@ writes from.
 from __future__ import annotations
 
 import json
-import os
 import struct
-from pathlib import Path
 
 import torch
 
-from .checksums import CHUNK, new_hasher
+from .checksums import CHUNK, StoredFile
 
 DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -30,12 +28,8 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
-class SafetensorsFile:
-    """A safetensors file to be: its header and the byte views of its tensors (no copies).
-
-    ``write`` streams the bytes to disk; ``digest`` hashes the same bytes from memory, so it can run
-    in a thread while the disk flush (fsync, which releases the GIL) is in progress.
-    """
+class SafetensorsFile(StoredFile):
+    """A safetensors file to be: its header and the byte views of its tensors (no copies)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
         header, offset = {}, 0
@@ -57,19 +51,6 @@ class SafetensorsFile:
         for data in self.views:
             for start in range(0, len(data), CHUNK):
                 yield data[start: start + CHUNK]
-
-    def write(self, path: str | Path, fsync: bool = True) -> None:
-        with open(path, "wb", buffering=0) as f:
-            for chunk in self.chunks():
-                f.write(chunk)
-            if fsync:
-                os.fsync(f.fileno())
-
-    def digest(self) -> str:
-        hasher = new_hasher()
-        for chunk in self.chunks():
-            hasher.update(chunk)
-        return hasher.hexdigest()
 
 
 class StagingBuffers:
@@ -96,3 +77,4 @@ class StagingBuffers:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return staged
+

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .format import FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS, SHARDED_DIR
+from .format import COMPRESSED_SUFFIX, FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS, SHARDED_DIR, tensor_file
+from .stored_tensors import open_tensor_file, read_tensor_file
 from .io import CheckpointError, check_dcp_metadata_is_data, like_parameter, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if path.is_dir():
         # A checkpoint holds our model as one file (Accelerate names other models model_<i>); a
         # Hugging Face folder may hold shards, model-0000i-of-0000n.safetensors.
-        files = ([path / MODEL_WEIGHTS] if (path / MANIFEST).is_file() and (path / MODEL_WEIGHTS).is_file()
-                 else sorted(path.glob("model*.safetensors")))
+        ours = tensor_file(path, MODEL_WEIGHTS) if (path / MANIFEST).is_file() else None
+        files = [ours] if ours is not None else sorted(path.glob("model*.safetensors"))
         sharded = _dcp_dir(path)
         if not files and sharded is not None:
             return normalize_state_dict(consolidate_sharded(sharded)), {}
@@ -114,12 +114,12 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
                                   f"no model*.safetensors, no FSDP {FSDP_MODEL_DIR}/ shards")
         state = {}
         for f in files:
-            state.update(load_file(f, device=str(device)))
+            state.update(read_tensor_file(f, device=str(device)))
         return normalize_state_dict(state), {}
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
-    if path.suffix == ".safetensors":
-        return normalize_state_dict(load_file(path, device=str(device))), {}
+    if path.suffix in (".safetensors", COMPRESSED_SUFFIX):
+        return normalize_state_dict(read_tensor_file(path, device=str(device))), {}
     obj = safe_torch_load(path, map_location=device)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors or a training checkpoint dict, got "
@@ -269,17 +269,15 @@ def load_weights_in_place(path: Path, model: torch.nn.Module) -> None:
     Raises:
         CheckpointError: the file's tensors are not exactly the model's (names or shapes).
     """
-    from safetensors import safe_open
-
     own = {normalize_key(k): v for k, v in model.state_dict().items()}
-    with safe_open(path, framework="pt", device="cpu") as f:
+    with open_tensor_file(path) as f:
         saved = set(f.keys())
         if saved != set(own):
             missing, unexpected = sorted(set(own) - saved), sorted(saved - set(own))
             raise CheckpointError(f"{path}: weights differ from the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")
         for name, target in own.items():
-            shape = tuple(f.get_slice(name).get_shape())
+            shape = f.shape(name)
             if shape != tuple(target.shape):
                 raise CheckpointError(f"{path}: {name} has shape {list(shape)} but the model's is "
                                       f"{list(target.shape)}; use --init_from for non-strict loading")

@@ -47,6 +47,7 @@ parser.add_argument("--resume", action="store_true")
 parser.add_argument("--die_after_save", type=int, default=None)
 parser.add_argument("--upload_to", default=None)
 parser.add_argument("--storage_options", default=None)
+parser.add_argument("--compression", default=None)
 parser.add_argument("--model", default="accel_moe", choices=["accel_moe", "qwen3_moe"])
 args = parser.parse_args()
 
@@ -68,7 +69,7 @@ container = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-
 
 loop = StepCounter()
 ckpt = Checkpointer(accelerator, args.out, model=model, optimizer=container.optimizers, extra={"loop": loop},
-                    async_save=args.async_save, upload_to=args.upload_to,
+                    async_save=args.async_save, upload_to=args.upload_to, compression=args.compression,
                     storage_options=json.loads(args.storage_options) if args.storage_options else None)
 assert ckpt.sharded and ckpt.async_save == args.async_save
 if args.die_after_save is not None:

@@ -65,14 +65,15 @@ def test_kill_9_during_training_then_resume_is_bit_exact(straight, tmp_path):
 
 
 def test_async_save_kill_9_then_resume_is_bit_exact(straight, tmp_path):
-    """Background writes: killed at any moment, 'latest' is complete; the result equals sync saves."""
-    run = [*RUN, "--async_save"]
+    """Background writes, compressed (zstd in the writer thread): killed at any moment, 'latest' is
+    complete; the result equals uncompressed sync saves, tensor for tensor."""
+    run = [*RUN, "--async_save", "--checkpoint_compression", "zstd"]
     proc = popen_recipe(run, tmp_path)
     wait_for(tmp_path / "checkpoints" / "step-9" / "COMPLETE", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     latest = read_pointer(tmp_path / "checkpoints", "latest")
-    assert latest is not None and (latest / "COMPLETE").exists()
+    assert latest is not None and (latest / "COMPLETE").exists() and (latest / "model.ztensors").is_file()
     launch([*run, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert_same_final_state(straight, tmp_path)
 
