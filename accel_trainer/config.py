@@ -242,6 +242,10 @@ class TrainingArguments:
                                                                          "and best); default keeps all."})
     keep_every_n_steps: int | None = field(default=None, metadata={"help": "Also keep every checkpoint whose step is a "
                                                                            "multiple of N."})
+    full_state_total_limit: int | None = field(default=None, metadata={"help": "Keep the whole state (optimizer, data "
+                                                                               "position, RNG) only in the newest N "
+                                                                               "checkpoints and best; older kept ones "
+                                                                               "become weights-only."})
     save_on_each_epoch: bool = field(default=False, metadata={"help": "Also save at the end of every epoch."})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "Start a fresh run in an --output_dir that holds another run's checkpoints: they and its "
@@ -350,6 +354,9 @@ class TrainingArguments:
             problems.append(f"--decay_ratio={self.decay_ratio}: must be in (0, 1]")
         if not 0 <= self.ema_decay < 1:
             problems.append(f"--ema_decay={self.ema_decay}: must be in [0, 1)")
+        if self.full_state_total_limit is not None and self.full_state_total_limit < 1:
+            problems.append(f"--full_state_total_limit={self.full_state_total_limit}: must be >= 1 (omit it to keep "
+                            "the whole state in every checkpoint)")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             problems.append(f"--save_total_limit={self.save_total_limit}: must be >= 1 (omit it to keep every "
                             f"checkpoint)")
@@ -400,6 +407,7 @@ class TrainingArguments:
         from .checkpoint import CheckpointConfig
 
         return CheckpointConfig(save_total_limit=self.save_total_limit, keep_every_n_steps=self.keep_every_n_steps,
+                                full_state_total_limit=self.full_state_total_limit,
                                 best_metric=self.metric_for_best_model,
                                 async_save=self.async_save, save_strict=self.save_strict, handle_signals=True,
                                 upload_to=self.checkpoint_upload_to,

@@ -30,6 +30,8 @@ LATEST, BEST = "latest", "best"
 POINTERS = (LATEST, BEST)
 
 MANIFEST = "manifest.json"
+# Manifest key of a checkpoint thinned by --full_state_total_limit (see thinning.py).
+WEIGHTS_ONLY = "weights_only"
 COMPLETE = "COMPLETE"
 
 MODEL_WEIGHTS = "model.safetensors"

@@ -47,6 +47,8 @@ from .lock import lock_run_dir
 from .layout import (apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve,
                      write_pointer)
 from .manifest import read_manifest, write_complete_marker, write_manifest
+from .rewrite import finish_interrupted
+from .thinning import apply_thinning, is_weights_only
 from .remote import RemoteTier, Uploader, redact, remote_tier, resolve_with_remote
 from .sharded import Channel
 from .strategies import SaveParts, choose_strategy, refuse_code_in
@@ -78,6 +80,8 @@ class CheckpointConfig:
             (``*.ztensors``, bytes grouped per element; see :mod:`.ztensors`); None stores safetensors.
             Sharded (FSDP2) checkpoints use DCP's own zstd stream extension.
         compression_level: zstd's level (1 fastest; 3 its default).
+        full_state_total_limit: keep the whole state (optimizers, data position, RNG) only in the newest
+            N checkpoints and ``best``; older kept ones become weights-only (see :mod:`.thinning`).
     """
 
     save_total_limit: int | None = None
@@ -92,6 +96,7 @@ class CheckpointConfig:
     storage_options: dict | None = None
     compression: str | None = None
     compression_level: int = 3
+    full_state_total_limit: int | None = None
 
     def __post_init__(self):
         if self.compression not in (None, "zstd"):
@@ -99,7 +104,7 @@ class CheckpointConfig:
         if not isinstance(self.compression_level, int) or not 1 <= self.compression_level <= 22:
             raise CheckpointError(f"CheckpointConfig(compression_level={self.compression_level!r}): zstd levels are "
                                   "1..22")
-        for name in ("save_total_limit", "keep_every_n_steps"):
+        for name in ("save_total_limit", "keep_every_n_steps", "full_state_total_limit"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise CheckpointError(f"CheckpointConfig({name}={value!r}): must be an int >= 1, or None")
@@ -306,6 +311,7 @@ class Checkpointer:
     def _reserve(self, step: int, tmp: Path) -> str | None:
         try:
             ensure_dir(self.root)
+            finish_interrupted(self.root)  # a rewrite (thinning, upgrade) a kill stopped between its renames
             remove_stale_temporaries(self.root)
             problem = self._no_room(step)
             if problem is None:
@@ -389,9 +395,10 @@ class Checkpointer:
         try:
             if replaced is not None:
                 shutil.rmtree(replaced)
+            uploading = self._uploader.pending() if self._uploader is not None else set()
             apply_retention(self.root, keep_last=self.settings.save_total_limit,
-                            keep_every_n_steps=self.settings.keep_every_n_steps,
-                            keep=self._uploader.pending() if self._uploader is not None else set())
+                            keep_every_n_steps=self.settings.keep_every_n_steps, keep=uploading)
+            apply_thinning(self.root, self.settings.full_state_total_limit, keep=uploading | {final.name})
         except OSError as err:
             problems.append(f"removing old checkpoints failed ({err.strerror or err}; the next save retries)")
         return problems
@@ -558,6 +565,15 @@ class Checkpointer:
         unknown = set(exclude) - set(PARTS) - set(self.extra)
         if unknown:
             raise ValueError(f"resume(exclude=...): {sorted(unknown)} name no part; use {list(PARTS)} or an extra name")
+        if is_weights_only(manifest):
+            if "optimizer" not in exclude:
+                raise CheckpointError(f"{folder} is weights-only (--full_state_total_limit dropped its optimizer "
+                                      "state, data position and RNG); resume it with --reset_optimizer (its weights "
+                                      "and counters, the data from its beginning), or start from its weights with "
+                                      f"--init_from {folder}")
+            exclude = tuple(set(exclude) | {"dataloader", "scheduler"})
+            acc.print(f"{folder} is weights-only: loading its weights and counters; the optimizer, the data position "
+                      "and the RNG start fresh")
         refuse_code_in(folder)  # before anything of it is loaded
         self.strategy.load_engine_state(folder, tuple(exclude))
         self.strategy.load_tensors(folder, tuple(exclude))
@@ -570,7 +586,7 @@ class Checkpointer:
         for name, obj in self.extra.items():
             if name not in exclude:
                 self._load_named(folder, name, obj)
-        self._restore_rng(folder, manifest["step"])
+        self._restore_rng(folder, manifest["step"], weights_only=is_weights_only(manifest))
         self.last_saved_step = manifest["step"]
         self.best = manifest.get("best")
         self._sequence = None  # the next save continues after what is on disk
@@ -585,13 +601,14 @@ class Checkpointer:
             raise CheckpointError(f"{folder}: state {name!r} does not fit this run ({type(err).__name__}: "
                                   f"{err})") from None
 
-    def _restore_rng(self, folder: Path, step: int) -> None:
+    def _restore_rng(self, folder: Path, step: int, weights_only: bool = False) -> None:
         acc = self.accelerator
         path = folder / rng_file(acc.process_index)
         if not path.exists():
             seed = rng.seed_new_rank(acc.process_index, step)
-            warnings.warn(f"rank {acc.process_index}: {folder} has no saved RNG for this rank (saved with a smaller "
-                          f"world size); its generators are seeded with {seed} instead", stacklevel=3)
+            if not weights_only:  # said already, once, for the whole weights-only checkpoint
+                warnings.warn(f"rank {acc.process_index}: {folder} has no saved RNG for this rank (saved with a "
+                              f"smaller world size); its generators are seeded with {seed} instead", stacklevel=3)
             return
         for note in rng.restore(path):
             warnings.warn(f"rank {acc.process_index}: {note}", stacklevel=3)

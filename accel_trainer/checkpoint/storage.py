@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Protocol
 
-from .format import COMPLETE, DATALOADER, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX, state_file
+from .format import COMPLETE, DATALOADER, MANIFEST, POINTERS, STEP_RE, TMP_PREFIX, WEIGHTS_ONLY, state_file
 from .io import CheckpointError, read_json
 
 
@@ -175,6 +175,8 @@ class CheckpointStorage(ABC):
                 row["metrics"] = (manifest or {}).get("metrics") or {}
             position = self.read_json(name, state_file(DATALOADER))
             row["epoch"] = epoch_of(position) if position else None
+            if (manifest or {}).get(WEIGHTS_ONLY):
+                row["tags"].append("weights-only")  # --full_state_total_limit: resumes only with --reset_optimizer
             if row["epoch"] and "epoch" in ((manifest or {}).get("reasons") or []):
                 row["tags"].append(f"epoch-{row['epoch']}")  # what --resume_from_checkpoint takes
             rows.append(row)

@@ -10,17 +10,13 @@ weights, optimizer tensors, model config, run config and Accelerate's RNG files 
     schedulers.json       LambdaLR states                    ->  dropped: the LR is a function of the step
     rng_state_<rank>.pt   our copy of each rank's RNG        ->  dropped: Accelerate's file is the one read
 
-Never in place: the new checkpoint is built and verified next to the old one (``.upgrade-step-N``),
-then the old folder is renamed aside (``.upgraded-step-N``), the new one into its name, and the old
-one deleted. Neither name starts with ``.tmp-``, so a save's clean-up never removes them; a kill
-between the two renames leaves both, and the next ``upgrade`` (or a look at the folder) finishes or
-undoes it. The run's lock is held throughout: no run writes the folder meanwhile.
+Never in place (see :mod:`.rewrite`): built and verified next to the old one, then swapped in by
+two renames; a kill between them is finished by the next ``upgrade`` or save. The run's lock is
+held throughout: no run writes the folder meanwhile.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +24,10 @@ from pathlib import Path
 from .format import (CHECKPOINTS, COMPLETE, DATALOADER, FORMAT_VERSION, LEGACY_RNG_PREFIX, MANIFEST, OPTIMIZER_GROUPS,
                      SCHEDULERS, STEP_RE, role_of, state_file)
 from .checksums import HASH, hash_file
-from .io import CheckpointError, fsync_dir, fsync_tree, read_json, write_json
+from .io import CheckpointError, read_json, write_json
 from .manifest import read_manifest, verify, write_complete_marker
+from .rewrite import finish_interrupted, link_or_copy, rewrite_checkpoint
 
-BUILDING, OLD = ".upgrade-", ".upgraded-"
 TRAINER_STATE = "trainer_state"
 OPTIMIZER_FORMAT_1, OPTIMIZER_FORMAT_2 = "accel_trainer.optimizer/1", "accel_trainer.optimizer/2"
 # Format 1's trainer_state keys that format 2 keeps there; the others moved (or were never needed).
@@ -82,14 +78,6 @@ def _best_v2(old_state: dict) -> dict | None:
     return {"metric": "val_loss", "step": old_state["best_val_step"], "value": old_state["best_val_loss"]}
 
 
-def _copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the same bytes: a hard link costs nothing, and the old folder is never written
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def _build_v2(folder: Path, target: Path, manifest: dict) -> None:
     """Write the format-2 checkpoint of format-1 ``folder`` into ``target`` (complete, marker included)."""
     state_path = folder / state_file(TRAINER_STATE)
@@ -97,11 +85,10 @@ def _build_v2(folder: Path, target: Path, manifest: dict) -> None:
     run_config = read_json(folder / "run_config.json") if (folder / "run_config.json").is_file() else {}
     world_size = int((manifest.get("environment") or {}).get("world_size") or 1)
     converted = {state_file(TRAINER_STATE), OPTIMIZER_GROUPS, state_file(SCHEDULERS)}
-    target.mkdir()
     for name in manifest["files"]:
         if name in converted or Path(name).name.startswith(LEGACY_RNG_PREFIX):
             continue
-        _copy(folder / name, target / name)
+        link_or_copy(folder / name, target / name)
     if state_path.is_file():
         write_json(target / state_file(TRAINER_STATE), _trainer_state_v2(old_state, run_config))
         write_json(target / state_file(DATALOADER), _dataloader_v2(old_state, run_config, world_size))
@@ -119,33 +106,6 @@ def _build_v2(folder: Path, target: Path, manifest: dict) -> None:
            "upgraded_from": {"format_version": manifest.get("format_version"), "unix": time.time()}}
     write_json(target / MANIFEST, new)
     write_complete_marker(target, new)
-    fsync_tree(target)
-    problems = verify(target)
-    if problems:
-        raise CheckpointError(f"{folder}: the upgraded copy does not verify ({problems[0]}); the original is untouched")
-
-
-def finish_interrupted(root: Path) -> list[Upgraded]:
-    """Complete or undo upgrades a kill interrupted under ``root`` (a ``checkpoints`` folder): an old
-    folder renamed aside whose new one is complete is deleted; one whose new one is not, put back."""
-    done = []
-    if not root.is_dir():
-        return done
-    for aside in sorted(p for p in root.iterdir() if p.name.startswith(OLD)):
-        name = aside.name[len(OLD):]
-        final, building = root / name, root / f"{BUILDING}{name}"
-        if not final.exists():
-            if building.is_dir() and not verify(building):
-                os.rename(building, final)
-            else:
-                os.rename(aside, final)
-                continue
-        fsync_dir(root)
-        shutil.rmtree(aside)
-        done.append(Upgraded(final, None, "finished"))
-    for building in (p for p in root.iterdir() if p.name.startswith(BUILDING)):
-        shutil.rmtree(building)  # never renamed in: its original is still in place
-    return done
 
 
 def upgrade_checkpoint(folder: str | Path) -> Upgraded:
@@ -167,19 +127,7 @@ def upgrade_checkpoint(folder: str | Path) -> Upgraded:
     if version != 1:
         raise CheckpointError(f"{folder}: format_version={version!r}, this accel_trainer upgrades format 1 to "
                               f"{FORMAT_VERSION}")
-    root = folder.parent
-    building, aside = root / f"{BUILDING}{folder.name}", root / f"{OLD}{folder.name}"
-    if building.exists():
-        shutil.rmtree(building)
-    try:
-        _build_v2(folder, building, manifest)
-    except BaseException:
-        shutil.rmtree(building, ignore_errors=True)
-        raise
-    os.rename(folder, aside)
-    os.rename(building, folder)
-    fsync_dir(root)
-    shutil.rmtree(aside)
+    rewrite_checkpoint(folder, lambda target: _build_v2(folder, target, manifest))
     return Upgraded(folder, version, "upgraded")
 
 
@@ -205,7 +153,7 @@ def upgrade(path: str | Path) -> list[Upgraded]:
     run_dir = root.parent if root.name == CHECKPOINTS else root
     lock = RunLock.acquire(run_dir)
     try:
-        results = finish_interrupted(root)
+        results = [Upgraded(p, None, "finished") for p in finish_interrupted(root)]
         if folders is None:
             folders = [folder for _, folder in list_checkpoints(root)]
             if not folders and not results:

@@ -133,7 +133,7 @@ def test_upgrade_says_when_there_is_nothing_to_do_and_refuses_a_damaged_checkpoi
 
 
 def test_an_upgrade_killed_between_its_two_renames_is_finished_by_the_next(tmp_path, monkeypatch):
-    import accel_trainer.checkpoint.upgrading as module
+    import accel_trainer.checkpoint.rewrite as module
 
     run_dir = golden_copy(tmp_path, "format-1")
     real_rename, calls = os.rename, []
@@ -149,7 +149,7 @@ def test_an_upgrade_killed_between_its_two_renames_is_finished_by_the_next(tmp_p
         upgrade(run_dir / "checkpoints" / "step-6")
     monkeypatch.setattr(module.os, "rename", real_rename)
     root = run_dir / "checkpoints"
-    assert not (root / "step-6").exists() and (root / ".upgraded-step-6").is_dir()
+    assert not (root / "step-6").exists() and (root / ".rewritten-step-6").is_dir()
     results = upgrade(run_dir)
     assert [r.action for r in results] == ["finished", "upgraded", "current"]
     assert sorted(p.name for p in root.iterdir()) == ["best", "latest", "step-3", "step-6"]
