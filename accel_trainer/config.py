@@ -65,6 +65,11 @@ class ModelArguments:
     adamw_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in parameter "
                                                                            "names) of tensors that go to AdamW, "
                                                                            "overriding the rule."})
+    freeze_params: list[str] | None = field(default=None, metadata={"help": "Regular expressions (searched in "
+                                                                            "parameter names) of tensors to freeze: "
+                                                                            "no gradient, no optimizer state; "
+                                                                            "checkpoints store them once (linked while "
+                                                                            "unchanged)."})
     experts_implementation: str | None = field(default=None, metadata={"help": "How a transformers MoE runs its "
                                                                                "experts: grouped_mm (grouped GEMMs), "
                                                                                "batched_mm or eager; default: "
@@ -89,7 +94,7 @@ class ModelArguments:
                             "or eager")
         import re
 
-        for flag in ("muon_params", "adamw_params"):
+        for flag in ("muon_params", "adamw_params", "freeze_params"):
             for pattern in getattr(self, flag) or []:
                 try:
                     re.compile(pattern)

@@ -398,6 +398,29 @@ def assign_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=(),
     return out
 
 
+def freeze_parameters(model: nn.Module, patterns=()) -> list[Assignment]:
+    """``--freeze_params``: parameters whose name one of ``patterns`` (regular expressions) finds stop
+    taking gradients, so no optimizer holds them; returned as rows of the assignment table.
+
+    Raises:
+        ValueError: a pattern that matches no parameter (a typo would silently train everything).
+    """
+    import re
+
+    frozen, used = [], set()
+    for name, p in model.named_parameters():
+        hit = next((pat for pat in patterns if re.search(pat, name)), None)
+        if hit is not None:
+            used.add(hit)
+            p.requires_grad_(False)
+            frozen.append(Assignment(name, "frozen", "--freeze_params", p.numel()))
+    unused = [pat for pat in patterns if pat not in used]
+    if unused:
+        raise ValueError(f"--freeze_params {unused[0]!r}: matches no parameter (names look like "
+                         f"{', '.join(n for n, _ in list(model.named_parameters())[:3])}); fix the pattern or drop it")
+    return frozen
+
+
 def split_parameters(model: nn.Module, muon_patterns=(), adamw_patterns=(), rule: ParameterRule | None = None):
     """Trainable parameters as (muon, adamw) lists of ``(name, parameter)``, by :func:`assign_parameters`."""
     params = dict(model.named_parameters())

@@ -18,7 +18,8 @@ from .importing import is_single_file_checkpoint
 from .errors import ConfigError, InputError, error_class
 from .models import CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, plan_model
 from .parallel import ParallelDims
-from .optim import OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers
+from .optim import (OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers,
+                    freeze_parameters)
 from .process import write_exit_status
 from .telemetry import flops_per_token
 from .trainer import Trainer, build_accelerator
@@ -462,11 +463,13 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if parallel.describe():
         accelerator.print(f"model: {parallel.describe()}")
     try:
+        frozen = freeze_parameters(model, model_args.freeze_params or ())
         assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or (),
                                         rule=plan.family.parameter_rule)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    accelerator.print("optimizers (--muon_params/--adamw_params change this):\n" + assignment_table(assignments))
+    accelerator.print("optimizers (--muon_params/--adamw_params/--freeze_params change this):\n"
+                      + assignment_table(assignments + frozen))
     return model, counts, assignments, parallel
 
 

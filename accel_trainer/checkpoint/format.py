@@ -37,6 +37,9 @@ COMPLETE = "COMPLETE"
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_CONFIG = "config.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
+# Parameters that take no gradient (--freeze_params), apart: while their bytes do not change, each
+# checkpoint links the previous one's file instead of writing it again.
+FROZEN_WEIGHTS = "model.frozen.safetensors"
 # The same tensors compressed (--checkpoint_compression zstd): see ztensors.py. A checkpoint holds one
 # of the two names for each; readers find it with tensor_file().
 COMPRESSED_SUFFIX = ".ztensors"
@@ -74,6 +77,8 @@ ROLES = {
     MODEL_WEIGHTS: "model weights (safetensors, names as in model.state_dict(), no wrapper prefixes)",
     MODEL_CONFIG: "model config (rebuilds the model without the training script)",
     OPTIMIZER_TENSORS: "every optimizer state tensor, keyed '<parameter name>::<state key>'",
+    FROZEN_WEIGHTS: "frozen parameters (--freeze_params): linked from the previous checkpoint while unchanged",
+    "model.frozen" + COMPRESSED_SUFFIX: "frozen parameters (--freeze_params), zstd-compressed",
     MODEL_WEIGHTS_Z: "model weights, zstd-compressed losslessly (ztensors; `accel-trainer export` writes safetensors)",
     OPTIMIZER_TENSORS_Z: "every optimizer state tensor, keyed '<parameter name>::<state key>', zstd-compressed",
     OPTIMIZER_GROUPS: "optimizers by name: param groups with param_names and hyperparameters, scalar state",
@@ -119,6 +124,11 @@ def is_optimizer_file(name: str) -> bool:
 def stored_name(name: str, compressed: bool) -> str:
     """The file a tensor file (``model.safetensors``, ``optimizer.safetensors``) is stored as."""
     return name.replace(".safetensors", COMPRESSED_SUFFIX) if compressed else name
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The files that hold a checkpoint's model weights (plain or compressed; trainable, then frozen)."""
+    return [f for f in (tensor_file(folder, MODEL_WEIGHTS), tensor_file(folder, FROZEN_WEIGHTS)) if f is not None]
 
 
 def tensor_file(folder: Path, name: str) -> Path | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS, MODEL_WEIGHTS_Z
+from .format import CUSTOM_MODEL, FROZEN_WEIGHTS, MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS, MODEL_WEIGHTS_Z, stored_name
 from .io import CheckpointError, read_json
 from .layout import resolve_path
 from .weights import LoadReport, adapt_linear_layout, load_state_into, read_weights
@@ -80,7 +80,8 @@ def _single_file_of_your_own(target: Path, state, extras: dict, model_class, con
     model.load_report = report
     step = next((extras[k] for k in LEGACY_STEP_KEYS if isinstance(extras.get(k), int)), extras.get("epoch"))
     return model, config, step
-READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_WEIGHTS_Z, MODEL_CONFIG, MANIFEST}
+READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_WEIGHTS_Z, FROZEN_WEIGHTS, stored_name(FROZEN_WEIGHTS, True), MODEL_CONFIG,
+                      MANIFEST}
 
 
 def _config_from(folder_or_extras, source: Path, legacy_config_class):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .format import (CHECKPOINTS, COMPLETE, COMPRESSED_SUFFIX, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS,
                      OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file,
-                     tensor_file)
+                     tensor_file, weight_files)
 from .ztensors import shapes_and_sizes
 from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir
@@ -117,9 +117,9 @@ def _optimizer_summary(folder: Path) -> list[dict]:
 def _model_shapes(folder: Path) -> dict[str, list[int]] | None:
     """Model tensor names and shapes from the safetensors header or, for a sharded (FSDP)
     checkpoint, from its torch.distributed.checkpoint metadata; no tensor is read."""
-    stored = tensor_file(folder, MODEL_WEIGHTS)
-    if stored is not None:
-        return {k: info["shape"] for k, info in tensor_header(stored).items()}
+    stored = weight_files(folder)
+    if stored:
+        return {k: info["shape"] for f in stored for k, info in tensor_header(f).items()}
     from .weights import sharded_model_shapes  # imports torch: only for sharded checkpoints
 
     return sharded_model_shapes(folder)
@@ -148,13 +148,15 @@ class _Tensors:
         if self.shapes is None:
             raise CheckpointError(f"{folder}: no model weights here ({MODEL_WEIGHTS} or FSDP shards)")
         self._file = self._full = None
+        self._files = []
 
     def __enter__(self):
-        stored = tensor_file(self.folder, MODEL_WEIGHTS)
-        if stored is not None:
+        stored = weight_files(self.folder)
+        if stored:
             from .stored_tensors import open_tensor_file
 
-            self._file = open_tensor_file(stored).__enter__()
+            self._files = [open_tensor_file(f).__enter__() for f in stored]
+            self._file = {name: reader for reader in self._files for name in reader.keys()}
         else:
             from .weights import _dcp_dir, consolidate_sharded, normalize_state_dict
 
@@ -162,12 +164,12 @@ class _Tensors:
         return self
 
     def __exit__(self, *exc):
-        if self._file is not None:
-            self._file.__exit__(*exc)
-        self._full = None
+        for reader in self._files:
+            reader.__exit__(*exc)
+        self._files, self._file, self._full = [], None, None
 
     def get(self, key: str):
-        return self._file.get_tensor(key) if self._file is not None else self._full[key]
+        return self._file[key].get_tensor(key) if self._file is not None else self._full[key]
 
 
 def inspect(folder: str | Path) -> dict:
@@ -195,7 +197,7 @@ def inspect(folder: str | Path) -> dict:
         "schedulers": {n: {"last_epoch": s.get("last_epoch"), "base_lrs": s.get("base_lrs"),
                            "last_lr": s.get("_last_lr")} for n, s in schedulers.items() if isinstance(s, dict)},
         "grad_scaler": SCALER in manifest["files"],
-        "sharded_weights": tensor_file(folder, MODEL_WEIGHTS) is None,
+        "sharded_weights": not weight_files(folder),
         "model_config": model_config,
         "run_config": read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else None,
     }

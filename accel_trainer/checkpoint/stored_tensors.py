@@ -3,6 +3,8 @@ behind one reader: resume, inference, export, inspect and diff read either witho
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 import torch
@@ -51,3 +53,15 @@ def read_tensor_file(path: str | Path, device: str = "cpu") -> dict[str, torch.T
     """Every tensor of a plain or compressed tensor file."""
     with open_tensor_file(path, device) as reader:
         return reader.get_all()
+
+
+def stored_metadata(path: str | Path) -> dict:
+    """The ``__metadata__`` of a plain or compressed tensor file (its header only is read); {} when
+    the header cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(min(length, 1 << 30)))
+        return (header.get("__metadata__") if isinstance(header, dict) else None) or {}
+    except (OSError, ValueError, struct.error):
+        return {}

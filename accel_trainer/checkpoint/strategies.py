@@ -21,6 +21,7 @@ engine-owned case needs ``Accelerator.save_state`` itself, and so its private li
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,8 +31,8 @@ from typing import Any, Callable
 from accelerate.utils import DistributedType
 
 from . import optimizer_files
-from .format import (MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR, stored_name,
-                     tensor_file, writer_rank)
+from .format import (FROZEN_WEIGHTS, MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR,
+                     stored_name, weight_files, writer_rank)
 from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_tree
 from .sharded import Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
@@ -123,8 +124,8 @@ class WriteStrategy:
             shards = getattr(self, "shards", None) or ShardedState(acc.unwrap_model(parts.model), parts.optimizers)
             shards.load(folder / SHARDED_DIR, optimizers=load_optimizers)
             return
-        weights = tensor_file(folder, MODEL_WEIGHTS)
-        if weights is None:
+        weights = weight_files(folder)
+        if not weights:
             raise CheckpointError(f"{folder}: no {MODEL_WEIGHTS} (nor {stored_name(MODEL_WEIGHTS, True)}) to resume")
         load_weights_in_place(weights, acc.unwrap_model(parts.model))
         if load_optimizers:
@@ -137,6 +138,34 @@ class WriteStrategy:
 
     def close(self) -> None:
         pass
+
+
+CONTENT_KEY = "content_xxh3_128"  # in a frozen-weights file's metadata: what its tensors are, however stored
+
+
+def read_pointer_name(root: Path) -> str | None:
+    from .storage import LocalStorage
+
+    return LocalStorage(root).read_pointer("latest")
+
+
+def unchanged_in_previous(root: Path, stored: str, content: str) -> str | None:
+    """The manifest checksum of ``stored`` in the latest checkpoint under ``root`` when that file holds
+    tensors of digest ``content`` and still has that checksum (read once: a damaged file is written
+    afresh, never linked into a new checkpoint); else None."""
+    from .checksums import HASH, hash_file
+    from .io import read_json
+    from .stored_tensors import stored_metadata
+
+    name = read_pointer_name(root)
+    source = root / name / stored if name else None
+    try:
+        if source is None or not source.is_file() or stored_metadata(source).get(CONTENT_KEY) != content:
+            return None
+        expected = read_json(root / name / MANIFEST)["files"][stored][HASH]
+    except (CheckpointError, OSError, KeyError, TypeError):
+        return None
+    return expected if hash_file(source) == expected else None
 
 
 def _manifest_files(folder: Path) -> list[str]:
@@ -165,20 +194,35 @@ class TensorFiles(WriteStrategy):
         model = normalize_state_dict(acc.get_state_dict(parts.model))
         opt_tensors, description = optimizer_files.split_state(parts.optimizers, parameter_names(acc, parts.model))
         optimizer_files.write_description(tmp, description)
-        big = {MODEL_WEIGHTS: model, OPTIMIZER_TENSORS: opt_tensors}
+        frozen = {normalize_key(n) for n, p in acc.unwrap_model(parts.model).named_parameters() if not p.requires_grad}
+        big = {MODEL_WEIGHTS: {k: v for k, v in model.items() if k not in frozen}, OPTIMIZER_TENSORS: opt_tensors}
+        if frozen:
+            big[FROZEN_WEIGHTS] = {k: v for k, v in model.items() if k in frozen}
         if stage:
             big = {name: self.staging.stage(name, t) for name, t in big.items()}
         return big
 
-    def _file(self, tensors: dict):
+    def _file(self, tensors: dict, metadata: dict | None = None):
         if self.parts.compression == "zstd":
-            return ZstdTensorFile(tensors, level=self.parts.compression_level)
-        return SafetensorsFile(tensors)
+            return ZstdTensorFile(tensors, metadata, level=self.parts.compression_level)
+        return SafetensorsFile(tensors, metadata)
 
     def finish(self, tmp: Path, final: Path, record: dict, big: dict) -> list[str]:
         # Compressed here, so in the background thread of an async save too (zstd runs outside the GIL).
         compressed = self.parts.compression is not None
-        files = {stored_name(name, compressed): self._file(tensors) for name, tensors in big.items()}
+        files, linked = {}, {}
+        for name, tensors in big.items():
+            stored = stored_name(name, compressed)
+            if name == FROZEN_WEIGHTS:
+                content = SafetensorsFile(tensors).digest()  # names, shapes, dtypes and bytes, at memory speed
+                digest = unchanged_in_previous(final.parent, stored, content)
+                if digest is not None:  # the previous checkpoint's file, verified: linked, not written
+                    os.link(final.parent / read_pointer_name(final.parent) / stored, tmp / stored)
+                    linked[stored] = digest
+                    continue
+                files[stored] = self._file(tensors, {CONTENT_KEY: content})
+            else:
+                files[stored] = self._file(tensors)
         for name, file in files.items():
             file.write(tmp / name, fsync=False)
         # One flush for the whole checkpoint (every file, then the folder) while a thread hashes the
@@ -187,7 +231,7 @@ class TensorFiles(WriteStrategy):
             digests = hasher.submit(lambda: {name: file.digest() for name, file in files.items()})
             fsync_tree(tmp)
             digests = digests.result()
-        return self.parts.commit(tmp, final, record, digests)
+        return self.parts.commit(tmp, final, record, {**digests, **linked})
 
 
 class Sharded(WriteStrategy):

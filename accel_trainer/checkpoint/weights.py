@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .format import COMPRESSED_SUFFIX, FSDP_MODEL_DIR, MANIFEST, MODEL_WEIGHTS, SHARDED_DIR, tensor_file
+from .format import COMPRESSED_SUFFIX, FSDP_MODEL_DIR, MANIFEST, SHARDED_DIR, weight_files
 from .stored_tensors import open_tensor_file, read_tensor_file
 from .io import CheckpointError, check_dcp_metadata_is_data, like_parameter, safe_torch_load
 
@@ -104,8 +104,8 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     if path.is_dir():
         # A checkpoint holds our model as one file (Accelerate names other models model_<i>); a
         # Hugging Face folder may hold shards, model-0000i-of-0000n.safetensors.
-        ours = tensor_file(path, MODEL_WEIGHTS) if (path / MANIFEST).is_file() else None
-        files = [ours] if ours is not None else sorted(path.glob("model*.safetensors"))
+        ours = weight_files(path) if (path / MANIFEST).is_file() else []
+        files = ours or sorted(path.glob("model*.safetensors"))
         sharded = _dcp_dir(path)
         if not files and sharded is not None:
             return normalize_state_dict(consolidate_sharded(sharded)), {}
@@ -262,28 +262,33 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> Lo
     return report
 
 
-def load_weights_in_place(path: Path, model: torch.nn.Module) -> None:
-    """Copy tensor by tensor from the (memory-mapped) file into the parameters: peak memory is the
-    model plus one tensor, not a second copy of the weights.
+def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module) -> None:
+    """Copy tensor by tensor from the checkpoint's weight files (plain ones memory-mapped) into the
+    parameters: peak memory is the model plus one tensor, not a second copy of the weights.
 
     Raises:
-        CheckpointError: the file's tensors are not exactly the model's (names or shapes).
+        CheckpointError: the files' tensors are not exactly the model's (names or shapes).
     """
+    from contextlib import ExitStack
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    where = paths[0] if len(paths) == 1 else paths[0].parent
     own = {normalize_key(k): v for k, v in model.state_dict().items()}
-    with open_tensor_file(path) as f:
-        saved = set(f.keys())
-        if saved != set(own):
-            missing, unexpected = sorted(set(own) - saved), sorted(saved - set(own))
-            raise CheckpointError(f"{path}: weights differ from the model (missing {missing[:5]}, "
+    with ExitStack() as stack:
+        readers = [stack.enter_context(open_tensor_file(p)) for p in paths]
+        source = {name: reader for reader in readers for name in reader.keys()}
+        if set(source) != set(own):
+            missing, unexpected = sorted(set(own) - set(source)), sorted(set(source) - set(own))
+            raise CheckpointError(f"{where}: weights differ from the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")
         for name, target in own.items():
-            shape = f.shape(name)
+            shape = source[name].shape(name)
             if shape != tuple(target.shape):
-                raise CheckpointError(f"{path}: {name} has shape {list(shape)} but the model's is "
+                raise CheckpointError(f"{where}: {name} has shape {list(shape)} but the model's is "
                                       f"{list(target.shape)}; use --init_from for non-strict loading")
         with torch.no_grad():
             for name, target in own.items():
-                value = like_parameter(target, f.get_tensor(name))
+                value = like_parameter(target, source[name].get_tensor(name))
                 if type(value).__name__ == "DTensor":  # this rank's slice of an expert-parallel stack
                     target.to_local().copy_(value.to_local())
                 else:

@@ -74,7 +74,7 @@ def test_a_short_run_learns_and_kill_9_then_resume_is_bitwise(models, tmp_path, 
     script, args = how_to_run(kind, models)
     straight = tmp_path / "straight"
     proc = launch([*args, "--output_dir", str(straight)], script=script)
-    assert "optimizers (--muon_params/--adamw_params change this)" in proc.stdout
+    assert "optimizers (--muon_params/--adamw_params/--freeze_params change this)" in proc.stdout
     losses = [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")]
     assert len(losses) == 8 and losses[-1] < losses[0]  # it learns
     killed = tmp_path / "killed"
