@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -62,6 +63,31 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check:
                           env=full_env, cwd=REPO)
     if check and proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def launch_here(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """The recipe in this process (what `accelerate launch` runs for one process), its stdout and
+    stderr captured: for tests that only read what a run prints and leaves, without the seconds a
+    fresh interpreter spends importing torch and transformers. Kills, signals and several ranks need
+    :func:`launch`."""
+    import contextlib
+    import io
+
+    from recipes.moe18b import main as recipe_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # printed to stderr by a process of its own: kept as it would be
+        try:
+            code = recipe_main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+    printed = "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    proc = subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue() + printed)
+    if check and code != 0:
+        raise AssertionError(f"run failed ({code}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
 
 

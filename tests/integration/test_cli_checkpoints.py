@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from accel_trainer.cli import main
-from launching import TINY, launch
+from launching import TINY, launch_here
 
 
 
@@ -36,7 +36,7 @@ def cli(*args, check=True):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_run")
-    launch([*TINY, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "4", "--output_dir", str(out)])
+    launch_here([*TINY, "--max_steps", "8", "--save_steps", "2", "--eval_steps", "4", "--output_dir", str(out)])
     return out
 
 

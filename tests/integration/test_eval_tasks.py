@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launching import REPO, TINY, launch, read_jsonl
+from launching import REPO, TINY, launch_here, read_jsonl
 
 TASKS = str(REPO / "tests" / "data" / "tasks")
 TASK = "stdlib_next_line"
@@ -19,7 +19,7 @@ TASK = "stdlib_next_line"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("evaluated") / "run"
-    launch([*TINY, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--output_dir", str(out)])
+    launch_here([*TINY, "--max_steps", "6", "--eval_steps", "3", "--save_steps", "3", "--output_dir", str(out)])
     return out
 
 
@@ -49,8 +49,8 @@ def test_in_loop_tasks_run_at_their_steps_and_a_resumed_run_continues_them(tmp_p
     run = [*TINY, "--eval_steps", "0", "--save_steps", "2", "--eval_tasks", TASK, "--eval_tasks_steps", "2",
            "--eval_tasks_limit", "8", "--eval_include_path", TASKS, "--lr_schedule_steps", "6", "--output_dir",
            str(out)]
-    launch([*run, "--max_steps", "4"])  # 4 steps, then 2 more after a resume
-    launch([*run, "--max_steps", "6", "--resume_from_checkpoint", "latest"])
+    launch_here([*run, "--max_steps", "4"])  # 4 steps, then 2 more after a resume
+    launch_here([*run, "--max_steps", "6", "--resume_from_checkpoint", "latest"])
     records = read_jsonl(out / "metrics.jsonl")
     steps = [r["step"] for r in records if f"eval/{TASK}/acc" in r]
     assert steps == [2, 4, 6]

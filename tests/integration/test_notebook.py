@@ -3,7 +3,7 @@
 
 import pytest
 
-from launching import REPO, TINY, launch
+from launching import REPO, TINY, launch, launch_here
 
 
 
@@ -13,7 +13,7 @@ def test_notebook_finds_the_demo_run_generates_and_plots_without_writing_into_it
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     run = tmp_path / "runs" / "demo"
-    launch([*TINY, "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1",
+    launch_here([*TINY, "--max_steps", "6", "--save_steps", "3", "--eval_steps", "3", "--logging_steps", "1",
             "--output_dir", str(run)])
     (tmp_path / "notebooks").mkdir()
     monkeypatch.delenv("ACCEL_TRAINER_RUN", raising=False)
@@ -38,7 +38,7 @@ def test_plot_command_writes_png(tmp_path):
     import sys
 
     pytest.importorskip("matplotlib")
-    launch([*TINY, "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path)])
+    launch_here([*TINY, "--max_steps", "4", "--eval_steps", "2", "--logging_steps", "1", "--output_dir", str(tmp_path)])
     proc = subprocess.run([sys.executable, "-m", "accel_trainer.cli", "plot", str(tmp_path), "--out",
                            str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -58,10 +58,11 @@ def test_resumed_run_continues_the_same_tensorboard_run(tmp_path):
 
     args = [*TINY, "--max_steps", "6", "--save_steps", "4", "--eval_steps", "0", "--logging_steps", "1",
             "--report_to", "tensorboard", "--run_name", "exp1", "--output_dir", str(tmp_path)]
-    launch(args)
+    launch_here(args)
     shutil.rmtree(tmp_path / "checkpoints" / "step-6")
     (tmp_path / "checkpoints" / "latest").write_text("step-4\n")
-    launch([*args[:-4], "--run_name", "other", "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    launch_here([*args[:-4], "--run_name", "other", "--output_dir", str(tmp_path),
+                 "--resume_from_checkpoint", "latest"])
     state = json.loads((tmp_path / "checkpoints" / "step-6" / "trainer_state.json").read_text())
     assert state["trackers"]["run_name"] == "exp1"
     runs = [p for p in tmp_path.iterdir() if p.is_dir() and p.name not in ("checkpoints", "data")]

@@ -20,8 +20,8 @@ from accel_trainer.checkpoint.layout import read_pointer
 from accel_trainer.checkpoint.manifest import MANIFEST, write_complete_marker
 from accel_trainer.checkpoint.io import write_json
 from accel_trainer.checkpoint.checksums import HASH, hash_file
-from launching import (REPO, RUN, STEPS, TINY, assert_same_final_state, launch, popen_launch, popen_recipe, read_jsonl,
-                       run_pids, wait_for)
+from launching import (REPO, RUN, STEPS, TINY, assert_same_final_state, launch, launch_here, popen_launch, popen_recipe,
+                       read_jsonl, run_pids, wait_for)
 
 
 
@@ -103,7 +103,7 @@ def test_corrupt_newest_checkpoint_is_skipped_for_latest(straight, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    proc = launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert "falls back to step-21" in proc.stderr and "model.safetensors: checksum mismatch" in proc.stderr
     assert_same_final_state(straight, tmp_path)
 
@@ -130,7 +130,7 @@ def test_malicious_state_file_is_refused_and_runs_nothing(straight, tmp_path):
               f"torch.save({{'torch_manual_seed': E()}}, '{folder / 'random_states_0.pkl'}')\n"
     subprocess.run([sys.executable, "-c", payload], check=True)
     _reseal(folder, "random_states_0.pkl")
-    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], check=False)
+    proc = launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"], check=False)
     assert proc.returncode == 2
     assert "random_states_0.pkl: refused: its pickle references ['posix.system']" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -143,10 +143,11 @@ def test_architecture_change_is_an_error_and_init_from_loads_weights_only(straig
     config["num_experts"] = 8
     (folder / "config.json").write_text(json.dumps(config))
     _reseal(folder, "config.json")
-    proc = launch([*RUN, "--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint", "latest"], check=False)
+    proc = launch_here([*RUN, "--output_dir", str(tmp_path / "other"), "--resume_from_checkpoint", "latest"],
+                       check=False)
     assert proc.returncode == 2
     assert "num_experts: checkpoint 8 vs this run 4" in proc.stderr and f"--init_from {folder}" in proc.stderr
-    fresh = launch([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "new"),
+    fresh = launch_here([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "new"),
                     "--init_from", str(straight / "checkpoints" / "step-12")])
     assert "loaded" in fresh.stdout and "starting at step 0" in fresh.stdout
 
@@ -154,7 +155,7 @@ def test_architecture_change_is_an_error_and_init_from_loads_weights_only(straig
 def test_lower_learning_rate_on_resume_is_reported_and_applied(straight, tmp_path):
     _copy_checkpoint(straight, tmp_path, 12)
     shutil.copy(straight / "metrics.jsonl", tmp_path / "metrics.jsonl")
-    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-12",
+    proc = launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-12",
                    "--learning_rate", "0.001", "--muon_learning_rate", "0.01"])
     assert "learning_rate: 0.003 -> 0.001" in proc.stdout and "muon_learning_rate: 0.02 -> 0.01" in proc.stdout
     old = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl")}
@@ -171,13 +172,13 @@ def test_more_steps_on_resume_restretch_the_schedule_unless_the_saved_one_is_kep
     old = {r["step"]: r for r in read_jsonl(straight / "metrics.jsonl")}
     more = [*RUN[:-2], "--max_steps", "36", "--save_steps", "0", "--eval_steps", "0"]
     _copy_checkpoint(straight, tmp_path / "stretched", 12)
-    proc = launch([*more, "--output_dir", str(tmp_path / "stretched"), "--resume_from_checkpoint", "latest"])
+    proc = launch_here([*more, "--output_dir", str(tmp_path / "stretched"), "--resume_from_checkpoint", "latest"])
     assert "the LR schedule now spans 36 steps instead of the checkpoint's 24" in proc.stdout
     assert "pass --lr_schedule_steps 24" in proc.stdout and "--lr_scheduler_type wsd" in proc.stdout
     stretched = {r["step"]: r for r in read_jsonl(tmp_path / "stretched" / "metrics.jsonl")}
     assert stretched[13]["lr/muon"] > old[13]["lr/muon"]  # the jump the message warns about
     _copy_checkpoint(straight, tmp_path / "kept", 12)
-    proc = launch([*more, "--output_dir", str(tmp_path / "kept"), "--resume_from_checkpoint", "latest",
+    proc = launch_here([*more, "--output_dir", str(tmp_path / "kept"), "--resume_from_checkpoint", "latest",
                    "--lr_schedule_steps", "24"])
     assert "the LR schedule now spans" not in proc.stdout
     kept = {r["step"]: r for r in read_jsonl(tmp_path / "kept" / "metrics.jsonl")}
@@ -187,11 +188,11 @@ def test_more_steps_on_resume_restretch_the_schedule_unless_the_saved_one_is_kep
 
 def test_more_epochs_and_missing_names(straight, tmp_path):
     _copy_checkpoint(straight, tmp_path, 12)
-    proc = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-7"], check=False)
+    proc = launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "step-7"], check=False)
     assert proc.returncode == 2
     assert "--resume_from_checkpoint='step-7': no such checkpoint; available under" in proc.stderr
     assert "step-12" in proc.stderr
-    empty = launch([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "empty"),
+    empty = launch_here([*TINY, "--max_steps", "2", "--eval_steps", "0", "--output_dir", str(tmp_path / "empty"),
                     "--resume_from_checkpoint", "latest"])
     assert "no checkpoint under" in empty.stdout and "starting fresh" in empty.stdout
 
@@ -245,11 +246,11 @@ def test_two_process_checkpoint_loads_for_inference_on_cpu(straight_2proc):
 def test_add_more_epochs_with_a_larger_batch_and_fresh_optimizer(tmp_path):
     # A small corpus: 1 epoch is a handful of steps. num_train_epochs is a total, not "more".
     small = [*TINY, "--max_corpus_bytes", "8000", "--eval_steps", "0", "--logging_steps", "1"]
-    first = launch([*small, "--num_train_epochs", "1", "--output_dir", str(tmp_path)])
+    first = launch_here([*small, "--num_train_epochs", "1", "--output_dir", str(tmp_path)])
     steps_per_epoch = int(re.search(r"\((\d+) per epoch\)", first.stdout).group(1))
     state = json.loads((read_pointer(tmp_path / "checkpoints", "latest") / "trainer_state.json").read_text())
     assert state["global_step"] == steps_per_epoch
-    more = launch([*small, "--num_train_epochs", "3", "--output_dir", str(tmp_path), "--resume_from_checkpoint",
+    more = launch_here([*small, "--num_train_epochs", "3", "--output_dir", str(tmp_path), "--resume_from_checkpoint",
                    "latest", "--per_device_train_batch_size", "8", "--reset_optimizer"])
     assert "per_device_train_batch_size: 4 -> 8" in more.stdout
     assert "optimizer state starts fresh" in more.stdout
