@@ -6,6 +6,9 @@
     python benchmarks/checkpoint.py --upload_to s3://bucket/prefix [--storage_options '{"endpoint_url": ...}']
 
 Prints a table and the ratios the project targets:
+  compression (--checkpoint_compression zstd, same trained state): >= 25% fewer bytes for a full
+                     state; sync save <= 1.1x and cold resume <= 1.1x the time uncompressed; async
+                     blocked time unchanged; frozen embeddings over 5 checkpoints >= 30% fewer bytes
   durable sync save  >= 0.9 x raw write+fsync, and faster than save_state + os.sync()
   async save         training blocked <= 0.1 s per GiB of state
   upload (--upload_to): our background upload GB/s vs a plain s3fs put of the same folder
@@ -51,21 +54,24 @@ def model_config(size_gb: float):
 
 
 def build_trainer(size_gb: float, output_dir: Path, async_save: bool = False, upload_to: str | None = None,
-                  storage_options: dict | None = None):
+                  storage_options: dict | None = None, compression: str = "none", freeze: tuple[str, ...] = ()):
     """A real Trainer/Checkpointer over an MoE sized so that weights + optimizer state ~ size_gb."""
     from accel_trainer.config import DataArguments, TrainingArguments
     from accel_trainer.data import build_datasets
     from accel_trainer.models import MoEForCausalLM
-    from accel_trainer.optim import OptimizerSettings, build_optimizers
+    from accel_trainer.optim import OptimizerSettings, build_optimizers, freeze_parameters
     from accel_trainer.trainer import Trainer, build_accelerator
 
     config = model_config(size_gb)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2,
                              report_to="none", disable_tqdm=True, eval_steps=0, async_save=async_save,
                              warmup_steps=0, checkpoint_upload_to=upload_to,
-                             storage_options=json.dumps(storage_options) if storage_options else None)
+                             storage_options=json.dumps(storage_options) if storage_options else None,
+                             checkpoint_compression=compression)
     accelerator = build_accelerator(args)
+    torch.manual_seed(0)  # the same state in every trainer built here: byte counts compare
     model = MoEForCausalLM(config)
+    freeze_parameters(model, freeze)
     optimizers = build_optimizers(model, OptimizerSettings(muon_lr=0.02, adamw_lr=1e-3))
     data = build_datasets(DataArguments(max_corpus_bytes=20_000), seed=0, output_dir=output_dir, block_size=16,
                           progress=False)
@@ -196,6 +202,79 @@ def measure_async(size_gb: float, work: Path, repeats: int) -> dict:
     return {"ours async: training blocked": blocked, "ours async: until complete on disk": complete}
 
 
+TRAINED_STEPS = 3  # Adam's moments and Muon's momentum as training leaves them, not zeros
+
+
+def trained(trainer):
+    batches = trainer.micro_batches()
+    for _ in range(TRAINED_STEPS):
+        trainer.train_step(next(batches))
+    return trainer
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def run_bytes(root: Path) -> int:
+    """Bytes on disk under ``root``: a file linked from several checkpoints counts once."""
+    return sum({p.stat().st_ino: p.stat().st_size for p in root.rglob("*") if p.is_file()}.values())
+
+
+def measure_compression(size_gb: float, work: Path, repeats: int) -> dict:
+    """--checkpoint_compression zstd against none on the same trained state: bytes (and what bf16
+    weights would take), durable sync save, async blocked time, cold resume; and frozen embeddings
+    over five checkpoints against the same run training them."""
+    from accel_trainer.checkpoint.tensor_files import SafetensorsFile
+    from accel_trainer.checkpoint.ztensors import ZstdTensorFile
+
+    out: dict = {}
+    folders = {}
+    for kind in ("none", "zstd"):
+        trainer = trained(build_trainer(size_gb, work / f"compress_{kind}", compression=kind))
+        times = []
+        for r in range(repeats):
+            trainer.state.global_step = 500 + r
+            times.append(timed(lambda: trainer.save(["periodic"])))
+        folders[kind] = trainer.checkpointer.root / f"step-{500 + repeats - 1}"
+        out[f"sync save, {kind}"] = times
+        trainer.checkpointer.close()
+        asynchronous = trained(build_trainer(size_gb, work / f"compress_async_{kind}", async_save=True,
+                                             compression=kind))
+        blocked = []
+        for r in range(repeats + 1):
+            asynchronous.state.global_step = 600 + r
+            start = time.perf_counter()
+            asynchronous.save(["periodic"])
+            if r > 0:  # the first save touches fresh staging buffers
+                blocked.append(time.perf_counter() - start)
+            asynchronous.checkpointer.wait()
+        out[f"async blocked, {kind}"] = blocked
+        asynchronous.checkpointer.close()
+        if kind == "none":  # what bf16 weights of the same model would store
+            weights = {k: v.to(torch.bfloat16) for k, v in trainer.model.state_dict().items()}
+            out["bf16 weights bytes"] = (len(SafetensorsFile(weights).prefix)
+                                         + sum(t.numel() * 2 for t in weights.values()),
+                                         ZstdTensorFile(weights).stored_bytes)
+    for kind, folder in folders.items():
+        out[f"bytes, {kind}"] = folder_bytes(folder)
+        for name in ("model", "optimizer"):
+            stored = next(folder.glob(f"{name}.*tensors"))
+            out[f"{name} bytes, {kind}"] = stored.stat().st_size
+        out[f"cold resume, {kind}"] = [measure_load("resume", folder, size_gb, work)["seconds"]
+                                       for _ in range(max(1, repeats // 2))]
+    for label, freeze in (("trained embeddings", ()), ("frozen embeddings", (r"embed_tokens",))):
+        trainer = trained(build_trainer(size_gb, work / f"frozen_{len(freeze)}", freeze=freeze))
+        batches = trainer.micro_batches()
+        for r in range(5):  # five checkpoints with training between them
+            trainer.train_step(next(batches))
+            trainer.state.global_step = 700 + r
+            trainer.save(["periodic"])
+        trainer.checkpointer.close()
+        out[f"5 checkpoints, {label}"] = run_bytes(trainer.checkpointer.root)
+    return out
+
+
 def sharded_child(size_gb: float, work: Path, repeats: int) -> None:
     """Under torchrun: an FSDP2-sharded model (fully_shard) with Muon/AdamW state, saved through the
     Checkpointer synchronously and asynchronously; rank 0 prints the medians as JSON."""
@@ -289,24 +368,30 @@ def measure_upload(size_gb: float, work: Path, url: str, options: dict, repeats:
 
     plain = build_trainer(size_gb, work / "upload_plain")
     ours = build_trainer(size_gb, work / "upload_ours", upload_to=url, storage_options=options)
-    for trainer in (plain, ours):
+    zstd = build_trainer(size_gb, work / "upload_zstd", upload_to=url + "-zstd", storage_options=options,
+                         compression="zstd")
+    for trainer in (plain, ours, zstd):
         trainer.train_step(next(trainer.micro_batches()))
     tier = RemoteTier(url, options)
     out = {k: [] for k in ("save, no upload: blocked", "save + upload: blocked", "ours upload (background)",
-                           "plain s3fs put")}
+                           "ours upload, zstd checkpoint (background)", "plain s3fs put")}
     for r in range(repeats):
-        plain.state.global_step = ours.state.global_step = 400 + r
+        plain.state.global_step = ours.state.global_step = zstd.state.global_step = 400 + r
         out["save, no upload: blocked"].append(timed(lambda: plain.save(["periodic"])))
-        start = time.perf_counter()
-        folder = ours.save(["periodic"])
-        saved = time.perf_counter() - start
-        ours.checkpointer.wait_for_uploads()
-        out["save + upload: blocked"].append(saved)
-        out["ours upload (background)"].append(time.perf_counter() - start - saved)
-        out["plain s3fs put"].append(timed(lambda: tier.fs.put(str(folder), f"{tier.base}/plain-{r}", recursive=True)))
-    for trainer in (plain, ours):
+        for trainer, key in ((ours, "ours upload (background)"), (zstd, "ours upload, zstd checkpoint (background)")):
+            start = time.perf_counter()
+            folder = trainer.save(["periodic"])
+            saved = time.perf_counter() - start
+            trainer.checkpointer.wait_for_uploads()
+            if trainer is ours:
+                out["save + upload: blocked"].append(saved)
+                plain_folder = folder
+            out[key].append(time.perf_counter() - start - saved)
+        out["plain s3fs put"].append(timed(lambda: tier.fs.put(str(plain_folder), f"{tier.base}/plain-{r}",
+                                                                recursive=True)))
+    for trainer in (plain, ours, zstd):
         trainer.checkpointer.close()
-    out["bytes"] = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    out["bytes"] = sum(p.stat().st_size for p in plain_folder.rglob("*") if p.is_file())
     return out
 
 
@@ -380,6 +465,7 @@ def main() -> None:
             finally:
                 if server is not None:
                     server.terminate()
+        compression = measure_compression(args.size_gb, work, args.repeats)
         latest = trainer.checkpointer.root / (trainer.checkpointer.root / "latest").read_text().strip()
         ckpt_bytes = sum(p.stat().st_size for p in latest.rglob("*") if p.is_file())
         cold_read = measure_load("read", latest, args.size_gb, work)
@@ -409,8 +495,23 @@ def main() -> None:
             up = {k: statistics.median(v) for k, v in upload.items()}
             print(f"\nupload to {args.upload_to} ({size / 2**30:.2f} GiB checkpoint){'seconds':>19}{'GB/s':>8}")
             for name, seconds in up.items():
-                rate = format(size / seconds / 1e9, ".2f") if "blocked" not in name else ""
+                rate = format(size / seconds / 1e9, ".2f") if "blocked" not in name and "zstd" not in name else ""
                 print(f"{name:<53}{seconds:>10.3f}{rate:>8}")
+
+        c = {k: (statistics.median(v) if isinstance(v, list) else v) for k, v in compression.items()}
+        print(f"\ncompression (zstd level 3, bytes grouped; trained {TRAINED_STEPS} steps){'none':>14}{'zstd':>14}"
+              f"{'zstd/none':>11}")
+        for label, key in (("full state, bytes", "bytes"), ("  weights (fp32), bytes", "model bytes"),
+                           ("  optimizer state, bytes", "optimizer bytes"), ("sync save (durable), s", "sync save"),
+                           ("async save: training blocked, s", "async blocked"), ("cold resume, s", "cold resume")):
+            a, b = c[f"{key}, none"], c[f"{key}, zstd"]
+            fmt = ",.0f" if "bytes" in key else ".3f"
+            print(f"{label:<59}{format(a, fmt):>14}{format(b, fmt):>14}{b / a:>11.3f}")
+        bf16_raw, bf16_zstd = compression["bf16 weights bytes"]
+        print(f"{'  weights as bf16, bytes':<59}{bf16_raw:>14,}{bf16_zstd:>14,}{bf16_zstd / bf16_raw:>11.3f}")
+        trained_bytes, frozen_bytes = c["5 checkpoints, trained embeddings"], c["5 checkpoints, frozen embeddings"]
+        print(f"{'5 checkpoints on disk: embeddings trained / frozen':<59}{trained_bytes:>14,}{frozen_bytes:>14,}"
+              f"{frozen_bytes / trained_bytes:>11.3f}")
 
         raw = med["raw write+fsync"]
         blocked_per_gib = med["ours async: training blocked"] / (total / 2**30)
@@ -429,12 +530,21 @@ def main() -> None:
             ("inference load peak RSS growth / (weights + largest)", inference["rss_growth_bytes"]
              / (model_bytes + largest), "<= 1.00"),
         ]
+        rows += [
+            ("zstd: fewer bytes for the full state", 1 - c["bytes, zstd"] / c["bytes, none"], ">= 0.25"),
+            ("zstd: sync save time / uncompressed", c["sync save, zstd"] / c["sync save, none"], "<= 1.10"),
+            ("zstd: async blocked time / uncompressed", c["async blocked, zstd"] / c["async blocked, none"], "~1"),
+            ("zstd: cold resume time / uncompressed", c["cold resume, zstd"] / c["cold resume, none"], "<= 1.10"),
+            ("frozen embeddings: fewer bytes over 5 checkpoints", 1 - frozen_bytes / trained_bytes, ">= 0.30"),
+        ]
         if upload is not None:
             rows += [("upload: ours vs plain s3fs put (bandwidth)",
                       up["plain s3fs put"] / up["ours upload (background)"],
                       ">= 0.90"),
                      ("upload: extra seconds a save blocks training", up["save + upload: blocked"]
-                      - up["save, no upload: blocked"], "~0")]
+                      - up["save, no upload: blocked"], "~0"),
+                     ("upload: zstd checkpoint time / uncompressed", up["ours upload, zstd checkpoint (background)"]
+                      / up["ours upload (background)"], "")]
         print(f"\n{'ratio':<55}{'value':>8}  target")
         for name, value, target in rows:
             print(f"{name:<55}{value:>8.3f}  {target}")

@@ -66,15 +66,23 @@ def launch(args: list[str], num_processes: int = 1, timeout: float = 300, check:
     return proc
 
 
-def launch_here(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    """The recipe in this process (what `accelerate launch` runs for one process), its stdout and
-    stderr captured: for tests that only read what a run prints and leaves, without the seconds a
-    fresh interpreter spends importing torch and transformers. Kills, signals and several ranks need
-    :func:`launch`."""
+def launch_here(args: list[str], check: bool = True, script: Path = RECIPE) -> subprocess.CompletedProcess:
+    """The recipe (or another ``script``) in this process, as ``python script args`` runs it (what
+    `accelerate launch` runs for one process), its stdout and stderr captured: for tests that only
+    read what a run prints and leaves, without the seconds a fresh interpreter spends importing torch
+    and transformers. Kills, signals and several ranks need :func:`launch`."""
     import contextlib
     import io
+    import runpy
 
-    from recipes.moe18b import main as recipe_main
+    def recipe_main(argv):
+        saved = sys.argv
+        sys.argv = [str(script), *argv]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        finally:
+            sys.argv = saved
+        return 0
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \

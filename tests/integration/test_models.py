@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from accel_trainer.checkpoint import LocalStorage, resolve
-from launching import (REPO, assert_same_final_state, launch, popen_recipe, read_jsonl, step_losses, torchrun,
-                       wait_for)
+from launching import (REPO, assert_same_final_state, launch, launch_here, popen_recipe, read_jsonl,
+                       step_losses, torchrun, wait_for)
 
 CAUSAL_LM = REPO / "recipes" / "causal_lm.py"
 CUSTOM = REPO / "examples" / "custom_model.py"
@@ -73,7 +73,7 @@ def how_to_run(kind: str, models: Path) -> tuple[Path, list[str]]:
 def test_a_short_run_learns_and_kill_9_then_resume_is_bitwise(models, tmp_path, kind):
     script, args = how_to_run(kind, models)
     straight = tmp_path / "straight"
-    proc = launch([*args, "--output_dir", str(straight)], script=script)
+    proc = launch_here([*args, "--output_dir", str(straight)], script=script)
     assert "optimizers (--muon_params/--adamw_params/--freeze_params change this)" in proc.stdout
     losses = [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")]
     assert len(losses) == 8 and losses[-1] < losses[0]  # it learns
@@ -85,7 +85,7 @@ def test_a_short_run_learns_and_kill_9_then_resume_is_bitwise(models, tmp_path, 
     # The newest complete checkpoint (the 'latest' pointer may lag it by the instant of the kill).
     latest = resolve("latest", killed).path
     assert latest is not None and (latest / "COMPLETE").is_file() and int(latest.name[5:]) >= 4
-    resumed = launch([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], script=script)
+    resumed = launch_here([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], script=script)
     assert f"resumed from {latest}" in resumed.stdout
     assert_same_final_state(straight, killed, step=8)
 
@@ -122,7 +122,7 @@ def test_the_custom_module_rebuilds_from_its_checkpoint_alone(models, tmp_path, 
     finally:
         sys.path.pop(0)
     script, args = how_to_run("custom", models)
-    launch([*args[:-2], "--max_steps", "4", "--output_dir", str(tmp_path)], script=script)
+    launch_here([*args[:-2], "--max_steps", "4", "--output_dir", str(tmp_path)], script=script)
     latest = LocalStorage(tmp_path / "checkpoints").read_pointer("latest")
     config = json.loads((tmp_path / "checkpoints" / latest / "config.json").read_text())
     assert config["model_type"] == "accel_trainer_custom"

@@ -32,7 +32,7 @@ def losses(out: Path) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
-    launch([*RUN, "--output_dir", str(out), "--save_total_limit", "2", "--keep_every_n_steps", "12"])
+    launch_here([*RUN, "--output_dir", str(out), "--save_total_limit", "2", "--keep_every_n_steps", "12"])
     return out
 
 
@@ -58,7 +58,7 @@ def test_kill_9_during_training_then_resume_is_bit_exact(straight, tmp_path):
     proc.wait()
     latest = read_pointer(tmp_path / "checkpoints", "latest")
     assert latest is not None and (latest / "COMPLETE").exists()
-    resumed = launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    resumed = launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert f"resumed from {latest}" in resumed.stdout
     assert_same_final_state(straight, tmp_path)
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
@@ -74,7 +74,7 @@ def test_async_save_kill_9_then_resume_is_bit_exact(straight, tmp_path):
     proc.wait()
     latest = read_pointer(tmp_path / "checkpoints", "latest")
     assert latest is not None and (latest / "COMPLETE").exists() and (latest / "model.ztensors").is_file()
-    launch([*run, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    launch_here([*run, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert_same_final_state(straight, tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_sigterm_saves_emergency_checkpoint_and_exits_cleanly(straight, tmp_path
     assert f"stopped at step {stopped_at} of {STEPS} by SIGTERM" in output  # the run's report
     status = json.loads((tmp_path / "exit_status.json").read_text())
     assert status["exit_code"] == 143 and status["step"] == stopped_at and status["reason"] == "SIGTERM"
-    launch([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    launch_here([*RUN, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert_same_final_state(straight, tmp_path)
 
 
