@@ -398,6 +398,9 @@ def measure_upload(size_gb: float, work: Path, url: str, options: dict, repeats:
 def child_load(kind: str, path: str, size_gb: float, work: str) -> None:
     """In a fresh process: time one load and report the peak RSS growth it caused."""
     if kind == "inference":
+        import transformers.modeling_utils  # noqa: F401  the model classes' imports (seconds) are not the load
+
+        import accel_trainer.models  # noqa: F401
         from accel_trainer import load_model_for_inference
 
         before = reset_peak_rss()

@@ -286,9 +286,19 @@ def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module) -> N
             if shape != tuple(target.shape):
                 raise CheckpointError(f"{where}: {name} has shape {list(shape)} but the model's is "
                                       f"{list(target.shape)}; use --init_from for non-strict loading")
+
+        def values():  # compressed files decompress a few tensors ahead, in parallel threads
+            for reader in readers:
+                names = [n for n in own if source[n] is reader]
+                if hasattr(reader, "iter_tensors"):
+                    yield from reader.iter_tensors(names)
+                else:
+                    yield from ((n, reader.get_tensor(n)) for n in names)
+
         with torch.no_grad():
-            for name, target in own.items():
-                value = like_parameter(target, source[name].get_tensor(name))
+            for name, loaded in values():
+                target = own[name]
+                value = like_parameter(target, loaded)
                 if type(value).__name__ == "DTensor":  # this rank's slice of an expert-parallel stack
                     target.to_local().copy_(value.to_local())
                 else:

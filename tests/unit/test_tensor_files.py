@@ -85,6 +85,10 @@ def test_compressed_files_round_trip_bitwise_for_every_dtype_and_size(tmp_path, 
     assert len(ztensors.read_header(path)["tensors"]["w"]["chunks"]) > 1
     with ztensors.ZstdTensorReader(path) as reader:  # one at a time, as resume and diff read
         assert reader.shape("w") == (37, 41) and torch.equal(reader.get_tensor("w"), tensors["w"])
+    with ztensors.ZstdTensorReader(path, threads=2) as reader:  # decompressing ahead, yielded in order
+        streamed = list(reader.iter_tensors(["w", "ids", "empty", "h"], ahead=2))
+    assert [n for n, _ in streamed] == ["w", "ids", "empty", "h"]
+    assert all(t.reshape(-1).view(torch.uint8).equal(tensors[n].reshape(-1).view(torch.uint8)) for n, t in streamed)
     sizes = ztensors.shapes_and_sizes(path)
     assert sizes["w"] == {"dtype": "F32", "shape": [37, 41], "nbytes": 37 * 41 * 4}
 
