@@ -270,13 +270,32 @@ class RemoteTier(CheckpointStorage):
         except FileNotFoundError:
             pass  # the usual case: never uploaded before
 
-    def put(self, folder: Path, files: list[str]) -> int:
-        """Upload ``files`` of ``folder`` in parallel (each retried); returns their bytes."""
+    def put(self, folder: Path, files: list[str], same_as: str | None = None) -> int:
+        """Upload ``files`` of ``folder`` in parallel (each retried); returns the bytes sent.
+
+        A file that is the same file on disk (a hard link: frozen tensors stored once) as in the
+        checkpoint ``same_as`` uploaded before is copied inside the store (S3's CopyObject: no bytes
+        over the network); if that copy fails it is uploaded."""
+
+        def send(f: str) -> int:
+            previous = folder.parent / same_as / f if same_as else None
+            try:
+                linked = previous is not None and previous.stat().st_ino == (folder / f).stat().st_ino
+            except OSError:
+                linked = False
+            if linked:
+                try:
+                    self._retry(f"copying {self.display(same_as, f)} to {self.display(folder.name, f)} in the store",
+                                lambda: self.fs.copy(self.path(same_as, f), self.path(folder.name, f)))
+                    return 0
+                except (RemoteError, FileNotFoundError):
+                    pass  # not there any more (remote retention): send the bytes
+            self._retry(f"uploading {folder / f} to {self.display(folder.name, f)}",
+                        lambda: self.fs.put_file(str(folder / f), self.path(folder.name, f)))
+            return (folder / f).stat().st_size
+
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="upload") as pool:
-            list(pool.map(lambda f: self._retry(f"uploading {folder / f} to {self.display(folder.name, f)}",
-                                                lambda: self.fs.put_file(str(folder / f), self.path(folder.name, f))),
-                          files))
-        return sum((folder / f).stat().st_size for f in files)
+            return sum(pool.map(send, files))
 
     def commit(self, folder: Path) -> None:
         """Every data file is up: check their sizes as the store lists them, then manifest, then COMPLETE."""
@@ -502,7 +521,7 @@ class Uploader:
             problem = self.channel.broadcast(problem)
         if problem is None:
             try:
-                size = self.tier.put(folder, self.files_of(folder, self.rank))
+                size = self.tier.put(folder, self.files_of(folder, self.rank), same_as=self.last_uploaded)
             except Exception as err:
                 problem = _reason(err)
         reports = self.channel.gather((problem, size)) if self.channel is not None else [(problem, size)]

@@ -143,21 +143,16 @@ class WriteStrategy:
 CONTENT_KEY = "content_xxh3_128"  # in a frozen-weights file's metadata: what its tensors are, however stored
 
 
-def read_pointer_name(root: Path) -> str | None:
-    from .storage import LocalStorage
-
-    return LocalStorage(root).read_pointer("latest")
-
-
-def unchanged_in_previous(root: Path, stored: str, content: str) -> str | None:
-    """The manifest checksum of ``stored`` in the latest checkpoint under ``root`` when that file holds
-    tensors of digest ``content`` and still has that checksum (read once: a damaged file is written
-    afresh, never linked into a new checkpoint); else None."""
+def unchanged_in_previous(root: Path, stored: str, content: str) -> tuple[Path, str] | None:
+    """``(file, its manifest checksum)`` of ``stored`` in the latest checkpoint under ``root`` when that
+    file holds tensors of digest ``content`` and still has that checksum (read once: a damaged file is
+    written afresh, never linked into a new checkpoint); else None."""
     from .checksums import HASH, hash_file
     from .io import read_json
+    from .storage import LocalStorage
     from .stored_tensors import stored_metadata
 
-    name = read_pointer_name(root)
+    name = LocalStorage(root).read_pointer("latest")
     source = root / name / stored if name else None
     try:
         if source is None or not source.is_file() or stored_metadata(source).get(CONTENT_KEY) != content:
@@ -165,7 +160,7 @@ def unchanged_in_previous(root: Path, stored: str, content: str) -> str | None:
         expected = read_json(root / name / MANIFEST)["files"][stored][HASH]
     except (CheckpointError, OSError, KeyError, TypeError):
         return None
-    return expected if hash_file(source) == expected else None
+    return (source, expected) if hash_file(source) == expected else None
 
 
 def _manifest_files(folder: Path) -> list[str]:
@@ -215,10 +210,10 @@ class TensorFiles(WriteStrategy):
             stored = stored_name(name, compressed)
             if name == FROZEN_WEIGHTS:
                 content = SafetensorsFile(tensors).digest()  # names, shapes, dtypes and bytes, at memory speed
-                digest = unchanged_in_previous(final.parent, stored, content)
-                if digest is not None:  # the previous checkpoint's file, verified: linked, not written
-                    os.link(final.parent / read_pointer_name(final.parent) / stored, tmp / stored)
-                    linked[stored] = digest
+                previous = unchanged_in_previous(final.parent, stored, content)
+                if previous is not None:  # the previous checkpoint's file, verified: linked, not written
+                    os.link(previous[0], tmp / stored)
+                    linked[stored] = previous[1]
                     continue
                 files[stored] = self._file(tensors, {CONTENT_KEY: content})
             else:

@@ -98,7 +98,9 @@ def _build_v2(folder: Path, target: Path, manifest: dict) -> None:
     files = {}
     for path in sorted(p for p in target.rglob("*") if p.is_file()):
         name = path.relative_to(target).as_posix()
-        files[name] = {"size": path.stat().st_size, HASH: hash_file(path), "role": role_of(name)}
+        kept = manifest["files"].get(name) if name not in converted else None  # linked: its entry holds
+        files[name] = {"size": path.stat().st_size, HASH: kept[HASH] if kept else hash_file(path),
+                       "role": role_of(name)}
     new = {"format_version": FORMAT_VERSION, "step": manifest["step"], "sequence": 0,
            "reasons": manifest.get("reasons", []), "metrics": old_state.get("last_metrics") or {},
            "best": _best_v2(old_state), "created_unix": manifest.get("created_unix"),

@@ -163,6 +163,30 @@ def test_a_damaged_local_checkpoint_downloads_only_its_damaged_files_from_the_st
     assert damaged.read_bytes() == tier.fs.cat_file(tier.path("step-2", "optimizer.safetensors"))
 
 
+def test_frozen_tensors_linked_locally_are_copied_inside_the_store_not_sent_again(s3, url, tmp_path, monkeypatch):
+    loop = Loop(tmp_path / "run", upload_to=url, storage_options=s3)
+    loop.model.get_input_embeddings().weight.requires_grad_(False)  # frozen: no gradient, never changes
+    tier = RemoteTier(url, s3)
+    copies = []
+    real_copy = type(tier.fs).copy
+
+    def spy(fs, src, dst, *args, **kwargs):
+        copies.append(dst)
+        return real_copy(fs, src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(type(tier.fs), "copy", spy)
+    for step in (1, 2):
+        loop.train(1)
+        loop.ckpt.save(step)
+    loop.ckpt.close()
+    local = tmp_path / "run" / "checkpoints"
+    frozen = "model.frozen.safetensors"
+    assert (local / "step-1" / frozen).stat().st_ino == (local / "step-2" / frozen).stat().st_ino
+    assert [c.rsplit("/", 2)[-2:] for c in copies] == [["step-2", frozen]]  # one copy in the store, no upload
+    assert tier.problems("step-2", checksums=True)[0] == []
+    assert tier.fs.cat_file(tier.path("step-2", frozen)) == (local / "step-2" / frozen).read_bytes()
+
+
 def test_reading_tools_take_an_s3_url(s3, url, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCEL_TRAINER_CACHE", str(tmp_path / "cache"))
     loop = Loop(tmp_path / "run", upload_to=url, storage_options=s3)

@@ -100,7 +100,7 @@ def test_a_damaged_previous_frozen_file_is_written_afresh_not_linked(runs, tmp_p
     latest = root / "step-10" / "model.frozen.safetensors"
     content = SafetensorsFile(read(latest)).digest()
     assert stored_metadata(latest)[CONTENT_KEY] == content
-    assert unchanged_in_previous(root, "model.frozen.safetensors", content) is not None
+    assert unchanged_in_previous(root, "model.frozen.safetensors", content)[0] == latest
     assert unchanged_in_previous(root, "model.frozen.safetensors", "another content") is None
     data = bytearray(latest.read_bytes())
     data[-5] ^= 0x01  # bit rot in the stored copy: same size, same header
