@@ -550,7 +550,7 @@ class Checkpointer:
         """
         acc = self.accelerator
         if folder is _UNRESOLVED:
-            folder = self.resolve(spec)
+            folder = self.resolve(str(spec))  # a Path names a folder, as its string does
         if folder is None:
             acc.print(f"--resume_from_checkpoint={spec}: no checkpoint under {self.root} yet; starting fresh")
             return 0
