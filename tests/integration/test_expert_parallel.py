@@ -15,7 +15,7 @@ from accel_trainer import load_model_for_inference
 from accel_trainer.cli import main as cli_main
 from accel_trainer.checkpoint import verify_run
 from accel_trainer.checkpoint.layout import read_pointer
-from launching import REPO, TINY, launch, popen_launch, read_jsonl, step_losses, torchrun, wait_for
+from launching import REPO, TINY, launch, launch_here, popen_launch, read_jsonl, step_losses, torchrun, wait_for
 
 STEPS = 12
 ARGS = [*TINY, "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "2", "--max_steps", str(STEPS)]
@@ -70,8 +70,8 @@ def test_ep2_trains_as_ep1_with_its_experts_split_over_the_ranks(runs):
 def test_an_ep2_checkpoint_resumes_in_one_process_and_loads_whole(runs, tmp_path):
     ep1, ep2, _ = runs
     continue_from(ep2, 6, tmp_path)
-    proc = launch([*ARGS, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path),
-                   "--resume_from_checkpoint", "latest"])
+    proc = launch_here([*ARGS, "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path),
+                        "--resume_from_checkpoint", "latest"])
     assert "expert_parallel_size: 2 -> 1" in proc.stdout
     assert_close(losses(ep1), losses(tmp_path), range(7, STEPS + 1), ONE_PROCESS)
     # Notebook and export: the experts come back as whole stacks, equal to the EP=1 run's weights.

@@ -3,7 +3,7 @@
 
 import pytest
 
-from launching import REPO, TINY, launch, launch_here
+from launching import REPO, TINY, launch_here
 
 
 
@@ -73,7 +73,7 @@ def test_resumed_run_continues_the_same_tensorboard_run(tmp_path):
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, monkeypatch):
     """W&B (offline, as CI has no network): the run id is saved in the checkpoint and a resumed run
     re-opens that same run."""
     import json
@@ -84,8 +84,10 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     (tmp_path / "wb").mkdir()
     args = [*TINY, "--save_steps", "2", "--eval_steps", "0", "--logging_steps", "1", "--report_to", "wandb",
             "--output_dir", str(tmp_path / "run")]
-    launch([*args, "--max_steps", "4"], env=env)
-    launch([*args, "--max_steps", "6", "--resume_from_checkpoint", "latest"], env=env)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    launch_here([*args, "--max_steps", "4"])
+    launch_here([*args, "--max_steps", "6", "--resume_from_checkpoint", "latest"])
     saved = [json.loads((tmp_path / "run" / "checkpoints" / f"step-{s}" / "trainer_state.json").read_text())
              for s in (4, 6)]
     run_id = saved[0]["trackers"]["wandb_run_id"]

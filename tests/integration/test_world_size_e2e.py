@@ -11,7 +11,7 @@ import pytest
 
 from accel_trainer import load_model_for_inference
 from accel_trainer.checkpoint.layout import read_pointer
-from launching import RUN, STEPS, blocks_per_step, launch, read_jsonl
+from launching import RUN, STEPS, blocks_per_step, launch, launch_here, read_jsonl
 
 ONE_PROC = [*RUN, "--per_device_train_batch_size", "8"]  # later flags win in HfArgumentParser
 
@@ -35,8 +35,8 @@ def assert_losses_close(reference, other, from_step, rel=1e-3):
 
 def test_two_process_checkpoint_resumes_on_one_process(straight_2proc, tmp_path):
     continue_from(straight_2proc, 12, tmp_path)
-    proc = launch([*ONE_PROC, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
-                   "--log_data_blocks"])
+    proc = launch_here([*ONE_PROC, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest",
+                        "--log_data_blocks"])
     assert "per_device_train_batch_size: 4 -> 8" in proc.stdout
     # Exactly the blocks the uninterrupted 2-process run read, step by step.
     reference, resumed = blocks_per_step(straight_2proc), blocks_per_step(tmp_path)
@@ -52,7 +52,7 @@ def test_two_process_checkpoint_resumes_on_one_process(straight_2proc, tmp_path)
 
 def test_one_process_checkpoint_resumes_on_two_processes_with_rng_notice(tmp_path):
     reference, resumed = tmp_path / "one", tmp_path / "two"
-    launch([*ONE_PROC, "--output_dir", str(reference)])
+    launch_here([*ONE_PROC, "--output_dir", str(reference)])
     continue_from(reference, 12, resumed)
     proc = launch([*RUN, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest"], num_processes=2)
     assert "rank 1:" in proc.stderr and "has no saved RNG for this rank" in proc.stderr
