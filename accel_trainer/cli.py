@@ -109,8 +109,13 @@ def cmd_inspect(args) -> int:
     trainer = info["states"].get("trainer_state") or {}
     print(f"checkpoint   {info['path']}  (format {info['format_version']}, saved because: "
           f"{', '.join(info['saved_because'])})")
-    print(f"progress     step {info['step']}, epoch {_cell(position.get('epoch'))} "
-          f"(+{_cell(position.get('samples_in_epoch'))} samples), {_cell(metrics.get('tokens_seen'), ',')} tokens")
+    if info.get("weights_only"):
+        print(f"progress     step {info['step']}, {_cell(metrics.get('tokens_seen'), ',')} tokens; weights-only "
+              f"(--full_state_total_limit dropped {', '.join(info['weights_only'].get('dropped', []))}): resumes "
+              "only with --reset_optimizer")
+    else:
+        print(f"progress     step {info['step']}, epoch {_cell(position.get('epoch'))} "
+              f"(+{_cell(position.get('samples_in_epoch'))} samples), {_cell(metrics.get('tokens_seen'), ',')} tokens")
     best = info["best"] or {}
     print(f"losses       ema {_cell(trainer.get('ema_loss'), '.4f')}, best {best.get('metric', 'val_loss')} "
           f"{_cell(best.get('value'), '.4f')} at step {_cell(best.get('step'))}")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 
 from .format import (CHECKPOINTS, COMPLETE, COMPRESSED_SUFFIX, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS,
-                     OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, state_file,
-                     tensor_file, weight_files)
+                     OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, WEIGHTS_ONLY,
+                     state_file, tensor_file, weight_files)
 from .ztensors import shapes_and_sizes
 from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir
@@ -190,6 +190,7 @@ def inspect(folder: str | Path) -> dict:
         "path": str(folder), "format_version": manifest["format_version"], "step": manifest.get("step"),
         "saved_because": manifest.get("reasons", []), "metrics": manifest.get("metrics") or {},
         "best": manifest.get("best"), "data_position": position, "states": named_states,
+        "weights_only": manifest.get(WEIGHTS_ONLY),
         "environment": manifest.get("environment", {}), "parameters": _tensor_count(folder, model_config),
         "files": {n: {"size": i["size"], "role": i["role"]} for n, i in manifest["files"].items()},
         "total_bytes": sum(i["size"] for i in manifest["files"].values()),

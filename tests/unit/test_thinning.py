@@ -50,6 +50,8 @@ def test_older_checkpoints_become_weights_only_keeping_their_weights_bitwise(run
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
     thinned = [n for n in ("step-2", "step-4", "step-6") if n != best]
     assert all("weights-only" in rows[n] for n in thinned) and "weights-only" not in rows["step-8"]
+    assert cli_main(["inspect", str(thin / thinned[0])]) == 0
+    assert "weights-only (--full_state_total_limit dropped" in capsys.readouterr().out
     size = sum(p.stat().st_size for p in thin.rglob("*") if p.is_file())
     assert size < 0.75 * sum(p.stat().st_size for p in full.rglob("*") if p.is_file())
 
