@@ -225,8 +225,7 @@ def measure_compression(size_gb: float, work: Path, repeats: int) -> dict:
     """--checkpoint_compression zstd against none on the same trained state: bytes (and what bf16
     weights would take), durable sync save, async blocked time, cold resume; and frozen embeddings
     over five checkpoints against the same run training them."""
-    from accel_trainer.checkpoint.tensor_files import SafetensorsFile
-    from accel_trainer.checkpoint.ztensors import ZstdTensorFile
+    from accel_trainer.checkpoint import SafetensorsFile, ZstdTensorFile
 
     out: dict = {}
     folders = {}

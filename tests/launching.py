@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import load as load_rng  # weights-only, with the numpy globals RNG states need
 
-from accel_trainer.checkpoint.format import tensor_file
-from accel_trainer.checkpoint.stored_tensors import read_tensor_file
+from accel_trainer.checkpoint import read_tensor_file, tensor_file
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = REPO / "tests"

@@ -36,7 +36,8 @@ _WHERE = {
     "CUSTOM_MODEL": ".format", "register_model": ".inference", "is_optimizer_file": ".format",
     # durable files, for other writers of the package (prepared data, exports)
     "atomic_write_text": ".io", "fsync_file": ".io", "fsync_tree": ".io", "read_json": ".io", "write_json": ".io",
-    "hash_file": ".checksums", "SafetensorsFile": ".tensor_files",
+    "hash_file": ".checksums", "SafetensorsFile": ".tensor_files", "ZstdTensorFile": ".ztensors",
+    "read_tensor_file": ".stored_tensors", "tensor_file": ".format",
 }
 
 __all__ = sorted(_WHERE)
