@@ -6,9 +6,7 @@ nothing is unpickled except through the safe loader.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
 
@@ -16,7 +14,7 @@ from .format import (CHECKPOINTS, COMPLETE, COMPRESSED_SUFFIX, STEP_RE, DATALOAD
                      OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, WEIGHTS_ONLY,
                      state_file, tensor_file, weight_files)
 from .ztensors import shapes_and_sizes
-from .io import CheckpointError, read_json, read_state
+from .io import CheckpointError, read_json, read_state, read_tensor_header
 from .layout import checkpoints_dir
 from .manifest import read_manifest
 from .storage import LocalStorage, step_number
@@ -34,9 +32,7 @@ def tensor_header(path: Path) -> dict:
 
 def safetensors_header(path: Path) -> dict:
     """The JSON header of a safetensors file (names, dtypes, shapes), without reading tensors."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
+    header = read_tensor_header(path)
     header.pop("__metadata__", None)
     return header
 

@@ -84,6 +84,28 @@ def read_json(path: str | Path):
         raise CheckpointError(f"{path}: unreadable ({err.strerror or err})") from None
 
 
+def read_tensor_header(path: str | Path) -> dict:
+    """The JSON header of a tensor file laid out as safetensors is (and ztensors after it): 8 bytes of
+    little-endian length, then that much JSON; no tensor is read.
+
+    Raises:
+        CheckpointError: unreadable, or not such a header.
+    """
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 1 << 30:
+                raise ValueError(f"header length {length}")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as err:
+        raise CheckpointError(f"{path}: not a readable tensor file header ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable tensor file header (not a JSON object)")
+    return header
+
+
 def is_plain_json(obj) -> bool:
     """True when ``obj`` survives a JSON round trip unchanged: dicts with string keys, lists, strings,
     numbers, booleans and None (tuples and int keys would come back as lists and strings)."""

@@ -33,6 +33,7 @@ from .checksums import CHUNK, HASH, hash_file, new_hasher
 from .format import CHECKPOINTS, COMPLETE, LATEST, MANIFEST, STEP_RE, TMP_PREFIX
 from .io import CheckpointError, fsync_tree
 from .manifest import MANIFEST_HASH, verify
+from .rewrite import link_or_copy
 from .storage import CheckpointStorage, LocalStorage
 from ..secrets import redact_mapping, redact_url
 
@@ -64,7 +65,6 @@ def parse_storage_options(text: str | None, flag: str = "--storage_options") -> 
     Raises:
         CheckpointError: naming the flag (or variable) and what is wrong, never the values.
     """
-    import os
 
     if not text:
         text, flag = os.environ.get(STORAGE_OPTIONS_ENV), STORAGE_OPTIONS_ENV
@@ -380,11 +380,7 @@ def _keep_intact_files(local: Path, manifest: dict, into: Path) -> set[str]:
         try:
             if path.stat().st_size != info.get("size") or hash_file(path) != info.get(HASH):
                 continue
-            (into / f).parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, into / f)
-            except OSError:
-                shutil.copy2(path, into / f)
+            link_or_copy(path, into / f)
         except OSError:
             continue
         kept.add(f)
@@ -620,7 +616,6 @@ def cache_dir(url: str) -> Path:
     """Where remote checkpoints read by ``load_model_for_inference``/``accel-trainer inspect`` are kept
     (``$ACCEL_TRAINER_CACHE`` or ``~/.cache/accel_trainer``), one folder per URL."""
     import hashlib
-    import os
 
     base = Path(os.environ.get("ACCEL_TRAINER_CACHE", Path.home() / ".cache" / "accel_trainer"))
     return base / "remote" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]

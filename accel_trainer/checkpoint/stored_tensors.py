@@ -3,13 +3,12 @@ behind one reader: resume, inference, export, inspect and diff read either witho
 
 from __future__ import annotations
 
-import json
-import struct
 from pathlib import Path
 
 import torch
 
 from .format import COMPRESSED_SUFFIX
+from .io import CheckpointError, read_tensor_header
 from .ztensors import ZstdTensorReader
 
 
@@ -59,9 +58,6 @@ def stored_metadata(path: str | Path) -> dict:
     """The ``__metadata__`` of a plain or compressed tensor file (its header only is read); {} when
     the header cannot be read."""
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(min(length, 1 << 30)))
-        return (header.get("__metadata__") if isinstance(header, dict) else None) or {}
-    except (OSError, ValueError, struct.error):
+        return read_tensor_header(path).get("__metadata__") or {}
+    except CheckpointError:
         return {}

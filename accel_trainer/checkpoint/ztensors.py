@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .checksums import StoredFile
-from .io import CheckpointError
+from .io import CheckpointError, read_tensor_header
 
 FORMAT = "accel_trainer.ztensors/1"
 SUFFIX = ".ztensors"
@@ -47,17 +47,9 @@ def read_header(path: str | Path) -> dict:
     Raises:
         CheckpointError: not a ztensors file, or a damaged header.
     """
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 1 << 30:
-                raise ValueError(f"header length {length}")
-            header = json.loads(f.read(length))
-    except (OSError, ValueError, struct.error) as err:
-        raise CheckpointError(f"{path}: not a readable {FORMAT} file ({type(err).__name__}: {err})") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {header.get('format') if isinstance(header, dict) else None!r}, this "
-                              f"accel_trainer reads {FORMAT!r}")
+    header = read_tensor_header(path)
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, this accel_trainer reads {FORMAT!r}")
     return header
 
 
