@@ -141,6 +141,11 @@ def _prepare(dataset, column: str, tokenizer, out: Path, source: dict, num_proc:
                 parts.append((tokens, ends))
                 bar.update(len(ends))
             new_tokens += _write_shard(out, i, parts, dtype)
+        # Workers leave on their own before the block ends: its terminate() SIGTERMs them, and one killed
+        # while it holds the task queue's lock leaves another blocked on it and the join waiting forever
+        # (seen once in the suite).
+        pool.close()
+        pool.join()
     bar.close()
     seconds = time.perf_counter() - began
     manifest = _complete(out, plan)
