@@ -28,7 +28,13 @@ class CheckpointError(InputError, RuntimeError):
     """A checkpoint that is missing, invalid, incompatible, or a save that failed in strict mode."""
 
 
+class DamagedFile(CheckpointError):
+    """A checkpoint file whose bytes, hashed as they were read, are not the ones saved: the reader
+    that found it may have used some of them already (resume falls back past the checkpoint)."""
+
+
 def error_class(name: str) -> type[InputError]:
     """The class of this family named ``name`` (to re-raise an error another rank reported by name)."""
-    found = {cls.__name__: cls for cls in (InputError, ConfigError, DataError, TokenizerError, CheckpointError)}
+    found = {cls.__name__: cls
+             for cls in (InputError, ConfigError, DataError, TokenizerError, CheckpointError, DamagedFile)}
     return found.get(name, InputError)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (EXCEPT_OPTIMIZER, MANIFEST, MODEL_CONFIG, RUN_CONFIG, CheckpointError, is_optimizer_file,
+from .checkpoint import (MANIFEST, MODEL_CONFIG, RUN_CONFIG, CheckpointError, for_resume, is_optimizer_file,
                          load_weights, lock_run_dir, read_json, remote_tier, resolve_on_main, verify)
 from .config import DataArguments, ModelArguments, TrainingArguments, to_dict
 from .data import (DATA_IDENTITY_VERSION, TOKENIZER_DIR, build_datasets, data_contents, data_identity, file_hashes,
@@ -492,11 +492,12 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     folder = None
     if is_single_file_checkpoint(spec):  # another trainer's .pt: imported as step-N, then resumed like ours
         spec = import_for_resume(spec, accelerator, plan, model_args, train_args)
-    if spec:  # resolved (every checksum) and checked once, before tokenising; the resume loads this folder
+    if spec:  # resolved and checked once, before tokenising; the resume loads this folder
         # --reset_optimizer reads no optimizer state: a checkpoint whose optimizer files are damaged
-        # still gives its weights, counters and data position (said loudly below).
+        # still gives its weights, counters and data position (said loudly below). The tensor files'
+        # checksums are compared as the resume reads them (one pass; a damaged one falls back then).
         folder = resolve_on_main(accelerator, spec, train_args.output_dir, remote=remote,
-                                 checksums=EXCEPT_OPTIMIZER if train_args.reset_optimizer else True)
+                                 checksums=for_resume(reset_optimizer=train_args.reset_optimizer))
         if folder is not None and train_args.reset_optimizer and accelerator.is_main_process:
             say_damaged_optimizer(Path(folder), accelerator.print)
         if folder is not None:

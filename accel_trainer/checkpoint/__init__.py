@@ -19,7 +19,8 @@ _WHERE = {
     # resolving and reading
     "resolve": ".layout", "resolve_path": ".layout", "checkpoint_folder": ".layout", "list_checkpoints": ".layout",
     "prune": ".layout", "write_pointer": ".layout",
-    "verify": ".manifest", "EXCEPT_OPTIMIZER": ".manifest", "list_run": ".inspection", "verify_run": ".inspection",
+    "verify": ".manifest", "EXCEPT_OPTIMIZER": ".manifest", "for_resume": ".manifest", "list_run": ".inspection",
+    "verify_run": ".inspection",
     "inspect": ".inspection", "diff": ".inspection",
     # weights and models
     "LoadReport": ".weights", "load_weights": ".weights", "load_model_for_inference": ".inference",

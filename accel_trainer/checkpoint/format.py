@@ -126,6 +126,14 @@ def stored_name(name: str, compressed: bool) -> str:
     return name.replace(".safetensors", COMPRESSED_SUFFIX) if compressed else name
 
 
+def read_in_one_pass(name: str) -> bool:
+    """A tensor file whose checksum its loader compares while it reads it (resume, inference), so a
+    resume reads it once: the model's and the optimizer's files, plain or compressed (not the
+    sharded layout's, which DCP reads)."""
+    return name in {n for base in (MODEL_WEIGHTS, FROZEN_WEIGHTS, OPTIMIZER_TENSORS)
+                    for n in (base, stored_name(base, True))}
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The files that hold a checkpoint's model weights (plain or compressed; trainable, then frozen)."""
     return [f for f in (tensor_file(folder, MODEL_WEIGHTS), tensor_file(folder, FROZEN_WEIGHTS)) if f is not None]

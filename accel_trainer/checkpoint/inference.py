@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CUSTOM_MODEL, FROZEN_WEIGHTS, MANIFEST, MODEL_CONFIG, MODEL_WEIGHTS, MODEL_WEIGHTS_Z, stored_name
+from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG
 from .io import CheckpointError, read_json
 from .layout import resolve_path
 from .weights import LoadReport, adapt_linear_layout, load_state_into, read_weights
@@ -80,8 +80,10 @@ def _single_file_of_your_own(target: Path, state, extras: dict, model_class, con
     model.load_report = report
     step = next((extras[k] for k in LEGACY_STEP_KEYS if isinstance(extras.get(k), int)), extras.get("epoch"))
     return model, config, step
-READ_FOR_INFERENCE = {MODEL_WEIGHTS, MODEL_WEIGHTS_Z, FROZEN_WEIGHTS, stored_name(FROZEN_WEIGHTS, True), MODEL_CONFIG,
-                      MANIFEST}
+
+
+# Hashed when the folder is resolved; the weight files are hashed as read_weights reads them (one pass).
+READ_FOR_INFERENCE = {MODEL_CONFIG, MANIFEST}
 
 
 def _config_from(folder_or_extras, source: Path, legacy_config_class):
@@ -96,8 +98,11 @@ def _config_from(folder_or_extras, source: Path, legacy_config_class):
         try:
             return AutoConfig.for_model(**config)
         except (ValueError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path}: cannot rebuild a model config from it ({err}); if its model type comes "
-                                  "from a package, import that package first") from None
+            # transformers' message lists every model type it knows (hundreds): its first sentence says it
+            why = str(err).split(". ")[0]
+            raise CheckpointError(f"{path}: cannot rebuild a model config from it (model_type "
+                                  f"{config.get('model_type')!r}: {why}); if its model type comes from a package, "
+                                  "import that package first") from None
     config = folder_or_extras.get("config")
     if isinstance(config, dict):
         if "model_type" in config:
@@ -146,7 +151,7 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
 
     if is_url(str(path)):
         path = fetch(str(path), storage_options)
-    # Every file must be present with its size; checksums are read only for what this loads.
+    # Every file must be present with its size; checksums are compared only for what this loads.
     target = resolve_path(path, flag=f"load_model_for_inference({str(path)!r})", checksums=READ_FOR_INFERENCE).path
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"

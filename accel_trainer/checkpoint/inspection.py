@@ -10,31 +10,16 @@ import math
 from pathlib import Path
 
 
-from .format import (CHECKPOINTS, COMPLETE, COMPRESSED_SUFFIX, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS,
+from .format import (CHECKPOINTS, COMPLETE, STEP_RE, DATALOADER, MODEL_CONFIG, MODEL_WEIGHTS,
                      OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, RUN_CONFIG, SCALER, SCHEDULERS, STATE_SUFFIXES, WEIGHTS_ONLY,
                      state_file, tensor_file, weight_files)
-from .ztensors import shapes_and_sizes
-from .io import CheckpointError, read_json, read_state, read_tensor_header
+from .stored_tensors import tensor_header
+from .io import CheckpointError, read_json, read_state
 from .layout import checkpoints_dir
 from .manifest import read_manifest
 from .storage import LocalStorage, step_number
 
 KNOWN_JSON = {MODEL_CONFIG, RUN_CONFIG, OPTIMIZER_GROUPS, state_file(SCHEDULERS), state_file(DATALOADER)}
-
-
-def tensor_header(path: Path) -> dict:
-    """``{name: {"dtype", "shape", "nbytes"}}`` of a plain or compressed tensor file, no tensor read."""
-    if str(path).endswith(COMPRESSED_SUFFIX):
-        return shapes_and_sizes(path)
-    return {k: {"dtype": v["dtype"], "shape": v["shape"], "nbytes": v["data_offsets"][1] - v["data_offsets"][0]}
-            for k, v in safetensors_header(path).items()}
-
-
-def safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes), without reading tensors."""
-    header = read_tensor_header(path)
-    header.pop("__metadata__", None)
-    return header
 
 
 def folder_size(folder: Path) -> int:

@@ -42,11 +42,12 @@ from .dataloader import ResumableLoader, has_own_position
 from .emergency import StopRequest
 from .format import (DATALOADER, FORMAT_VERSION, MODEL_CONFIG, NAME_RE, RESERVED_NAMES, RUN_CONFIG, SCHEDULERS,
                      TMP_PREFIX, rng_file, step_dir_name)
+from ..errors import DamagedFile
 from .io import CheckpointError, fsync_dir, fsync_file, read_state, write_json, write_state
 from .lock import lock_run_dir
 from .layout import (apply_retention, checkpoints_dir, ensure_dir, next_sequence, remove_stale_temporaries, resolve,
                      write_pointer)
-from .manifest import read_manifest, write_complete_marker, write_manifest
+from .manifest import EXCEPT_OPTIMIZER, for_resume, read_manifest, write_complete_marker, write_manifest
 from .rewrite import finish_interrupted
 from .thinning import apply_thinning, is_weights_only
 from .remote import RemoteTier, Uploader, redact, remote_tier, resolve_with_remote
@@ -526,9 +527,11 @@ class Checkpointer:
         return None if self._stop is None or self._stop.signum is None else signal.Signals(self._stop.signum)
 
     # ------------------------------------------------------------------------------------ loading
-    def resolve(self, spec: str) -> Path | None:
-        """The folder ``spec`` names, verified (checksums included), the same on every rank."""
-        return resolve_on_main(self.accelerator, spec, self.root.parent, remote=self.remote)
+    def resolve(self, spec: str, exclude: tuple[str, ...] = ()) -> Path | None:
+        """The folder ``spec`` names for a resume leaving out ``exclude``, the same on every rank:
+        verified but for the tensor files the resume hashes as it reads them (sizes checked)."""
+        return resolve_on_main(self.accelerator, spec, self.root.parent, remote=self.remote,
+                               checksums=for_resume(reset_optimizer="optimizer" in exclude))
 
     def resume(self, spec: str | Path = "latest", exclude: tuple[str, ...] = (), *, folder=_UNRESOLVED) -> int:
         """Restore everything from ``spec``: ``latest`` (the newest valid checkpoint, falling back past
@@ -538,8 +541,9 @@ class Checkpointer:
             spec: which checkpoint; ``latest`` with none yet means a fresh start.
             exclude: parts to leave as they are: "optimizer", "scheduler", "dataloader", or an
                 ``extra`` name (e.g. to start the optimizer fresh on the saved weights).
-            folder: what ``spec`` already resolved to on every rank (:func:`resolve_on_main`, every
-                checksum verified), so it is not resolved twice; None: nothing to resume.
+            folder: what ``spec`` already resolved to on every rank (:func:`resolve_on_main`, with
+                :func:`~.manifest.for_resume` checksums), so it is not resolved twice; None: nothing
+                to resume.
 
         Returns:
             The restored step, or 0 when there was nothing to resume.
@@ -547,10 +551,16 @@ class Checkpointer:
         Raises:
             CheckpointError: unknown or invalid checkpoint, refused by ``before_resume``, or a state
                 that does not fit this run (naming it).
+
+        A tensor file found damaged while it is read (its checksum is compared in the same pass)
+        makes the resume start over from the checkpoint ``spec`` falls back to (``latest``: the
+        newest older one that verifies), loaded whole; a ``spec`` that names the damaged checkpoint
+        raises instead, and the model's weights must then be loaded again before use.
         """
         acc = self.accelerator
+        asked = tuple(exclude)
         if folder is _UNRESOLVED:
-            folder = self.resolve(str(spec))  # a Path names a folder, as its string does
+            folder = self.resolve(str(spec), asked)  # a Path names a folder, as its string does
         if folder is None:
             acc.print(f"--resume_from_checkpoint={spec}: no checkpoint under {self.root} yet; starting fresh")
             return 0
@@ -575,8 +585,15 @@ class Checkpointer:
             acc.print(f"{folder} is weights-only: loading its weights and counters; the optimizer, the data position "
                       "and the RNG start fresh")
         refuse_code_in(folder)  # before anything of it is loaded
-        self.strategy.load_engine_state(folder, tuple(exclude))
-        self.strategy.load_tensors(folder, tuple(exclude))
+        damage = None
+        try:
+            self.strategy.load_engine_state(folder, tuple(exclude))
+            self.strategy.load_tensors(folder, tuple(exclude))
+        except DamagedFile as err:
+            damage = str(err)
+        damage = self._agree(damage)
+        if damage:
+            return self._resume_past_damage(spec, asked, folder, damage)
         if self.schedulers and "scheduler" not in exclude:
             self._load_named(folder, "schedulers", _Group(self.schedulers))
         if self.dataloader is not None and "dataloader" not in exclude:
@@ -592,6 +609,18 @@ class Checkpointer:
         self._sequence = None  # the next save continues after what is on disk
         acc.print(f"resumed from {folder}: step {manifest['step']}")
         return manifest["step"]
+
+    def _resume_past_damage(self, spec, exclude: tuple[str, ...], folder: Path, damage: str) -> int:
+        """Resume again from what ``spec`` resolves to once ``folder``'s every checksum is compared
+        (the damaged ``folder`` then no longer verifies)."""
+        acc = self.accelerator
+        acc.print(f"WARNING: {damage}: found while resuming {folder}; looking again for "
+                  f"--resume_from_checkpoint={spec} with every checksum compared")
+        again = resolve_on_main(acc, str(spec), self.root.parent, remote=self.remote,
+                                checksums=EXCEPT_OPTIMIZER if "optimizer" in exclude else True)
+        if again is None or Path(again) == folder:  # the damage did not show on a second read
+            raise CheckpointError(f"{damage} (read while resuming {folder}); run accel-trainer verify {folder}")
+        return self.resume(spec, exclude, folder=again)
 
     def _load_named(self, folder: Path, name: str, obj) -> None:
         state = read_state(folder, name)

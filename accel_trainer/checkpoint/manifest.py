@@ -10,11 +10,13 @@ checkpoint invalid instead of silently vouching for less than was saved.
 from __future__ import annotations
 
 import platform
+from dataclasses import dataclass
 import time
 from importlib import metadata
 from pathlib import Path
 
-from .format import COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, is_optimizer_file, role_of
+from .format import (COMPLETE, FORMAT_VERSION, MANIFEST, READABLE_VERSIONS, is_optimizer_file, read_in_one_pass,
+                     role_of)
 from .io import CheckpointError, read_json, write_json
 from .checksums import HASH, hash_file
 
@@ -81,6 +83,16 @@ def read_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def saved_digests(folder: str | Path) -> dict[str, str]:
+    """File name -> the checksum its manifest recorded ({} when the manifest cannot be read: the
+    caller then reads without comparing, as for a folder that is not a checkpoint)."""
+    try:
+        files = read_manifest(folder)["files"]
+    except CheckpointError:
+        return {}
+    return {name: info[HASH] for name, info in files.items() if isinstance(info, dict) and info.get(HASH)}
+
+
 def _marker_problem(folder: Path, manifest: dict) -> str | None:
     try:
         marker = read_json(folder / COMPLETE)
@@ -99,22 +111,38 @@ def _marker_problem(folder: Path, manifest: dict) -> str | None:
     return None
 
 
-class ExceptOptimizer:
-    """A ``checksums`` argument for a resume that reads no optimizer state (``--reset_optimizer``):
-    every file verified in full but the optimizer's, which are not looked at (a damaged one does not
-    make the checkpoint unusable for what is read)."""
+@dataclass(frozen=True)
+class Checksums:
+    """A ``checksums`` argument of :func:`verify` that leaves some files' checksums to others.
+
+    Attributes:
+        except_optimizer: the optimizer's files are not looked at (a resume with
+            ``--reset_optimizer`` reads none, so a damaged one does not make the checkpoint unusable).
+        loaded_in_one_pass: the tensor files the loader hashes as it reads them
+            (:func:`~.format.read_in_one_pass`) get their size checked only: a resume reads each once
+            and still refuses a damaged one before training starts.
+    """
+
+    except_optimizer: bool = False
+    loaded_in_one_pass: bool = False
 
     def __bool__(self) -> bool:
         return True
 
-    def __repr__(self) -> str:
-        return "ExceptOptimizer()"
+    def hashes(self, name: str) -> bool:
+        return not (self.loaded_in_one_pass and read_in_one_pass(name))
 
 
-EXCEPT_OPTIMIZER = ExceptOptimizer()
+EXCEPT_OPTIMIZER = Checksums(except_optimizer=True)
+WHILE_LOADING = Checksums(loaded_in_one_pass=True)
 
 
-def verify(folder: str | Path, checksums: bool | set[str] | ExceptOptimizer = True) -> list[str]:
+def for_resume(reset_optimizer: bool) -> Checksums:
+    """What a resume's resolution verifies before loading (the loader verifies the rest as it reads)."""
+    return Checksums(except_optimizer=reset_optimizer, loaded_in_one_pass=True)
+
+
+def verify(folder: str | Path, checksums: bool | set[str] | Checksums = True) -> list[str]:
     """Problems that make ``folder`` unusable, each naming the file; empty when the checkpoint is valid.
 
     Never raises for a damaged checkpoint: every failure to read or decode its metadata is a problem.
@@ -123,7 +151,7 @@ def verify(folder: str | Path, checksums: bool | set[str] | ExceptOptimizer = Tr
         folder: a ``step-N`` checkpoint folder.
         checksums: also compare every file's xxh3-128 (reads every byte), not only its size; a set of
             file names checks only those (a reader verifies what it reads, e.g. not the optimizer);
-            :data:`EXCEPT_OPTIMIZER` checks every file but the optimizer's, those not at all.
+            a :class:`Checksums` hashes every file but those it leaves to others.
     """
     folder = Path(folder)
     try:
@@ -136,7 +164,8 @@ def verify(folder: str | Path, checksums: bool | set[str] | ExceptOptimizer = Tr
         if problem:
             return [problem]
         problems = []
-        skip_optimizer = isinstance(checksums, ExceptOptimizer)
+        policy = checksums if isinstance(checksums, Checksums) else None
+        skip_optimizer = policy is not None and policy.except_optimizer
         for name, info in manifest["files"].items():
             path = folder / name
             if skip_optimizer and is_optimizer_file(name):
@@ -145,7 +174,8 @@ def verify(folder: str | Path, checksums: bool | set[str] | ExceptOptimizer = Tr
                 problems.append(f"{path}: missing ({info.get('role', '')})")
             elif path.stat().st_size != info.get("size"):
                 problems.append(f"{path}: size {path.stat().st_size} bytes, manifest says {info.get('size')}")
-            elif ((checksums is True or skip_optimizer or (checksums and name in checksums))
+            elif ((checksums is True or (policy is not None and policy.hashes(name))
+                   or (policy is None and checksums and name in checksums))
                   and hash_file(path) != info.get(HASH)):
                 problems.append(f"{path}: checksum mismatch (the file changed after it was saved)")
         return problems

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .format import OPTIMIZER_GROUPS, OPTIMIZER_TENSORS, tensor_file
-from .stored_tensors import read_tensor_file
+from .stored_tensors import read_tensor_file, read_verified
 from .io import CheckpointError, like_parameter, read_json, write_json
 
 FORMAT = "accel_trainer.optimizer/2"
@@ -77,12 +77,18 @@ def read_description(folder: Path) -> dict:
     return description
 
 
-def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], device: str = "cpu") -> None:
+def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], device: str = "cpu",
+              digests: dict[str, str] | None = None) -> None:
     """Load every named optimizer from ``folder`` after checking that names, groups, parameters and
     state shapes match; nothing is loaded unless everything matches.
 
+    Args:
+        digests: file name -> saved checksum: the tensor file is then hashed as it is read (one pass)
+            and nothing is loaded unless it matches.
+
     Raises:
         CheckpointError: naming the optimizer, group and parameters that differ.
+        DamagedFile: the tensor file is not the one saved (no optimizer was changed).
     """
     description = read_description(folder)
     saved_all = description["optimizers"]
@@ -95,7 +101,9 @@ def load_into(folder: Path, optimizers: dict, names_by_id: dict[int, str], devic
     if stored is None:
         raise CheckpointError(f"{folder}: no {OPTIMIZER_TENSORS} (nor its compressed form) for the optimizer state; "
                               "resume with --reset_optimizer to start the optimizer fresh")
-    for key, value in read_tensor_file(stored, device=device).items():
+    digest = (digests or {}).get(stored.name)
+    read = read_verified(stored, digest, device) if digest else read_tensor_file(stored, device=device).items()
+    for key, value in read:
         pname, _, item = key.rpartition("::")
         tensors.setdefault(pname, {})[item] = value
     states = {}

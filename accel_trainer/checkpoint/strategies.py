@@ -32,8 +32,10 @@ from accelerate.utils import DistributedType
 
 from . import optimizer_files
 from .format import (FROZEN_WEIGHTS, MANIFEST, MODEL_WEIGHTS, OPTIMIZER_TENSORS, PICKLED_SUFFIXES, SHARDED_DIR,
-                     stored_name, weight_files, writer_rank)
+                     read_in_one_pass, stored_name, weight_files, writer_rank)
+from ..errors import DamagedFile
 from .io import CheckpointError, check_dcp_metadata_is_data, check_pickle_is_data, fsync_tree
+from .manifest import saved_digests, verify
 from .sharded import Channel, ShardedState, is_sharded
 from .tensor_files import SafetensorsFile, StagingBuffers
 from .ztensors import ZstdTensorFile
@@ -117,7 +119,12 @@ class WriteStrategy:
 
     def load_tensors(self, folder: Path, exclude: tuple[str, ...]) -> None:
         """The model's weights and the named optimizers' state, from whichever layout ``folder`` has:
-        ``sharded/`` (any world size, sharded or not: DCP reshards or gathers by name) or our files."""
+        ``sharded/`` (any world size, sharded or not: DCP reshards or gathers by name) or our files.
+
+        Raises:
+            DamagedFile: one of our files is not the one saved (the weights may be half loaded; the
+                optimizers are untouched).
+        """
         parts, acc = self.parts, self.accelerator
         load_optimizers = bool(parts.optimizers) and "optimizer" not in exclude
         if (folder / SHARDED_DIR / ".metadata").is_file():
@@ -127,10 +134,12 @@ class WriteStrategy:
         weights = weight_files(folder)
         if not weights:
             raise CheckpointError(f"{folder}: no {MODEL_WEIGHTS} (nor {stored_name(MODEL_WEIGHTS, True)}) to resume")
-        load_weights_in_place(weights, acc.unwrap_model(parts.model))
+        # Each tensor file is read once and hashed as it is read; the resolution checked sizes only.
+        digests = saved_digests(folder)
+        load_weights_in_place(weights, acc.unwrap_model(parts.model), digests)
         if load_optimizers:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
-            optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device)
+            optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device, digests)
 
     def files_to_upload(self, folder: Path, rank: int) -> list[str]:
         """The files of the committed checkpoint ``folder`` that ``rank`` uploads: here rank 0 all of them."""
@@ -301,6 +310,11 @@ class EngineOwned(WriteStrategy):
             self.accelerator.save_state(str(tmp), safe_serialization=True)
 
     def load_engine_state(self, folder: Path, exclude: tuple[str, ...]) -> None:
+        # The engine reads without hashing: the files a resume leaves to its reader are verified first.
+        left_to_reader = {name for name in saved_digests(folder) if read_in_one_pass(name)}
+        problems = verify(folder, checksums=left_to_reader) if left_to_reader else []
+        if problems:
+            raise DamagedFile(problems[0])
         with self._accelerate_skips_what_we_save(hide_optimizers="optimizer" in exclude):
             self.accelerator.load_state(str(folder))
 

@@ -10,6 +10,7 @@ writes from.
 from __future__ import annotations
 
 import json
+import math
 import struct
 
 import torch
@@ -28,22 +29,29 @@ def _as_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.contiguous().view(torch.uint8).numpy())
 
 
+def safetensors_prefix(specs: dict[str, tuple[torch.dtype, list[int]]], metadata: dict[str, str] | None = None
+                       ) -> bytes:
+    """The length and JSON header of a safetensors file whose tensors (``name -> (dtype, shape)``)
+    follow in this order, back to back: a file can then be written one tensor at a time."""
+    header, offset = {}, 0
+    for name, (dtype, shape) in specs.items():
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob
+
+
 class SafetensorsFile(StoredFile):
     """A safetensors file to be: its header and the byte views of its tensors (no copies)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
-        header, offset = {}, 0
-        for name, t in tensors.items():
-            if t.dtype not in DTYPES:
-                raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
-            size = t.numel() * t.element_size()
-            header[name] = {"dtype": DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        if metadata:
-            header["__metadata__"] = metadata
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
-        self.prefix = struct.pack("<Q", len(blob)) + blob
+        self.prefix = safetensors_prefix({name: (t.dtype, list(t.shape)) for name, t in tensors.items()}, metadata)
         self.views = [_as_bytes(t) for t in tensors.values()]
 
     def chunks(self):

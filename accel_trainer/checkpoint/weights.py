@@ -7,7 +7,9 @@ prefixes are dropped wherever they appear, so weights saved by any wrapper load 
 from __future__ import annotations
 
 import logging
+import math
 import re
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,10 @@ import torch
 from torch import nn
 
 from .format import COMPRESSED_SUFFIX, FSDP_MODEL_DIR, MANIFEST, SHARDED_DIR, weight_files
-from .stored_tensors import open_tensor_file, read_tensor_file
+from .manifest import saved_digests
+from .stored_tensors import open_tensor_file, read_tensor_file, read_verified, tensor_header
+from ..errors import DamagedFile
+from .checksums import hash_file
 from .io import CheckpointError, check_dcp_metadata_is_data, like_parameter, safe_torch_load
 
 logger = logging.getLogger(__name__)
@@ -112,9 +117,10 @@ def read_weights(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         if not files:
             raise CheckpointError(f"{path}: nothing to load here: no checkpoints/step-N with a COMPLETE marker, "
                                   f"no model*.safetensors, no FSDP {FSDP_MODEL_DIR}/ shards")
-        state = {}
-        for f in files:
-            state.update(read_tensor_file(f, device=str(device)))
+        state, digests = {}, saved_digests(path) if ours else {}
+        for f in files:  # ours: hashed as read (one pass), compared with the manifest
+            state.update(read_verified(f, digests[f.name], str(device)) if f.name in digests
+                         else read_tensor_file(f, device=str(device)))
         return normalize_state_dict(state), {}
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -180,6 +186,56 @@ def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
     state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in keys}
     dcp.load(state, storage_reader=reader, no_dist=True)
     return {k[len("model."):]: v for k, v in state.items()} if wrapped else state
+
+
+def write_consolidated(dcp_dir: Path, path: Path, group_bytes: int = 1 << 30) -> str:
+    """The model tensors of a sharded checkpoint as one safetensors file at ``path`` (fsynced), read
+    from the shards a group of about ``group_bytes`` at a time: peak memory is one group (or its
+    largest tensor), never the whole model. Returns the file's xxh3-128.
+
+    Raises:
+        CheckpointError: unsafe metadata, or no model tensors.
+    """
+    import os
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from .checksums import new_hasher
+    from .tensor_files import _as_bytes, safetensors_prefix
+
+    check_dcp_metadata_is_data(dcp_dir / ".metadata")
+    metadata = {k: m for k, m in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata.items()
+                if isinstance(m, TensorStorageMetadata)}
+    wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
+    keys = [k for k in metadata if k.startswith("model.")] if wrapped else list(metadata)
+    if not keys:
+        raise CheckpointError(f"{dcp_dir}: the sharded checkpoint holds no model tensors")
+    names = {k: normalize_key(k[len("model."):] if wrapped else k) for k in keys}
+    prefix = safetensors_prefix({names[k]: (metadata[k].properties.dtype, list(metadata[k].size)) for k in keys})
+    groups, size = [[]], 0
+    for k in keys:
+        nbytes = math.prod(metadata[k].size) * metadata[k].properties.dtype.itemsize
+        if groups[-1] and size + nbytes > group_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += nbytes
+    hasher = new_hasher()
+    with open(path, "wb", buffering=0) as f:
+        f.write(prefix)
+        hasher.update(prefix)
+        for group in groups:
+            state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in group}
+            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+            for k in group:
+                view = _as_bytes(state[k])
+                f.write(view)
+                hasher.update(view)
+        os.fsync(f.fileno())
+    return hasher.hexdigest()
 
 
 def adapt_linear_layout(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -262,44 +318,75 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> Lo
     return report
 
 
-def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module) -> None:
-    """Copy tensor by tensor from the checkpoint's weight files (plain ones memory-mapped) into the
-    parameters: peak memory is the model plus one tensor, not a second copy of the weights.
+def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module, digests: dict[str, str] | None = None
+                          ) -> None:
+    """Copy tensor by tensor from the checkpoint's weight files into the parameters: peak memory is
+    the model plus one tensor, not a second copy of the weights.
+
+    Args:
+        digests: file name -> saved checksum: those files are read once, front to back, and hashed
+            as they are read (the others memory-mapped, unverified).
 
     Raises:
         CheckpointError: the files' tensors are not exactly the model's (names or shapes).
+        DamagedFile: a file's bytes are not those saved, found after its tensors were copied: the
+            model's weights are then a mix and must be loaded again (a resume falls back and does).
     """
     from contextlib import ExitStack
 
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    digests = digests or {}
     where = paths[0] if len(paths) == 1 else paths[0].parent
     own = {normalize_key(k): v for k, v in model.state_dict().items()}
-    with ExitStack() as stack:
-        readers = [stack.enter_context(open_tensor_file(p)) for p in paths]
-        source = {name: reader for reader in readers for name in reader.keys()}
+    shapes = {}
+    for path in paths:
+        try:
+            shapes[path] = {name: tuple(info["shape"]) for name, info in tensor_header(path).items()}
+        except CheckpointError as err:  # a header that no longer parses: not the file that was saved
+            raise (DamagedFile(str(err)) if path.name in digests else err) from None
+    source = {name: path for path, header in shapes.items() for name in header}
+    try:
         if set(source) != set(own):
             missing, unexpected = sorted(set(own) - set(source)), sorted(set(source) - set(own))
             raise CheckpointError(f"{where}: weights differ from the model (missing {missing[:5]}, "
                                   f"unexpected {unexpected[:5]}); use --init_from for non-strict loading")
         for name, target in own.items():
-            shape = source[name].shape(name)
+            shape = shapes[source[name]][name]
             if shape != tuple(target.shape):
                 raise CheckpointError(f"{where}: {name} has shape {list(shape)} but the model's is "
                                       f"{list(target.shape)}; use --init_from for non-strict loading")
+    except CheckpointError:
+        for path in paths:  # a header damaged into other names or shapes is damage, not another model
+            if path.name in digests and hash_file(path) != digests[path.name]:
+                raise DamagedFile(f"{path}: checksum mismatch (the file changed after it was saved)") from None
+        raise
 
-        def values():  # compressed files decompress a few tensors ahead, in parallel threads
-            for reader in readers:
-                names = [n for n in own if source[n] is reader]
-                if hasattr(reader, "iter_tensors"):
-                    yield from reader.iter_tensors(names)
-                else:
-                    yield from ((n, reader.get_tensor(n)) for n in names)
+    def into(name, shape, dtype):  # a plain CPU parameter is read into directly: no copy, no new memory
+        target = own.get(name)
+        if (target is None or type(target).__name__ == "DTensor" or target.device.type != "cpu"
+                or target.dtype != dtype or list(target.shape) != list(shape) or not target.is_contiguous()):
+            return None
+        return target.detach()
 
-        with torch.no_grad():
-            for name, loaded in values():
-                target = own[name]
-                value = like_parameter(target, loaded)
-                if type(value).__name__ == "DTensor":  # this rank's slice of an expert-parallel stack
-                    target.to_local().copy_(value.to_local())
-                else:
-                    target.copy_(value)
+    def values(stack):
+        for path in paths:
+            if path.name in digests:  # read once, front to back, hashed meanwhile
+                yield from read_verified(path, digests[path.name], into=into)
+                continue
+            reader = stack.enter_context(open_tensor_file(path))
+            names = [n for n in own if source[n] == path]
+            if hasattr(reader, "iter_tensors"):  # compressed: a few tensors ahead, in parallel threads
+                yield from reader.iter_tensors(names)
+            else:
+                yield from ((n, reader.get_tensor(n)) for n in names)
+
+    with ExitStack() as stack, torch.no_grad():
+        for name, loaded in values(stack):
+            target = own[name]
+            if loaded.data_ptr() == target.data_ptr() and target.numel():
+                continue  # read in place
+            value = like_parameter(target, loaded)
+            if type(value).__name__ == "DTensor":  # this rank's slice of an expert-parallel stack
+                target.to_local().copy_(value.to_local())
+            else:
+                target.copy_(value)

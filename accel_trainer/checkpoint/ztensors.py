@@ -183,12 +183,13 @@ class ZstdTensorReader:
             raise CheckpointError(f"{self.path}: tensor {name!r} holds {at} bytes, its shape needs {flat.nbytes}")
         return out, jobs
 
-    def _decompress(self, job) -> None:
+    def _decompress(self, job, frame: bytes | None = None) -> None:
         import numpy as np
         import zstandard
 
         name, offset, stored, raw, into, itemsize = job
-        frame = os.pread(self._file.fileno(), stored, self.data_start + offset)
+        if frame is None:
+            frame = os.pread(self._file.fileno(), stored, self.data_start + offset)
         if len(frame) != stored:
             raise CheckpointError(f"{self.path}: truncated (tensor {name!r})")
         try:
@@ -230,6 +231,62 @@ class ZstdTensorReader:
                 for future in futures:
                     future.result()
                 yield done_name, out if self.device == "cpu" else out.to(self.device)
+
+    def iter_verified(self, digest: str, ahead: int | None = None):
+        """``(name, tensor)`` of every tensor in stored order. This thread reads the stored bytes once,
+        front to back, hashing them as they come, and hands each chunk to the threads to decompress.
+
+        Raises:
+            DamagedFile: after the last tensor when the bytes read are not those saved (``digest``),
+                or at once when a chunk does not decompress or the file is truncated.
+        """
+        from collections import deque
+
+        from ..errors import DamagedFile
+        from .checksums import new_hasher
+
+        hasher = new_hasher()
+        f = self._file
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        f.seek(0)
+        hasher.update(f.read(self.data_start))
+        order = sorted(self.tensors, key=lambda n: self.tensors[n]["chunks"][0][0] if self.tensors[n]["chunks"] else -1)
+        ahead = ahead or 2 * self.threads
+        at = 0
+        with ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="unzstd") as pool:
+            pending = deque()
+
+            def finish_one():
+                done_name, out, futures = pending.popleft()
+                try:
+                    for future in futures:
+                        future.result()
+                except CheckpointError as err:
+                    raise DamagedFile(str(err)) from None
+                return done_name, out if self.device == "cpu" else out.to(self.device)
+
+            for name in order:
+                out, jobs = self._plan(name)
+                futures = []
+                for job in jobs:
+                    offset, stored = job[1], job[2]
+                    frame = f.read(stored) if offset == at else b""
+                    if len(frame) != stored:
+                        raise DamagedFile(f"{self.path}: tensor {name!r} is not where the header says, or the "
+                                          "file is truncated (damaged)")
+                    hasher.update(frame)
+                    at += stored
+                    futures.append(pool.submit(self._decompress, job, frame))
+                pending.append((name, out, futures))
+                if len(pending) > ahead:
+                    yield finish_one()
+            while pending:
+                yield finish_one()
+        while tail := f.read(1 << 20):
+            hasher.update(tail)
+        if hasher.hexdigest() != digest:
+            raise DamagedFile(f"{self.path}: checksum mismatch (the file changed after it was saved)")
 
     def get_all(self) -> dict:
         """Every tensor, all chunks of all tensors decompressed in one pool of threads."""
