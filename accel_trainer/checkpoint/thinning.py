@@ -7,8 +7,10 @@ momentum), and only the newest checkpoint is ever resumed in practice: older one
 evaluate, export or compare weights, which is all a thinned one still does. Each thinned checkpoint
 is a complete checkpoint that verifies on its own (its manifest lists what it holds); it is rewritten
 through :mod:`.rewrite`, so a kill at any instant leaves either the full or the thinned one. ``latest``
-is never thinned, nor a checkpoint still uploading; a sharded (DCP) checkpoint keeps everything (its
-files hold model and optimizer together).
+is never thinned, nor a checkpoint still uploading. A sharded (DCP) checkpoint's files hold model
+and optimizer together: thinning it writes the model's tensors as one ``model.safetensors`` (read
+from the shards a group at a time) and drops ``sharded/``; it then loads on any world size as a
+one-process checkpoint does (each rank takes its slice).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .format import (DATALOADER, LEGACY_RNG_PREFIX, MANIFEST, RNG_PREFIX, SCALER, SCHEDULERS, SHARDED_DIR,
-                     WEIGHTS_ONLY, is_optimizer_file, state_file)
+from .checksums import HASH
+from .format import (DATALOADER, LEGACY_RNG_PREFIX, MANIFEST, MODEL_WEIGHTS, RNG_PREFIX, SCALER, SCHEDULERS,
+                     SHARDED_DIR, WEIGHTS_ONLY, is_optimizer_file, role_of, state_file)
 from .io import CheckpointError, read_json, write_json
 from .manifest import write_complete_marker
 from .rewrite import link_or_copy, rewrite_checkpoint
@@ -36,8 +39,8 @@ def is_weights_only(manifest: dict | None) -> bool:
 
 def plan_thinning(root: Path, full_state_limit: int | None, keep: set[str] = frozenset()) -> list[str]:
     """The checkpoints under ``root`` to make weights-only: all but the newest ``full_state_limit``
-    (by save order), the ``latest``/``best`` targets, those in ``keep`` (still uploading), sharded
-    ones and those already thinned."""
+    (by save order), the ``latest``/``best`` targets, those in ``keep`` (still uploading) and those
+    already thinned."""
     if not full_state_limit:
         return []
     storage = LocalStorage(root)
@@ -45,27 +48,40 @@ def plan_thinning(root: Path, full_state_limit: int | None, keep: set[str] = fro
     protected = {t for t in (storage.read_pointer(p) for p in ("latest", "best")) if t} | set(keep)
     doomed = []
     for name in newest_first[full_state_limit:]:
-        if name in protected or (root / name / SHARDED_DIR).is_dir():
+        if name in protected:
             continue
         try:
             manifest = read_json(root / name / MANIFEST)
         except CheckpointError:  # unreadable: verification and retention deal with it
             continue
-        if not is_weights_only(manifest) and any(is_full_state_file(f) for f in manifest.get("files", {})):
+        files = manifest.get("files", {})
+        if not is_weights_only(manifest) and any(is_full_state_file(f) or _in_shards(f) for f in files):
             doomed.append(name)
     return sorted(doomed, key=step_number)
+
+
+def _in_shards(name: str) -> bool:
+    return name.startswith(f"{SHARDED_DIR}/")
 
 
 def thin_checkpoint(folder: Path) -> int:
     """Rewrite ``folder`` without its full-state files (atomically); returns the bytes freed."""
     manifest = read_json(folder / MANIFEST)
-    dropped = {n: info for n, info in manifest["files"].items() if is_full_state_file(n)}
+    dropped = {n: info for n, info in manifest["files"].items() if is_full_state_file(n) or _in_shards(n)}
+    added = {}
 
     def build(target: Path) -> None:
         for name in manifest["files"]:
             if name not in dropped:
                 link_or_copy(folder / name, target / name)
-        new = {**manifest, "files": {n: i for n, i in manifest["files"].items() if n not in dropped},
+        if any(_in_shards(n) for n in dropped):  # the model's shards, stitched into one plain file
+            from .weights import write_consolidated  # torch: `list`/`inspect` read this module without it
+
+            digest = write_consolidated(folder / SHARDED_DIR, target / MODEL_WEIGHTS)
+            added[MODEL_WEIGHTS] = {"size": (target / MODEL_WEIGHTS).stat().st_size, HASH: digest,
+                                    "role": role_of(MODEL_WEIGHTS)}
+        kept = {n: i for n, i in manifest["files"].items() if n not in dropped}
+        new = {**manifest, "files": {**kept, **added},
                WEIGHTS_ONLY: {"dropped": sorted(dropped), "unix": time.time()}}
         write_json(target / MANIFEST, new)
         write_complete_marker(target, new)
@@ -74,7 +90,7 @@ def thin_checkpoint(folder: Path) -> int:
     # second read of the weights on each save would buy nothing; the new manifest is covered by the
     # marker's checksum.
     rewrite_checkpoint(folder, build, checksums=False)
-    return sum(info.get("size", 0) for info in dropped.values())
+    return sum(info.get("size", 0) for info in dropped.values()) - sum(info["size"] for info in added.values())
 
 
 def apply_thinning(root: Path, full_state_limit: int | None, keep: set[str] = frozenset()) -> list[Path]:

@@ -113,3 +113,30 @@ def test_sharded_checkpoint_resumes_in_one_process_without_a_process_group(refer
         ckpt.close()
     inference, _, step = load_model_for_inference(out, device="cpu")
     assert step == 6 and inference.load_report.exact
+
+
+def test_a_thinned_sharded_checkpoint_holds_the_stitched_model_and_loads_as_the_shards_do(reference, tmp_path):
+    """--full_state_total_limit on an FSDP2 run: the shards (model and optimizer together) become one
+    model.safetensors, equal tensor for tensor to the shards stitched, and the same model loads."""
+    from accel_trainer.checkpoint import read_tensor_file
+    from accel_trainer.checkpoint.thinning import apply_thinning, is_weights_only
+    from accel_trainer.checkpoint.weights import consolidate_sharded
+    from accel_trainer.models import MoEConfig  # noqa: F401  registers the model type the config names
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference[0], out)
+    root = out / "checkpoints"
+    before, _, _ = load_model_for_inference(root / "step-4", device="cpu")
+    stitched = consolidate_sharded(root / "step-4" / "sharded")
+    assert apply_thinning(root, 1) == [root / "step-2", root / "step-4"]  # latest (step-6) keeps everything
+    folder = root / "step-4"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert is_weights_only(manifest) and verify(folder) == [] and not (folder / "sharded").exists()
+    assert "sharded/__1_0.distcp" in manifest["weights_only"]["dropped"]
+    stored = read_tensor_file(folder / "model.safetensors")
+    assert stored.keys() == stitched.keys() and all(torch.equal(stored[k], stitched[k]) for k in stitched)
+    after, _, step = load_model_for_inference(folder, device="cpu")
+    assert step == 4 and after.load_report.exact
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(before(ids).logits, after(ids).logits)
+    assert (root / "step-6" / "sharded" / ".metadata").is_file()
