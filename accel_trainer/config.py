@@ -71,10 +71,13 @@ class ModelArguments:
                                                                             "checkpoints store them once (linked while "
                                                                             "unchanged)."})
     experts_implementation: str | None = field(default=None, metadata={"help": "How a transformers MoE runs its "
-                                                                               "experts: grouped_mm (grouped GEMMs), "
-                                                                               "batched_mm or eager; default: "
-                                                                               "transformers' choice for the model, "
-                                                                               "said at start."})
+                                                                               "experts: accel_trainer (our MoE "
+                                                                               "engine: grouped GEMMs, no host sync, "
+                                                                               "expert parallelism), or transformers' "
+                                                                               "grouped_mm, batched_mm or eager; "
+                                                                               "default: accel_trainer where the "
+                                                                               "experts' layout allows, said at "
+                                                                               "start."})
 
     def __post_init__(self):
         problems = []
@@ -89,9 +92,9 @@ class ModelArguments:
         if self.model_name_or_path and (self.config_name or self.model_type):
             problems.append(f"--model_name_or_path and {hf[1]}: the weights bring their config; change it with "
                             "--config_overrides")
-        if self.experts_implementation not in (None, "grouped_mm", "batched_mm", "eager"):
-            problems.append(f"--experts_implementation={self.experts_implementation!r}: choose grouped_mm, batched_mm "
-                            "or eager")
+        if self.experts_implementation not in (None, "accel_trainer", "grouped_mm", "batched_mm", "eager"):
+            problems.append(f"--experts_implementation={self.experts_implementation!r}: choose accel_trainer, "
+                            "grouped_mm, batched_mm or eager")
         import re
 
         for flag in ("muon_params", "adamw_params", "freeze_params"):

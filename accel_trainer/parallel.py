@@ -88,7 +88,7 @@ class ParallelDims:
             ConfigError: naming the flag, the family and what to do.
         """
         if isinstance(self.ep, int) and self.ep > 1 and not family.supports("ep"):
-            with_ep = "our MoE family (accel_moe: --preset, or a folder of model_type accel_moe)"
+            with_ep = "our MoE family and transformers' MoE models"
             raise ConfigError(f"--expert_parallel_size={self.ep}: expert parallelism is built for {with_ep}, not "
                               f"the {family.name} family; use --expert_parallel_size 1 (docs/cluster.md says why)")
 
@@ -206,8 +206,9 @@ class ExpertParallel(ParallelPlan):
         layers = self.family.expert_layers(model)
         if not layers:
             kind = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-            raise ConfigError(f"--expert_parallel_size={self.size}: this model ({kind}) has no MoE layers of the "
-                              f"{self.family.name} family to shard; use --expert_parallel_size 1")
+            raise ConfigError(f"--expert_parallel_size={self.size}: this model ({kind}) has no MoE layers on "
+                              "accel_trainer's MoE engine to shard (none, or experts of a layout it does not run, "
+                              "said above); use --expert_parallel_size 1")
         experts = layers[0][1].num_experts
         if experts % self.size:
             raise ConfigError(f"--expert_parallel_size={self.size} must divide num_experts ({experts}); use one of "

@@ -444,8 +444,7 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     if plan.source != "preset" and plan.shape.num_experts:  # which kernel transformers chose for this model
         kernel = getattr(getattr(model, "config", None), "_experts_implementation", None) or "eager"
         accelerator.print(f"model: experts: {plan.shape.num_experts} per layer, {plan.shape.experts_per_token} per "
-                          f"token, run as {kernel} (transformers' experts_implementation; --experts_implementation "
-                          "to change)")
+                          f"token, run as {kernel} (--experts_implementation to change)")
     if plan.load_report is not None:
         accelerator.print(f"--model_name_or_path {model_args.model_name_or_path}: {plan.load_report}")
     if train_args.init_from:

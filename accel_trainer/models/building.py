@@ -25,6 +25,7 @@ from ..hub import require_hub
 
 from ..checkpoint import CUSTOM_MODEL as CUSTOM_KEY  # config.json of a checkpoint of your own nn.Module
 from .family import CUSTOM, HUGGING_FACE, ModelFamily, default_family, family_named, family_of, family_of_preset
+from .hf_moe import ENGINE, use_engine
 DEFAULT_MAX_BLOCK = 2048  # the default --block_size of a Hugging Face model: its context, at most this
 
 
@@ -262,14 +263,20 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
         if tokenizer is not None:  # generation stops at this tokenizer's EOS
             config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
             config.pad_token_id = tokenizer.pad_token_id
-    if args.experts_implementation:
+    if args.experts_implementation and args.experts_implementation != ENGINE:
         config._experts_implementation = args.experts_implementation
     shape = ModelShape.of(config)
 
     def build() -> nn.Module:
-        if source != "pretrained":
-            return AutoModelForCausalLM.from_config(config)
-        return _from_pretrained(name, config, resize_to, args.strict, plan)
+        model = (AutoModelForCausalLM.from_config(config) if source != "pretrained"
+                 else _from_pretrained(name, config, resize_to, args.strict, plan))
+        if args.experts_implementation in (None, ENGINE):  # a MoE's experts on our engine where it runs them
+            why = use_engine(model)
+            if why and args.experts_implementation == ENGINE:
+                raise ConfigError(f"--experts_implementation={ENGINE}: {why}; choose grouped_mm, batched_mm or eager")
+            if why:
+                plan.notes.append(why)
+        return model
 
     described = f"{config.model_type} " + ("from " + name if source == "pretrained" else
                                             f"from config {name}" if flag == "config_name" else "(fresh)")

@@ -22,6 +22,7 @@ from torch import nn
 from ..checkpoint import CUSTOM_MODEL as CUSTOM_MODEL_TYPE  # config.json of your own module
 from ..errors import ConfigError
 from ..optim import GENERIC_RULE, ParameterRule
+from .hf_moe import EXPERT_STACKS, engine_layers, routed_expert_parameters
 
 #: Parallelisms a family may support, by the names :class:`accel_trainer.parallel.ParallelDims` uses.
 DATA_PARALLEL = frozenset({"dp_replicate", "dp_shard"})
@@ -173,8 +174,11 @@ def family_of_model(model: nn.Module) -> ModelFamily:
 
 
 #: Any transformers causal LM (``--model_name_or_path``, ``--config_name``, ``--model_type``): written
-#: as itself; transformers' MoE blocks run as the model has them (no expert parallelism yet).
-HUGGING_FACE = ModelFamily(name="hugging_face", parameter_rule=GENERIC_RULE)
+#: as itself. A MoE's experts run on our engine (:mod:`.hf_moe`) where their layout allows, with
+#: expert parallelism; its router, shared experts and balance loss stay the model's own.
+HUGGING_FACE = ModelFamily(name="hugging_face", parameter_rule=GENERIC_RULE, parallelisms=frozenset({"ep"}),
+                           expert_layers=engine_layers, expert_stacks=EXPERT_STACKS,
+                           routed_expert_parameters=routed_expert_parameters)
 #: Your own ``nn.Module`` (a ``model_factory``): saved and loaded by name, no Hugging Face folder.
 CUSTOM = ModelFamily(name="custom", parameter_rule=GENERIC_RULE, export_formats={})
 

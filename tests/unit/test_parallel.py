@@ -30,17 +30,6 @@ def test_expert_parallel_size_below_one_is_refused(capsys, tmp_path):
     assert code == 2 and "--expert_parallel_size=0: must be >= 1" in err
 
 
-def test_expert_parallel_is_refused_for_a_hugging_face_moe_in_one_line(capsys, tmp_path):
-    code, err = run_main(capsys, "--model_type", "qwen3_moe", "--config_overrides",
-                         "hidden_size=32,num_hidden_layers=1,num_attention_heads=2,num_key_value_heads=1,"
-                         "intermediate_size=32,moe_intermediate_size=16,num_experts=4,num_experts_per_tok=2",
-                         "--expert_parallel_size", "2", "--output_dir", str(tmp_path), "--report_to", "none",
-                         "--max_corpus_bytes", "20000")
-    assert code == 2 and "Traceback" not in err
-    assert "--expert_parallel_size=2: expert parallelism is built for our MoE family" in err
-    assert "use --expert_parallel_size 1" in err
-
-
 def test_clip_grad_norm_matches_torch_on_plain_tensors():
     torch.manual_seed(0)
     ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
