@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling_moe import (_GROUPED_MM_WORKS, _ContiguousGrad, _Rows, experts_on_their_ranks, grouped_mm_works)
+from .modeling_moe import (_GROUPED_MM_WORKS, _ContiguousGrad, _Rows, experts_on_their_ranks, grouped_mm_works,
+                           sort_by_expert)
 
 #: The name of our experts function in transformers' ``ExpertsInterface`` (``--experts_implementation``).
 ENGINE = "accel_trainer"
@@ -93,13 +94,7 @@ def engine_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch
     :data:`ENGINE`: ``hidden_states`` [tokens, D], the router's ``top_k_index``/``top_k_weights``
     [tokens, k] -> [tokens, D], each token's experts weighted and summed."""
     num_tokens, k = top_k_index.shape
-    flat = top_k_index.reshape(-1)
-    order = flat.argsort(stable=True)  # sorted row i is slot order[i] (slot = token * k + choice)
-    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
-    # scatter_add, not bincount: bincount's output size depends on the data (a host sync on GPU).
-    counts = torch.zeros(self.num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-        0, flat, torch.ones_like(flat))
-    offsets = counts.cumsum(0).to(torch.int32)
+    order, position, counts, offsets = sort_by_expert(top_k_index, self.num_experts)
     kernel, grouped = _kernel(hidden_states)
     rows = _Rows.apply(hidden_states, order // k, position, k)  # one gather in
     group = getattr(self, "expert_group", None)

@@ -245,6 +245,19 @@ def experts_on_their_ranks(rows: torch.Tensor, counts: torch.Tensor, weights: tu
     return _waited(all_to_all_single_autograd(out, send, receive, group))
 
 
+def sort_by_expert(top_k_index: torch.Tensor, num_experts: int):
+    """The dispatch plan of the router's choices ``top_k_index`` [tokens, k], all on the device (no
+    host sync): ``order`` (sorted row i is slot ``order[i]``, slot = token * k + choice), its inverse
+    ``position``, the slots per expert ``counts`` (int64) and their ends ``offsets`` (int32)."""
+    flat = top_k_index.reshape(-1)
+    order = flat.argsort(stable=True)
+    position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=flat.device))
+    # scatter_add, not bincount: bincount's output size depends on the data (a host sync on GPU).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
+    return order, position, counts, counts.cumsum(0).to(torch.int32)
+
+
 class MoEFeedForward(nn.Module):
     """Top-k routed SwiGLU experts with stacked weights, an optional shared expert, and a balance loss."""
 
@@ -285,13 +298,7 @@ class MoEFeedForward(nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
 
-        flat_experts = experts.reshape(-1)
-        order = flat_experts.argsort(stable=True)  # sorted row i is slot order[i] (slot = token * k + choice)
-        position = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-        # scatter_add, not bincount: bincount's output size depends on the data (a host sync on GPU).
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
-            0, flat_experts, torch.ones_like(flat_experts))
-        offsets = counts.cumsum(0).to(torch.int32)
+        order, position, counts, offsets = sort_by_expert(experts, self.num_experts)
         experts, grouped = self.experts_kernel(x)
         rows = _Rows.apply(x, order // self.top_k, position, self.top_k)  # one gather in
         if self.expert_group is None:
