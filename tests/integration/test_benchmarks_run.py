@@ -14,7 +14,7 @@ from launching import REPO
     ("checkpoint.py", ["--size_gb", "0.05", "--repeats", "1", "--upload_to", "moto"], "upload: ours vs plain s3fs put"),
     ("step_overhead.py", ["--steps", "3", "--rounds", "1", "--logging_steps", "2"], "logging steps among them: 4"),
     ("muon.py", ["--world_sizes", "2", "4"], "less work"),
-    ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio moe/dense time"),
+    ("moe.py", ["--tokens", "256", "--repeats", "2"], "ratio hf block own grouped_mm / on our engine"),
     # Every variant of the default run (compiled and activation-checkpointed too) and the profile.
     ("mfu.py", ["--preset", "tiny", "--layers", "2", "--block_size", "64", "--batch_size", "2", "--steps", "1",
                 "--warmup", "1"], "router + permutation"),

@@ -88,3 +88,12 @@ def test_the_recipe_runs_a_transformers_moe_on_the_engine(capsys, tmp_path):
                      "--eval_steps", "0", "--save_steps", "0", "--disable_tqdm"])
     out = capsys.readouterr().out
     assert code == 0 and "run as accel_trainer" in out
+
+
+def test_plan_takes_a_transformers_moe_with_expert_parallelism(tmp_path, capsys):
+    from accel_trainer.cli import main as cli_main
+
+    AutoConfig.for_model("qwen3_moe", **COMMON, **FAMILIES["qwen3_moe"]).save_pretrained(tmp_path)
+    assert cli_main(["plan", "--config", str(tmp_path / "config.json"), "--expert_parallel_size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel 2: 4 of the 8 experts of each layer per GPU" in out and "FSDP2+EP=2" in out
