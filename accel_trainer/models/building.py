@@ -166,6 +166,21 @@ def config_for_model_type(model_type: str):
     return AutoConfig.for_model(model_type)
 
 
+def _rederive(config) -> None:
+    """Recompute what a config's ``__init__`` derives from its settings (DeepSeek-V3's ``head_dim`` is
+    its ``qk_rope_head_dim``): rebuilt from the settings that differ from the defaults, as a config
+    made with the overridden values would be. Left as it is when the class cannot be rebuilt so."""
+    try:
+        defaults = type(config)().to_dict()
+        rebuilt = type(config)(**{k: v for k, v in config.to_dict().items()
+                                  if k in defaults and defaults[k] != v and not k.startswith("_")})
+    except Exception:  # noqa: BLE001  a config class with other construction rules: keep the overrides as set
+        return
+    for key, value in rebuilt.to_dict().items():
+        if not key.startswith("_") and getattr(config, key, None) != value:
+            setattr(config, key, value)
+
+
 def apply_overrides(config, overrides: str | None) -> None:
     """``--config_overrides k=v,k2=v2`` on a transformers config (its values' types are kept).
 
@@ -190,6 +205,7 @@ def apply_overrides(config, overrides: str | None) -> None:
     except ValueError as err:
         raise ConfigError(f"--config_overrides={overrides!r}: {err}") from None
     given = {item.partition("=")[0].strip() for item in overrides.split(",")}
+    _rederive(config)
     if derived_head_dim and "head_dim" not in given and given & {"hidden_size", "num_attention_heads"}:
         # head_dim was hidden_size // heads when the config was made: follow the new sizes, as a config
         # built with them would (update_from_string alone would keep the old value).
