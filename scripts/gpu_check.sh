@@ -8,7 +8,7 @@ set -u
 DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"tests moe mfu runs fsdp"}  # a subset reruns part of it
+STAGES=${STAGES:-"tests moe mfu runs hfmoe fsdp"}  # a subset reruns part of it
 PRESET=${PRESET:-4090} STEPS=${STEPS:-150} BLOCK=${BLOCK:-2048}  # smaller for a CPU dry run of this script
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 steps() {  # tokens/s, MFU and peak memory of a run, from its metrics.jsonl (steps after the first log)
@@ -57,6 +57,18 @@ stage runs && for variant in eager gradient_checkpointing torch_compile; do
   timeout 150 $PY recipes/moe18b.py "${COMMON[@]}" "${flags[@]}" --output_dir "$OUT/run_$variant" \
     >"$OUT/run_$variant.log" 2>&1; echo "   exit $?" | tee -a "$OUT/summary.txt"
   steps "$OUT/run_$variant"
+done
+
+# Issue #29: a ~1.2B-total Qwen3-MoE from a config (12 layers, 64 experts of 512, top-8), compiled, bf16:
+# its experts on our engine vs on transformers' own grouped_mm (target: ours >= 2x tokens/s, MFU).
+QWEN=(--model_type qwen3_moe --config_overrides "hidden_size=1024,num_hidden_layers=12,num_attention_heads=16,num_key_value_heads=4,intermediate_size=3072,moe_intermediate_size=512,num_experts=64,num_experts_per_tok=8"
+      --tokenizer_name "$DATA/tok" --prepared_data "$DATA/stdlib" --mixed_precision bf16 --per_device_train_batch_size 8
+      --block_size $BLOCK --max_steps $STEPS --logging_steps 25 --eval_steps 0 --save_steps 0 --disable_tqdm --torch_compile)
+stage hfmoe && for kernel in accel_trainer grouped_mm; do
+  log "Qwen3-MoE ~1.2B from a config, bf16, compiled, batch 8 x $BLOCK, $STEPS steps: experts on $kernel"
+  timeout 240 $PY recipes/causal_lm.py "${QWEN[@]}" --experts_implementation $kernel --output_dir "$OUT/qwen_$kernel" \
+    >"$OUT/qwen_$kernel.log" 2>&1; echo "   exit $?" | tee -a "$OUT/summary.txt"
+  steps "$OUT/qwen_$kernel"
 done
 
 stage fsdp || exit 0
