@@ -1,7 +1,7 @@
 """Expert parallelism for transformers MoE models (issue #29), on CPU ranks (gloo): for every family
 EP=2 computes what EP=1 computes (loss, gradients, a Muon+AdamW step), and a model trained by the
-recipe with --expert_parallel_size 2, for each of Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3, matches one
-process, resumes bitwise after kill -9, continues in one process and exports as the model's own class."""
+recipe with --expert_parallel_size 2, for each of Qwen3-MoE, Mixtral, OLMoE and DeepSeek-V3, resumes
+bitwise after kill -9, continues in one process as it trained and exports as the model's own class."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ FAMILIES = {  # tiny members of each family, by --model_type and --config_overri
       "topk_group=1,n_shared_experts=1,first_k_dense_replace=1,q_lora_rank=16,kv_lora_rank=16,qk_rope_head_dim=4,"
       "qk_nope_head_dim=4,v_head_dim=8",
 }
-STEPS = 8
-COMMON = ["--max_corpus_bytes", "300000", "--report_to", "none", "--disable_tqdm", "--block_size", "64",
+STEPS = 6
+COMMON = ["--max_corpus_bytes", "60000", "--report_to", "none", "--disable_tqdm", "--block_size", "64",
           "--logging_steps", "1", "--eval_steps", "0", "--save_steps", "2", "--max_steps", str(STEPS)]
 
 
@@ -49,18 +49,14 @@ def test_every_family_under_ep2_computes_what_ep1_computes():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_a_transformers_moe_with_ep2_matches_one_process_survives_kill_9_continues_in_one_and_exports(family,
-                                                                                                    tmp_path):
+def test_a_transformers_moe_with_ep2_survives_kill_9_continues_in_one_process_and_exports(family, tmp_path):
     model = ["--model_type", family, "--config_overrides", FAMILIES[family], *COMMON]
     ep2 = [*model, "--per_device_train_batch_size", "2", "--expert_parallel_size", "2", "--async_save"]
     one = [*model, "--per_device_train_batch_size", "4"]
     proc = launch([*ep2, "--output_dir", str(tmp_path / "ep2")], num_processes=2)
     assert "run as accel_trainer" in proc.stdout and "2 experts of each MoE layer per rank" in proc.stdout
-    launch_here([*one, "--output_dir", str(tmp_path / "one")])
-    reference, trained = losses(tmp_path / "one"), losses(tmp_path / "ep2")
+    trained = losses(tmp_path / "ep2")
     assert sorted(trained) == list(range(1, STEPS + 1))
-    for step in trained:  # one process sums the same global batch in another order
-        assert trained[step] == pytest.approx(reference[step], rel=1e-4), step
     assert (tmp_path / "ep2" / "checkpoints" / f"step-{STEPS}" / "sharded" / "__1_0.distcp").is_file()
     assert all(not problems for _, problems in verify_run(tmp_path / "ep2"))
     # kill -9 once step 4 is saved (it lands in the next steps or the next background save); the resume
@@ -72,14 +68,15 @@ def test_a_transformers_moe_with_ep2_matches_one_process_survives_kill_9_continu
     victim.wait()
     launch([*ep2, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], num_processes=2)
     assert losses(killed) == trained
-    # The EP=2 checkpoint at step 4 continues in one process: the reference's steps 5-8.
+    # The EP=2 checkpoint at step 4 continues in one process, which sums the same global batch in
+    # another order: the EP=2 run's steps 5-6 to 1e-4.
     cont = tmp_path / "cont"
     (cont / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "ep2" / "checkpoints" / "step-4", cont / "checkpoints" / "step-4")
     (cont / "checkpoints" / "latest").write_text("step-4\n")
     launch_here([*one, "--output_dir", str(cont), "--resume_from_checkpoint", "latest"])
     for step in range(5, STEPS + 1):
-        assert losses(cont)[step] == pytest.approx(reference[step], rel=1e-4), step
+        assert losses(cont)[step] == pytest.approx(trained[step], rel=1e-4), step
     # Exported as the model's own class: transformers alone loads it, with the same logits.
     assert cli_main(["export", str(tmp_path / "ep2"), str(tmp_path / "hf")]) == 0
     from transformers import AutoModelForCausalLM
