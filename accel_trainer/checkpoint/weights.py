@@ -148,21 +148,41 @@ def _dcp_dir(folder: Path) -> Path | None:
     return None
 
 
-def sharded_model_shapes(folder: Path) -> dict[str, list[int]] | None:
-    """Names and full shapes of the model tensors of a sharded (FSDP) checkpoint, from its
-    torch.distributed.checkpoint metadata alone (no shard is read); None when it has none."""
+def _model_tensors(dcp_dir: Path) -> dict[str, tuple[str, object]]:
+    """DCP key -> (tensor name, its storage metadata) of the model tensors of a torch.distributed.checkpoint
+    folder, from its metadata alone (checked to be data first). Our sharded checkpoints (and
+    Accelerate's) save ``{"model": ..., "optimizer": ...}`` together: the model's keys then carry one
+    extra ``model.``, which the name drops."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    dcp_dir = _dcp_dir(folder)
-    if dcp_dir is None:
-        return None
     check_dcp_metadata_is_data(dcp_dir / ".metadata")
     metadata = {k: m for k, m in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata.items()
                 if isinstance(m, TensorStorageMetadata)}
     wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
-    return {normalize_key(k[len("model."):] if wrapped else k): list(m.size) for k, m in metadata.items()
+    return {k: (k[len("model."):] if wrapped else k, m) for k, m in metadata.items()
             if not wrapped or k.startswith("model.")}
+
+
+def _load_from_shards(dcp_dir: Path, entries: dict[str, tuple[str, object]]) -> dict[str, torch.Tensor]:
+    """DCP key -> the full tensor of ``entries`` (from :func:`_model_tensors`), stitched from every
+    rank's shards in this process, without a process group."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, (_, m) in entries.items()}
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+    return state
+
+
+def sharded_model_shapes(folder: Path) -> dict[str, list[int]] | None:
+    """Names and full shapes of the model tensors of a sharded (FSDP) checkpoint, from its
+    torch.distributed.checkpoint metadata alone (no shard is read); None when it has none."""
+    dcp_dir = _dcp_dir(folder)
+    if dcp_dir is None:
+        return None
+    return {normalize_key(name): list(m.size) for name, m in _model_tensors(dcp_dir).values()}
 
 
 def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,21 +191,10 @@ def consolidate_sharded(folder: Path) -> dict[str, torch.Tensor]:
 
     Accelerate saves ``{"model": state_dict}``, so keys carry one extra ``model.`` that is removed.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    check_dcp_metadata_is_data(folder / ".metadata")
-    reader = dcp.FileSystemReader(str(folder))
-    metadata = {k: m for k, m in reader.read_metadata().state_dict_metadata.items()
-                if isinstance(m, TensorStorageMetadata)}
-    # {"model": ..., "optimizer": ...} saved together: keep the model's tensors only.
-    wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
-    keys = [k for k in metadata if k.startswith("model.")] if wrapped else list(metadata)
-    if not keys:
+    entries = _model_tensors(folder)
+    if not entries:
         raise CheckpointError(f"{folder}: the sharded checkpoint holds no model tensors")
-    state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in keys}
-    dcp.load(state, storage_reader=reader, no_dist=True)
-    return {k[len("model."):]: v for k, v in state.items()} if wrapped else state
+    return {entries[k][0]: v for k, v in _load_from_shards(folder, entries).items()}
 
 
 def write_consolidated(dcp_dir: Path, path: Path, group_bytes: int = 1 << 30) -> str:
@@ -198,40 +207,29 @@ def write_consolidated(dcp_dir: Path, path: Path, group_bytes: int = 1 << 30) ->
     """
     import os
 
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     from .checksums import new_hasher
     from .tensor_files import _as_bytes, safetensors_prefix
 
-    check_dcp_metadata_is_data(dcp_dir / ".metadata")
-    metadata = {k: m for k, m in dcp.FileSystemReader(str(dcp_dir)).read_metadata().state_dict_metadata.items()
-                if isinstance(m, TensorStorageMetadata)}
-    wrapped = all(k.startswith(("model.", "optimizer.")) for k in metadata)
-    keys = [k for k in metadata if k.startswith("model.")] if wrapped else list(metadata)
-    if not keys:
+    entries = _model_tensors(dcp_dir)
+    if not entries:
         raise CheckpointError(f"{dcp_dir}: the sharded checkpoint holds no model tensors")
-    names = {k: normalize_key(k[len("model."):] if wrapped else k) for k in keys}
-    prefix = safetensors_prefix({names[k]: (metadata[k].properties.dtype, list(metadata[k].size)) for k in keys})
-    groups, size = [[]], 0
-    for k in keys:
-        nbytes = math.prod(metadata[k].size) * metadata[k].properties.dtype.itemsize
+    prefix = safetensors_prefix({normalize_key(name): (m.properties.dtype, list(m.size))
+                                 for name, m in entries.values()})
+    groups, size = [{}], 0
+    for k, (name, m) in entries.items():
+        nbytes = math.prod(m.size) * m.properties.dtype.itemsize
         if groups[-1] and size + nbytes > group_bytes:
-            groups.append([])
+            groups.append({})
             size = 0
-        groups[-1].append(k)
+        groups[-1][k] = (name, m)
         size += nbytes
     hasher = new_hasher()
     with open(path, "wb", buffering=0) as f:
         f.write(prefix)
         hasher.update(prefix)
-        for group in groups:
-            state = {k: torch.empty(metadata[k].size, dtype=metadata[k].properties.dtype) for k in group}
-            with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
-            for k in group:
-                view = _as_bytes(state[k])
+        for group in groups:  # in the header's order: the safetensors offsets follow it
+            for tensor in _load_from_shards(dcp_dir, group).values():
+                view = _as_bytes(tensor)
                 f.write(view)
                 hasher.update(view)
         os.fsync(f.fileno())
