@@ -25,10 +25,21 @@ def load_model_for_inference(path, device=None, dtype=None, strict: bool = False
     config (our MoE's).
 
     ``model, config, step = load_model_for_inference("runs/x/checkpoints/best")`` for any model the
-    trainer trains: our MoE, any transformers causal LM, or your own module (``model_class=``)."""
+    trainer trains: our MoE, any transformers causal LM, or your own module (``model_class=``). A
+    LoRA run's checkpoint, or a PEFT adapter folder (its export), gives the PEFT model: the base
+    from its recorded path (a checkpoint's checked by content) with the adapters on it."""
+    from pathlib import Path
+
+    import torch
+
     from .checkpoint import load_model_for_inference as load
     from .models import default_family
+    from .models import adapters_of_checkpoint, is_adapter_folder, load_adapter_folder
 
+    if "://" not in str(path) and is_adapter_folder(Path(path)):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_adapter_folder(Path(path), device, dtype)
+        return model, model.config, None
     return load(path, device=device, dtype=dtype, strict=strict, config=config,
                 legacy_config_class=default_family().config_class,
-                storage_options=storage_options, model_class=model_class)
+                storage_options=storage_options, model_class=model_class, adapters=adapters_of_checkpoint)

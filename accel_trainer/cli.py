@@ -179,10 +179,10 @@ def cmd_diff(args) -> int:
 def cmd_export(args) -> int:
     import torch
 
-    from .checkpoint import load_model_for_inference
+    from . import load_model_for_inference
     from .console import quiet_library_bars
     from .export import ensure_new_folder, export_model
-    from .models import family_of_model
+    from .models import family_of_model, is_lora, merged, save_adapter
 
     from .checkpoint import CUSTOM_MODEL, MODEL_CONFIG, read_json
 
@@ -206,6 +206,20 @@ def cmd_export(args) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(folder)
+    if is_lora(model) and not args.merge_lora:  # PEFT's own folder: PeftModel.from_pretrained(base, out)
+        if args.format:
+            raise ConfigError(f"--format={args.format}: a LoRA checkpoint exports as PEFT's adapter folder; add "
+                              "--merge_lora to write the merged model in a format")
+        files = save_adapter(model, out, tokenizer)
+        base = model.peft_config["default"].base_model_name_or_path
+        print(f"exported the LoRA adapters of step {step} ({args.dtype}) to {out}: {', '.join(files)}")
+        print(f"load with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r}); "
+              "or --merge_lora for one merged model folder")
+        return 0
+    if args.merge_lora:
+        if not is_lora(model):
+            raise ConfigError(f"--merge_lora: {folder} holds a whole model, not LoRA adapters; leave the flag out")
+        model = merged(model)
     try:
         files = export_model(model, out, args.format, tokenizer=tokenizer)
     except ValueError as err:
@@ -229,8 +243,8 @@ def _model_folder(path: str, storage_options: dict) -> Path:
     try:
         return checkpoint_folder(path, checksums=True)
     except CheckpointError:
-        if (Path(path) / "config.json").is_file():
-            return Path(path)
+        if (Path(path) / "config.json").is_file() or (Path(path) / "adapter_config.json").is_file():
+            return Path(path)  # a model folder, or PEFT's adapter folder (an export of a LoRA run)
         raise
 
 
@@ -576,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "architecture, same outputs, "
                         "loads without this package) or accel_moe (our own class, needs `import accel_trainer`); "
                         "any other transformers model: native (default), itself")
+    p.add_argument("--merge_lora", action="store_true",
+                   help="a LoRA run's checkpoint: write the base with the adapters merged into it (a plain model "
+                        "folder) instead of PEFT's adapter folder")
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="standard benchmarks (lm-evaluation-harness) on a checkpoint, a run or an export")
     p.add_argument("path", help="a step-N folder, a run's output dir (its latest) or <run>/best, an export folder, "

@@ -78,9 +78,39 @@ class ModelArguments:
                                                                                "default: accel_trainer where the "
                                                                                "experts' layout allows, said at "
                                                                                "start."})
+    lora_r: int | None = field(default=None, metadata={"help": "Fine-tune with LoRA adapters of this rank (PEFT; pip "
+                                                               "install 'accel_trainer[lora]'): the base (from "
+                                                               "--model_name_or_path) stays frozen, checkpoints hold "
+                                                               "the adapters and their optimizer state only. See "
+                                                               "docs/fine-tuning.md."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA's scale numerator (the update is "
+                                                                     "alpha/r * B A); default 2 x --lora_r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch's input."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "Modules that get adapters: names "
+                                                                                  "(q_proj v_proj ...) or all-linear "
+                                                                                  "(the default: every linear layer "
+                                                                                  "but the output head)."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, "
+                                                                "CUDA GPUs only), with --lora_r."})
 
     def __post_init__(self):
         problems = []
+        if self.lora_r is not None and self.lora_r < 1:
+            problems.append(f"--lora_r={self.lora_r}: must be >= 1")
+        lora_only = [f"--{n}" for n in ("lora_alpha", "lora_target_modules", "load_in_4bit") if getattr(self, n)]
+        if self.lora_dropout:
+            lora_only.append("--lora_dropout")
+        if lora_only and self.lora_r is None:
+            problems.append(f"{' and '.join(lora_only)}: only used with --lora_r (LoRA); give that too")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora_dropout={self.lora_dropout}: must be in [0, 1)")
+        if self.lora_alpha is not None and not self.lora_alpha > 0:
+            problems.append(f"--lora_alpha={self.lora_alpha}: must be > 0")
+        if self.lora_r is not None and not self.model_name_or_path:
+            problems.append("--lora_r: LoRA adapts pretrained weights; give them with --model_name_or_path (a folder "
+                            "or a Hub name)")
+        if self.lora_r is not None and self.freeze_params:
+            problems.append("--lora_r and --freeze_params: with LoRA every base weight is frozen already")
         if self.vocab_size is not None and self.vocab_size < 1:
             problems.append(f"--vocab_size={self.vocab_size}: must be >= 1")
         hf = [f"--{n}" for n in ("model_name_or_path", "config_name", "model_type") if getattr(self, n)]
@@ -104,6 +134,11 @@ class ModelArguments:
                 except re.error as err:
                     problems.append(f"--{flag} {pattern!r}: not a regular expression ({err})")
         _raise_if(problems)
+
+    @property
+    def lora(self) -> bool:
+        """Whether the run trains LoRA adapters on a frozen base."""
+        return self.lora_r is not None
 
     @property
     def hugging_face(self) -> bool:
@@ -137,6 +172,15 @@ class DataArguments:
     max_corpus_bytes: int = field(default=4_000_000, metadata={"help": "Cap on the bytes read for the embedded default "
                                                                        "corpus."})
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes that tokenise raw data."})
+    chat_data: list[str] | None = field(default=None, metadata={"help": "Chat fine-tuning: JSON-lines files whose rows "
+                                                                        "hold 'messages' ([{role, content}, ...]), "
+                                                                        "rendered by the tokenizer's chat template; "
+                                                                        "the loss is on the assistant's tokens only "
+                                                                        "(the template's {% generation %} markers). "
+                                                                        "See docs/fine-tuning.md."})
+    packing: bool = field(default=False, metadata={"help": "With --chat_data: place whole conversations into each "
+                                                           "--block_size row (best fit, never split); positions "
+                                                           "restart and attention stays within each conversation."})
 
     def __post_init__(self):
         problems = []
@@ -153,6 +197,10 @@ class DataArguments:
             problems.append(f"--validation_split_percentage={self.validation_split_percentage}: must be in (0, 50)")
         if self.dataset_name and self.data_files:
             problems.append("--dataset_name and --data_files: give one of them, not both")
+        if self.chat_data and (raw or prepared):
+            problems.append(f"--chat_data and {(raw + prepared)[0]}: give one source of data")
+        if self.packing and not self.chat_data:
+            problems.append("--packing: only used with --chat_data (plain text is always packed into full blocks)")
         if self.max_corpus_bytes <= 0:
             problems.append(f"--max_corpus_bytes={self.max_corpus_bytes}: must be > 0")
         _raise_if(problems)

@@ -16,7 +16,7 @@ from .data import (DATA_IDENTITY_VERSION, TOKENIZER_DIR, build_datasets, data_co
 from .efficiency import compile_decoder_layers, enable_activation_checkpointing
 from .importing import is_single_file_checkpoint
 from .errors import ConfigError, InputError, error_class
-from .models import CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, plan_model
+from .models import CUSTOM_KEY, ModelPlan, count_parameters_of, load_auto_config, logits_of, plan_model
 from .parallel import ParallelDims
 from .optim import (OptimizerSettings, assign_parameters, assignment_summary, assignment_table, build_optimizers,
                     freeze_parameters)
@@ -102,10 +102,11 @@ QUIET_KEYS = {"resume_from_checkpoint", "output_dir", "disable_tqdm", "report_to
               "eval_tasks_strict", "metric_for_best_model", "trust_pickled_class",
               "data_file_hashes", "data_contents", "data_identity_version"}
 # Flags that name where data is: covered by the contents identity (paths are not identity).
-PATH_KEYS = ("data_files", "prepared_data", "data_mix", "tokenizer_name")
+PATH_KEYS = ("data_files", "prepared_data", "data_mix", "tokenizer_name", "chat_data")
 # What the saved data position means: with other values, sample k of an epoch is another text.
 DATA_KEYS = ("dataset_name", "dataset_config_name", "data_files", "prepared_data", "data_mix", "text_column",
-             "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity")
+             "tokenizer_name", "block_size", "validation_split_percentage", "max_corpus_bytes", "seed", "data_identity",
+             "chat_data", "packing")
 
 
 # Config keys that make another architecture when they differ (any transformers model; our MoE
@@ -177,6 +178,7 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict, legacy_
             f"To start from its weights anyway, pass --init_from {folder} (weights only, non-strict) "
             "instead of --resume_from_checkpoint")
     saved_run = read_json(folder / RUN_CONFIG) if (folder / RUN_CONFIG).is_file() else {}
+    refuse_other_adapters(folder, saved_run, run_config)
     if saved_run.get("data_identity_version", 1) >= DATA_IDENTITY_VERSION:
         # The data by contents alone: the same bytes at another path are the same data.
         keys = [k for k in DATA_KEYS if k not in PATH_KEYS]
@@ -196,6 +198,54 @@ def refuse_incompatible(folder: Path, plan: ModelPlan, run_config: dict, legacy_
             "samples of the old data, so resuming there would repeat or skip samples. Resume with the "
             "checkpoint's values, or pass --reset_data_position to keep weights, optimizer and counters and "
             "start this data from its beginning")
+
+
+# The LoRA flags that shape the adapters' tensors (--lora_alpha and --lora_dropout do not).
+LORA_SHAPE_KEYS = ("lora_r", "lora_target_modules")
+
+
+def refuse_other_adapters(folder: Path, saved_run: dict, run_config: dict) -> None:
+    """A LoRA checkpoint resumes only as LoRA, with adapters of the same shape (and a full model's
+    only without LoRA); the base itself is compared by content once it is loaded
+    (:func:`check_lora_base`).
+
+    Raises:
+        CheckpointError: naming the flags and what to do.
+    """
+    then, now = saved_run.get("lora_r"), run_config.get("lora_r")
+    if then is not None and now is None:
+        raise CheckpointError(f"{folder}: holds LoRA adapters (--lora_r {then}) on the base "
+                              f"{saved_run.get('model_name_or_path')!r}; resume with the same --lora_r and "
+                              "--model_name_or_path")
+    if then is None and now is not None:
+        raise CheckpointError(f"{folder}: holds a whole model, not LoRA adapters; drop --lora_r to resume it, or "
+                              f"start LoRA on its weights: export it (accel-trainer export {folder} DIR) and pass "
+                              "--model_name_or_path DIR in a new --output_dir")
+    diffs = [f"--{k}: checkpoint {saved_run.get(k)!r} vs this run {run_config.get(k)!r}" for k in LORA_SHAPE_KEYS
+             if then is not None and saved_run.get(k) != run_config.get(k)]
+    if diffs:
+        raise CheckpointError(f"{folder}: its LoRA adapters have another shape ({'; '.join(diffs)}); resume with the "
+                              "checkpoint's values")
+
+
+def check_lora_base(folder: Path, record: dict, model) -> None:
+    """After the base is loaded: refuse a resume whose base is not the one the adapters were
+    trained on (compared by the digest of its tensors, not by path).
+
+    Raises:
+        CheckpointError: naming the base's path and both digests.
+    """
+    from .models import LORA_KEY
+
+    saved = read_json(folder / RUN_CONFIG).get(LORA_KEY) if (folder / RUN_CONFIG).is_file() else None
+    if saved is not None:
+        saved_base = saved.get("base") or {}
+        if saved_base.get("content_xxh3_128") != record["base"]["content_xxh3_128"]:
+            raise CheckpointError(f"{folder}: its LoRA adapters were trained on the base {saved_base.get('path')!r} "
+                                  f"(content {saved_base.get('content_xxh3_128')}), and this run's base "
+                                  f"{record['base']['path']!r} has content {record['base']['content_xxh3_128']} "
+                                  "(changed or replaced since); resume on the original base, or start a new run "
+                                  "(--output_dir) to adapt this one")
 
 
 def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print, legacy_identity: str | None = None):
@@ -405,6 +455,7 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
         manager = task_manager(train_args.eval_include_path)
         check_tasks(train_args.eval_task_names, manager)
         require_task_data(train_args.eval_task_names, manager)
+    check_fine_tuning(model_args, data_args, model_factory)
     tokenizer = run_tokenizer(data_args)
     plan = plan_model(model_args, tokenizer, presets, model_factory, model_config)
     block_size = block_size_for(plan, data_args, model_args.preset, defaults)
@@ -414,6 +465,14 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     # The one owner of the mesh's sizes, checked against the model's family before any work.
     dims = ParallelDims.from_run(train_args.expert_parallel_size, accelerator.num_processes,
                                  getattr(accelerator, "parallelism_config", None), plan.family)
+    from accelerate.utils import DistributedType
+
+    replicated = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
+    if model_args.lora and (dims.ep > 1 or accelerator.distributed_type not in replicated):
+        raise ConfigError(f"--lora_r: LoRA runs on one process or under DDP here (this launch: "
+                          f"{accelerator.distributed_type}, --expert_parallel_size "
+                          f"{train_args.expert_parallel_size}); launch without FSDP/DeepSpeed or expert parallelism "
+                          "(the adapters are small: every rank holds them whole)")
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     try:
@@ -431,12 +490,42 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
             lock.release()
 
 
+def check_fine_tuning(model_args: ModelArguments, data_args: DataArguments, model_factory) -> None:
+    """What LoRA and chat data need, checked before any work.
+
+    Raises:
+        ConfigError: naming the flag and what to do.
+    """
+    if model_args.lora:
+        from .models import quantization_config, require_peft
+
+        require_peft()
+        if model_args.load_in_4bit:
+            quantization_config("cuda" if torch.cuda.is_available() else "cpu")
+        if model_args.vocab_size is not None:
+            raise ConfigError(f"--vocab_size={model_args.vocab_size} with --lora_r: new embedding rows would be "
+                              "frozen at random values (LoRA trains adapters only); leave --vocab_size out")
+    if data_args.chat_data and not model_args.hugging_face:
+        raise ConfigError("--chat_data: chat fine-tuning trains a transformers model (--model_name_or_path, with its "
+                          "tokenizer's chat template); recipes/causal_lm.py takes it")
+
+
 def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: TrainingArguments, accelerator,
                 dims: ParallelDims | None = None):
     """The model, its parameter counts, the optimizer assignment (each said once), and the
     :class:`~accel_trainer.parallel.ParallelPlan` applied to it."""
     model = plan.build()
     counts = count_parameters_of(model, plan.shape)
+    lora = None
+    if model_args.lora:  # before the parallel plan and the optimizers: they see the adapters
+        from .models import apply_lora, lora_config
+
+        model, lora = apply_lora(model, lora_config(model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout,
+                                                    model_args.lora_target_modules), model_args.model_name_or_path)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        accelerator.print(f"--lora_r {model_args.lora_r}: {trainable / 1e6:.3f}M adapter parameters "
+                          f"({100 * trainable / max(counts['total'], 1):.2f}% of the base) on the frozen base; "
+                          "checkpoints hold the adapters only")
     experts = f" ({counts['active'] / 1e6:.2f}M active per token)" if counts["active"] != counts["total"] else ""
     accelerator.print(f"model: {plan.name}, {counts['total'] / 1e6:.2f}M parameters{experts}")
     for note in plan.notes:
@@ -461,15 +550,47 @@ def build_model(plan: ModelPlan, model_args: ModelArguments, train_args: Trainin
     parallel.apply(model)  # before the optimizers: they must see the laid-out parameters
     if parallel.describe():
         accelerator.print(f"model: {parallel.describe()}")
+    adamw = model_args.adamw_params or ()
+    if lora is not None and not (model_args.muon_params or adamw):
+        adamw = (r"\.lora_",)  # adapters train with AdamW (what LoRA is tuned for; --muon_params to change)
     try:
         frozen = freeze_parameters(model, model_args.freeze_params or ())
-        assignments = assign_parameters(model, model_args.muon_params or (), model_args.adamw_params or (),
-                                        rule=plan.family.parameter_rule)
+        assignments = assign_parameters(model, model_args.muon_params or (), adamw, rule=plan.family.parameter_rule)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     accelerator.print("optimizers (--muon_params/--adamw_params/--freeze_params change this):\n"
                       + assignment_table(assignments + frozen))
-    return model, counts, assignments, parallel
+    return model, counts, assignments, parallel, lora
+
+
+def check_packed_attention(model) -> None:
+    """``--packing`` needs a model whose attention stays inside each packed sequence when
+    ``position_ids`` restart (transformers builds that mask from them for sdpa, eager and flex;
+    flash-attention reads them itself). Asked of the model itself: two sequences of 4 tokens
+    packed into one row must give the logits each gives alone.
+
+    Raises:
+        ConfigError: the model lets attention cross, naming its class.
+    """
+    inner = getattr(model, "get_base_model", lambda: model)()
+    vocab = getattr(getattr(inner, "config", None), "vocab_size", 2) or 2
+    ids = torch.arange(8).remainder(vocab).unsqueeze(0)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            # use_cache=False as in training: with a cache transformers does not read packed positions
+            packed = logits_of(model(input_ids=ids.to(device), position_ids=positions.to(device),
+                                     use_cache=False)).float()
+            alone = logits_of(model(input_ids=ids[:, 4:].to(device), use_cache=False)).float()
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed[:, 4:], alone, atol=1e-4, rtol=1e-3):
+        raise ConfigError(f"--packing: {type(inner).__name__} lets attention cross from one packed conversation into "
+                          "the next (its attention does not follow restarting position_ids); drop --packing (each "
+                          "conversation then has a row of its own)")
 
 
 def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, model_args, data_args,
@@ -509,8 +630,16 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
     write_exit_status(train_args.output_dir, None, "running")
     data = main_process_first(accelerator, lambda: build_datasets(
         data_args, train_args.seed, train_args.output_dir, block_size, progress=accelerator.is_main_process))
-    model, counts, assignments, parallel = build_model(plan, model_args, train_args, accelerator, dims)
+    model, counts, assignments, parallel, lora = build_model(plan, model_args, train_args, accelerator, dims)
     run_config["optimizer_assignment"] = assignment_summary(assignments)
+    if lora is not None:
+        from .models import LORA_KEY
+
+        run_config[LORA_KEY] = lora
+        if folder is not None:
+            check_lora_base(Path(folder), lora, model)
+    if data_args.packing:
+        check_packed_attention(model)
     try:
         apply_memory_and_speed_features(model, plan, train_args, accelerator)
     except ValueError as err:  # a model without decoder layers to recompute or compile
@@ -525,7 +654,8 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
                       flops_per_token=flops_per_token(counts["active"], shape.num_layers or 0, shape.num_heads or 0,
                                                       shape.head_dim or 0, block_size),
                       model_config=None if plan.source != "custom" else plan.config_json(),
-                      experts_per_token=shape.experts_per_token, parallel=parallel)
+                      experts_per_token=shape.experts_per_token, parallel=parallel,
+                      store_frozen=lora is None)  # LoRA: the base is named by path and content, not stored
     if spec:
         trainer.resume(spec, reset_optimizer=train_args.reset_optimizer,
                        reset_data_position=train_args.reset_data_position, folder=folder)

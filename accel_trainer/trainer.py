@@ -10,6 +10,7 @@ step) is not involved.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -85,11 +86,14 @@ class Trainer:
         experts_per_token: a transformers MoE's top-k, to count the router's choices per expert.
         parallel: the run's :class:`~accel_trainer.parallel.ParallelPlan` (already applied to the
             model); the trainer calls its hooks. None: plain data parallelism.
+        store_frozen: False: checkpoints leave the frozen parameters out (LoRA's base, named by the
+            run config instead); see :class:`~accel_trainer.checkpoint.CheckpointConfig`.
     """
 
     def __init__(self, accelerator: Accelerator, model, optimizers: OptimizersContainer, data: TextData,
                  args: TrainingArguments, run_config: dict, before_resume=None, flops_per_token: float | None = None,
-                 model_config: dict | None = None, experts_per_token: int = 0, parallel: ParallelPlan | None = None):
+                 model_config: dict | None = None, experts_per_token: int = 0, parallel: ParallelPlan | None = None,
+                 store_frozen: bool = True):
         self.accelerator = accelerator
         self.parallel = parallel or DataParallel()
         self.args = args
@@ -118,7 +122,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             accelerator, args.output_dir, model=self.model, optimizer=optimizers.optimizers, dataloader=train_loader,
             extra={"trainer_state": self.state}, config=run_config, tokenizer=data.tokenizer,
-            settings=args.checkpoint_config(), before_resume=before_resume, model_config=model_config)
+            settings=dataclasses.replace(args.checkpoint_config(), store_frozen=store_frozen),
+            before_resume=before_resume, model_config=model_config)
         self.train_loader = self.checkpointer.dataloader
         if args.eval_tasks and self.checkpointer.sharded:
             raise ConfigError("--eval_tasks: the harness needs the whole model in one process and this run's model is "
@@ -345,13 +350,20 @@ class Trainer:
         """
         accelerator, model = self.accelerator, self.model
         total, tokens = None, 0
+        targets = self.targets_per_rank(micro_batches)
         for i, batch in enumerate(micro_batches):
             ids = batch["input_ids"]
             # Only the last micro-batch all-reduces gradients under DDP.
             sync = accelerator.no_sync(model) if i < len(micro_batches) - 1 else nullcontext()
             with sync:
-                out = model(input_ids=ids, labels=ids)
-                loss = loss_of(out) / len(micro_batches)
+                if targets is None:
+                    out = model(input_ids=ids, labels=ids)
+                    loss = loss_of(out) / len(micro_batches)
+                else:  # the step's mean over every target token of every micro-batch on every rank
+                    # No cache: transformers keeps packed sequences apart only without one.
+                    out = model(input_ids=ids, labels=batch["labels"], position_ids=batch["position_ids"],
+                                num_items_in_batch=targets, use_cache=False)
+                    loss = loss_of(out)
                 accelerator.backward(loss)
             total = loss.detach() if total is None else total + loss.detach()
             tokens += ids.numel()
@@ -378,6 +390,18 @@ class Trainer:
             self.optimizer.step()  # with fp16, the scaler may skip it (overflow); the LR follows the step count
         self.optimizer.zero_grad(set_to_none=True)
         return mean_loss, grad_norm, applied
+
+    def targets_per_rank(self, micro_batches: list[dict]) -> torch.Tensor | None:
+        """For batches with ``labels`` (chat data: targets on some tokens only): the step's target
+        tokens over all micro-batches and ranks, divided by the ranks. Each micro-batch's loss is its
+        sum over its targets divided by this, so the gradients (averaged over ranks by DDP) and the
+        loss are the mean over every target of the step, however the targets fall into micro-batches
+        or rows, packed or not (the HF Trainer's ``num_items_in_batch``). None for plain text."""
+        if "labels" not in micro_batches[0]:
+            return None
+        local = sum((b["labels"][:, 1:] != -100).sum() for b in micro_batches)
+        total = self.accelerator.reduce(local.to(self.accelerator.device), reduction="sum")
+        return total.clamp(min=1) / self.accelerator.num_processes
 
     def after_step(self, mean_loss: torch.Tensor, grad_norm, applied: bool, progress) -> None:
         """Advance counters; log, evaluate and save when their interval comes."""
@@ -466,10 +490,15 @@ class Trainer:
         sums = torch.zeros(4, dtype=torch.float64, device=self.accelerator.device)  # loss, tokens, text loss, bytes
         for batch in self.eval_loader:
             ids = batch["input_ids"]
-            logits = logits_of(self.model(input_ids=ids))
-            targets = ids[:, 1:].reshape(-1)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets,
-                                                     reduction="none")
+            if "labels" in batch:  # chat data: the assistant's tokens only, each conversation on its own
+                logits = logits_of(self.model(input_ids=ids, position_ids=batch["position_ids"], use_cache=False))
+                targets = batch["labels"][:, 1:].reshape(-1)
+                keep = targets != -100
+                logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1])[keep], targets[keep]
+            else:
+                logits = logits_of(self.model(input_ids=ids))
+                logits, targets = logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
             nbytes = self.token_bytes[targets]
             sums += torch.stack([loss.sum().double(), loss.new_tensor(loss.numel()).double(),
                                  (loss * (nbytes > 0)).sum().double(), nbytes.sum().double()])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG
+from .format import CUSTOM_MODEL, MANIFEST, MODEL_CONFIG, RUN_CONFIG
 from .io import CheckpointError, read_json
 from .layout import resolve_path
 from .weights import LoadReport, adapt_linear_layout, load_state_into, read_weights
@@ -119,7 +119,8 @@ def _config_from(folder_or_extras, source: Path, legacy_config_class):
 
 def load_model_for_inference(path: str | Path, device: str | torch.device | None = None,
                              dtype: torch.dtype | None = None, strict: bool = False, config=None,
-                             legacy_config_class=None, storage_options: dict | None = None, model_class=None):
+                             legacy_config_class=None, storage_options: dict | None = None, model_class=None,
+                             adapters=None):
     """Rebuild the model from a checkpoint and load its weights, ready for ``model(input_ids)``.
 
     Args:
@@ -137,6 +138,9 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
         storage_options: for a remote ``path`` (s3fs: ``{"endpoint_url": ...}``).
         model_class: your own module's class, for a checkpoint of a run that trained it (or
             :func:`register_model` it once).
+        adapters: ``(folder, run_config, weights, device, dtype) -> model or None``: builds the model
+            of a checkpoint whose weights are not the whole model (LoRA adapters on a base named in
+            its run config); None from it: an ordinary checkpoint.
 
     Returns:
         ``(model, config, step)`` with the model in eval mode; ``step`` is None when unknown. The
@@ -159,6 +163,11 @@ def load_model_for_inference(path: str | Path, device: str | torch.device | None
     state, extras = read_weights(target)  # optimizer files are never opened
     is_folder = target.is_dir()
     saved = read_json(target / MODEL_CONFIG) if is_folder and (target / MODEL_CONFIG).is_file() else {}
+    if adapters is not None and is_folder and (target / RUN_CONFIG).is_file():
+        model = adapters(target, read_json(target / RUN_CONFIG), state, device, dtype)
+        if model is not None:
+            step = read_json(target / MANIFEST).get("step") if (target / MANIFEST).is_file() else None
+            return model, model.config, step
     if not is_folder and model_class is not None:  # your own module's .pt file: model_class(its config)
         return _single_file_of_your_own(target, state, extras, model_class, config, dtype, device, strict)
     if saved.get("model_type") == CUSTOM_MODEL:

@@ -83,6 +83,10 @@ class CheckpointConfig:
         compression_level: zstd's level (1 fastest; 3 its default).
         full_state_total_limit: keep the whole state (optimizers, data position, RNG) only in the newest
             N checkpoints and ``best``; older kept ones become weights-only (see :mod:`.thinning`).
+        store_frozen: False: parameters that need no gradient are not written at all (they come from
+            elsewhere, e.g. the frozen base of LoRA adapters, whose identity the caller records and
+            checks); a resume loads the trainable ones and leaves the frozen ones as built. True
+            (default): they are stored once and linked while unchanged.
     """
 
     save_total_limit: int | None = None
@@ -98,6 +102,7 @@ class CheckpointConfig:
     compression: str | None = None
     compression_level: int = 3
     full_state_total_limit: int | None = None
+    store_frozen: bool = True
 
     def __post_init__(self):
         if self.compression not in (None, "zstd"):
@@ -198,7 +203,8 @@ class Checkpointer:
         # Who writes the model and optimizer tensors, chosen once (see :mod:`strategies`).
         self.strategy = choose_strategy(SaveParts(accelerator, model, self.optimizers, self.schedulers, dataloader,
                                                   commit=self._commit, upload=self._submit_upload,
-                                                  compression=cfg.compression, compression_level=cfg.compression_level))
+                                                  compression=cfg.compression, compression_level=cfg.compression_level,
+                                                  store_frozen=cfg.store_frozen))
         self.async_save = cfg.async_save and self.strategy.background
         self._sequence: int | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if self.async_save else None

@@ -75,6 +75,20 @@ class SaveParts:
     upload: Callable[[Path, dict], None]
     compression: str | None = None  # "zstd": tensor files as ztensors (see ztensors.py)
     compression_level: int = 3
+    store_frozen: bool = True  # False: frozen parameters are not written (see CheckpointConfig)
+
+    def frozen_names(self) -> set[str]:
+        """The model's parameters that need no gradient, by their names on disk."""
+        model = self.accelerator.unwrap_model(self.model)
+        return {normalize_key(n) for n, p in model.named_parameters() if not p.requires_grad}
+
+    def not_stored(self) -> set[str]:
+        """What checkpoints leave out on purpose: with ``store_frozen`` False the frozen parameters
+        and the buffers (all rebuilt from where they came from); else nothing."""
+        if self.store_frozen:
+            return set()
+        buffers = {normalize_key(n) for n, _ in self.accelerator.unwrap_model(self.model).named_buffers()}
+        return self.frozen_names() | buffers
 
 
 class WriteStrategy:
@@ -136,7 +150,7 @@ class WriteStrategy:
             raise CheckpointError(f"{folder}: no {MODEL_WEIGHTS} (nor {stored_name(MODEL_WEIGHTS, True)}) to resume")
         # Each tensor file is read once and hashed as it is read; the resolution checked sizes only.
         digests = saved_digests(folder)
-        load_weights_in_place(weights, acc.unwrap_model(parts.model), digests)
+        load_weights_in_place(weights, acc.unwrap_model(parts.model), digests, skip=parts.not_stored())
         if load_optimizers:
             device = "cpu" if acc.device.type == "cpu" else str(acc.device)  # safetensors says "cpu", not "cpu:0"
             optimizer_files.load_into(folder, parts.optimizers, parameter_names(acc, parts.model), device, digests)
@@ -198,9 +212,10 @@ class TensorFiles(WriteStrategy):
         model = normalize_state_dict(acc.get_state_dict(parts.model))
         opt_tensors, description = optimizer_files.split_state(parts.optimizers, parameter_names(acc, parts.model))
         optimizer_files.write_description(tmp, description)
-        frozen = {normalize_key(n) for n, p in acc.unwrap_model(parts.model).named_parameters() if not p.requires_grad}
+        model = {k: v for k, v in model.items() if k not in parts.not_stored()}
+        frozen = parts.frozen_names()
         big = {MODEL_WEIGHTS: {k: v for k, v in model.items() if k not in frozen}, OPTIMIZER_TENSORS: opt_tensors}
-        if frozen:
+        if frozen and parts.store_frozen:
             big[FROZEN_WEIGHTS] = {k: v for k, v in model.items() if k in frozen}
         if stage:
             big = {name: self.staging.stage(name, t) for name, t in big.items()}

@@ -316,14 +316,15 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = False) -> Lo
     return report
 
 
-def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module, digests: dict[str, str] | None = None
-                          ) -> None:
+def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module, digests: dict[str, str] | None = None,
+                          skip: set[str] = frozenset()) -> None:
     """Copy tensor by tensor from the checkpoint's weight files into the parameters: peak memory is
     the model plus one tensor, not a second copy of the weights.
 
     Args:
         digests: file name -> saved checksum: those files are read once, front to back, and hashed
             as they are read (the others memory-mapped, unverified).
+        skip: the model's tensors the files do not hold on purpose (left as they are).
 
     Raises:
         CheckpointError: the files' tensors are not exactly the model's (names or shapes).
@@ -335,7 +336,7 @@ def load_weights_in_place(paths: Path | list[Path], model: torch.nn.Module, dige
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     digests = digests or {}
     where = paths[0] if len(paths) == 1 else paths[0].parent
-    own = {normalize_key(k): v for k, v in model.state_dict().items()}
+    own = {normalize_key(k): v for k, v in model.state_dict().items() if normalize_key(k) not in skip}
     shapes = {}
     for path in paths:
         try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset, Sampler
 
 from ..errors import DataError
@@ -139,8 +138,7 @@ class TrainBlocks(Dataset):
 
     def __getitem__(self, g: int) -> dict:
         source, block = self.locate(int(g))
-        tokens = self.sources[source].block(block)
-        return {"input_ids": torch.from_numpy(tokens.astype(np.int64)), "block": int(self.starts[source]) + block}
+        return {**self.sources[source].item(block), "block": int(self.starts[source]) + block}
 
 
 class ValidationBlocks(Dataset):
@@ -154,7 +152,7 @@ class ValidationBlocks(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         source, block = self.items[i]
-        return {"input_ids": torch.from_numpy(source.block(block).astype(np.int64))}
+        return source.item(block)
 
 
 class RunSampler(Sampler[int]):

@@ -71,6 +71,8 @@ def build_datasets(args: DataArguments, seed: int, output_dir: str | Path, block
     Raises:
         ConfigError/DataError: naming the flag and path.
     """
+    if args.chat_data:
+        return _chat_datasets(args, seed, output_dir, block_size, progress)
     weights = None
     if args.data_mix:
         paths, weights = parse_mix(args.data_mix)
@@ -84,6 +86,29 @@ def build_datasets(args: DataArguments, seed: int, output_dir: str | Path, block
         raise DataError(f"{', '.join(paths)}: prepared with different tokenizers; a mix needs one tokenizer")
     tokenizer = load_tokenizer(str(sources[0].tokenizer_dir))
     return TextData(TrainBlocks(sources, seed, weights), ValidationBlocks(sources), tokenizer, [Path(p) for p in paths])
+
+
+def _chat_datasets(args: DataArguments, seed: int, output_dir: str | Path, block_size: int,
+                   progress: bool) -> TextData:
+    """``--chat_data``: rendered once under ``<output_dir>/data/chat-<key>`` (the key from the
+    files' and the tokenizer's contents), rows of one or (``--packing``) several conversations."""
+    from .chat import ChatRows, chat_source, prepare_chat
+    from .sources import tokenizer_identity
+
+    source = chat_source(list(args.chat_data), tokenizer_identity(args.tokenizer_name))
+    key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(output_dir) / "data" / f"chat-{key}"
+    tokenizer = load_tokenizer(args.tokenizer_name or "byte")
+    prepare_chat(list(args.chat_data), tokenizer, path, source, progress)
+    rows = ChatRows(path, block_size, args.validation_split_percentage / 100, packing=args.packing)
+    if progress:
+        cut = (f"; {rows.truncated} longer than --block_size={block_size} are cut to it (raise it to keep them "
+               "whole)") if rows.truncated else ""
+        print(f"--chat_data: {rows.manifest['conversations']} conversations, {rows.manifest['assistant_tokens']:,} of "
+              f"{rows.manifest['total_tokens']:,} tokens the assistant's (the loss is on those), in "
+              f"{rows.num_blocks} rows of {block_size}" + (" (packed)" if args.packing else "") + cut)
+    return TextData(TrainBlocks([rows], seed), ValidationBlocks([rows]), load_tokenizer(str(rows.tokenizer_dir)),
+                    [path])
 
 
 def _own_generator() -> torch.Generator:

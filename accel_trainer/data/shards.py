@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..checkpoint import atomic_write_text, fsync_file, hash_file, read_json
 from ..errors import DataError
@@ -299,6 +300,10 @@ class TokenBlocks:
             tokens = self._maps[shard] = np.memmap(file, dtype=self.dtype, mode="r")
         start = (b - first) * self.block_size
         return tokens[start: start + self.block_size]
+
+    def item(self, b: int) -> dict:
+        """Block ``b`` as a training item: ``{"input_ids": int64 tokens}`` (its own next-token targets)."""
+        return {"input_ids": torch.from_numpy(self.block(b).astype(np.int64))}
 
     @property
     def tokenizer_dir(self) -> Path:

@@ -238,7 +238,7 @@ def load_raw_text(args: DataArguments):
     return raw
 
 
-def file_identity(path: str | Path) -> dict:
+def file_identity(path: str | Path, flag: str = "--data_files") -> dict:
     """What a source file is, by content: its size, modification time and xxh3-128 of its bytes
     (streamed; cheap next to tokenising it)."""
     from ..checkpoint import hash_file
@@ -246,7 +246,7 @@ def file_identity(path: str | Path) -> dict:
     try:
         stat = Path(path).stat()
     except FileNotFoundError:
-        raise DataError(f"--data_files: {path}: no such file") from None
+        raise DataError(f"{flag}: {path}: no such file") from None
     # Hashed once per process while the file stays as it is. The change time is in the key because a
     # write sets it and, unlike the modification time, no one can set it back (`touch -d`, os.utime).
     # A file changed within the last seconds is hashed every time: a second write in the same
@@ -301,6 +301,9 @@ def data_contents(args: DataArguments) -> dict:
     are the same data."""
     from ..checkpoint import hash_file
 
+    if args.chat_data:  # rendered by the tokenizer's template, in rows of one or (packing) several
+        return {"chat": [file_identity(f, "--chat_data")["xxh3_128"] for f in args.chat_data],
+                "tokenizer": tokenizer_identity(args.tokenizer_name), "packing": args.packing}
     if args.data_mix or args.prepared_data:
         items = args.data_mix or [f"{f}:1" for f in args.prepared_data]
         parts = [item.rpartition(":") for item in items]
@@ -339,7 +342,8 @@ def legacy_data_identity(args: DataArguments) -> str:
 def file_hashes(args: DataArguments) -> dict[str, str]:
     """Every local ``--data_files`` file's xxh3 (recorded with a run, so that a refused resume can
     name the files that changed)."""
-    return {f: file_identity(f)["xxh3_128"] for f in sorted(args.data_files or ()) if Path(f).is_file()}
+    return {f: file_identity(f)["xxh3_128"] for f in sorted([*(args.data_files or ()), *(args.chat_data or ())])
+            if Path(f).is_file()}
 
 
 def changed_files(recorded: dict, source: dict) -> list[str]:

@@ -285,7 +285,8 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
 
     def build() -> nn.Module:
         model = (AutoModelForCausalLM.from_config(config) if source != "pretrained"
-                 else _from_pretrained(name, config, resize_to, args.strict, plan))
+                 else _from_pretrained(name, config, resize_to, args.strict, plan,
+                                       quantized=getattr(args, "load_in_4bit", False)))
         if args.experts_implementation in (None, ENGINE):  # a MoE's experts on our engine where it runs them
             why = use_engine(model)
             if why and args.experts_implementation == ENGINE:
@@ -301,7 +302,8 @@ def plan_hugging_face(args, tokenizer) -> ModelPlan:
     return plan
 
 
-def _from_pretrained(name: str, config, resize_to: int | None, strict: bool, plan: ModelPlan) -> nn.Module:
+def _from_pretrained(name: str, config, resize_to: int | None, strict: bool, plan: ModelPlan,
+                     quantized: bool = False) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint import LoadReport
@@ -309,8 +311,14 @@ def _from_pretrained(name: str, config, resize_to: int | None, strict: bool, pla
     from safetensors import SafetensorError
 
     try:
+        extra = {}
+        if quantized:  # QLoRA: the frozen base in 4 bits (checked for a CUDA device before any work)
+            from .lora import quantization_config
+
+            extra = {"quantization_config": quantization_config("cuda"),
+                     "device_map": {"": torch.cuda.current_device()}}
         model, info = AutoModelForCausalLM.from_pretrained(name, config=config, output_loading_info=True,
-                                                           ignore_mismatched_sizes=not strict)
+                                                           ignore_mismatched_sizes=not strict, **extra)
     except (SafetensorError, EnvironmentError, ValueError) as err:  # a truncated or damaged weights file
         first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
         hint = ("the weights file is truncated or damaged: copy or download the model folder again"
