@@ -94,6 +94,12 @@ def _parameter_line(info: dict) -> str:
         return f"{kind}: no model weights in this checkpoint"
     active = f" ({counts['active']:,} active per token)" if "active" in counts else ""
     sharded = ", sharded (DCP: FSDP2 or expert parallel) weights" if info.get("sharded_weights") else ""
+    lora = (info.get("run_config") or {}).get("lora")
+    if lora:  # the weights are adapters; the base is named, not stored
+        base = lora.get("base") or {}
+        r = (lora.get("peft_config") or {}).get("r")
+        return (f"{kind}: LoRA adapters (r={r}), {counts['total']:,} parameters, on the base {base.get('path')!r} "
+                f"(content {base.get('content_xxh3_128')}, not stored here)")
     return f"{kind}: {counts['total']:,} parameters{active}{sharded}"
 
 

@@ -103,7 +103,8 @@ def run_tasks(model, tokenizer, tasks: list[str], *, include_path: str | None = 
     manager = manager or task_manager(include_path)
     check_tasks(tasks, manager)
     require_task_data(tasks, manager)
-    if not isinstance(model, PreTrainedModel):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters on a base
+    if not isinstance(base, PreTrainedModel):
         raise ConfigError(f"{type(model).__name__} is your own module, not a transformers model: lm-evaluation-harness "
                           "runs transformers models (evaluate yours with its val_loss/val_bpb, or wrap it)")
     from lm_eval.models.huggingface import HFLM

@@ -44,6 +44,9 @@ class LargeSource:
     def block(self, b: int):
         return self.real.block(b % self.real.num_train)
 
+    def item(self, b: int) -> dict:
+        return self.real.item(b % self.real.num_train)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -65,7 +65,8 @@ def base_digest(model: nn.Module) -> str:
         seen.add(key)
         t = tensor.detach().to("cpu").contiguous()
         hasher.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        hasher.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the tensor's own memory, not a copy of it
+            hasher.update(t.reshape(-1).view(torch.uint8).numpy())
     return hasher.hexdigest()
 
 

@@ -55,3 +55,27 @@ def test_in_loop_tasks_run_at_their_steps_and_a_resumed_run_continues_them(tmp_p
     steps = [r["step"] for r in records if f"eval/{TASK}/acc" in r]
     assert steps == [2, 4, 6]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-2", "step-4", "step-6"]
+
+
+def test_eval_takes_a_lora_checkpoint_and_its_adapter_export_alike(tmp_path, capsys, monkeypatch):
+    """The harness on a LoRA run's checkpoint (base from its recorded path) and on PEFT's adapter
+    folder exported from it: the same numbers."""
+    from accel_trainer.cli import main
+    from chat_models import make_chat_model
+
+    chat = make_chat_model(tmp_path / "chat", n_conversations=32)
+    run = tmp_path / "lora"
+    launch_here(["--model_name_or_path", str(chat / "llama"), "--chat_data", str(chat / "chat.jsonl"), "--lora_r",
+                 "4", "--learning_rate", "0.05", "--block_size", "256", "--per_device_train_batch_size", "4",
+                 "--max_steps", "3", "--eval_steps", "0", "--report_to", "none", "--disable_tqdm", "--output_dir",
+                 str(run)], script=REPO / "recipes" / "causal_lm.py")
+    monkeypatch.chdir(REPO)
+    capsys.readouterr()
+    assert main(["eval", str(run), "--tasks", TASK, "--include_path", TASKS, "--limit", "16"]) == 0
+    on_checkpoint = [line for line in capsys.readouterr().out.splitlines() if f"|{TASK}|" in line]
+    assert main(["export", str(run), str(tmp_path / "adapter")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "adapter"), "--tasks", TASK, "--include_path", TASKS, "--limit", "16"]) == 0
+    on_export = [line for line in capsys.readouterr().out.splitlines() if f"|{TASK}|" in line]
+    assert on_checkpoint and on_checkpoint == on_export
+    assert (run / "eval" / "step-3" / f"{TASK}.json").is_file()
