@@ -178,6 +178,25 @@ def popen_recipe(args, out: Path, script: Path = RECIPE) -> subprocess.Popen:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def kill_9_then_resume(args: list[str], out: Path, at_step: int, script: Path = RECIPE) -> Path:
+    """The recipe as a plain process, ``kill -9`` once ``step-<at_step>`` is complete, then the same
+    command with ``--resume_from_checkpoint latest`` in this process; returns the checkpoint it resumed
+    from (the newest complete one: the 'latest' pointer may lag it by the instant of the kill)."""
+    import signal
+
+    from accel_trainer.checkpoint import resolve
+
+    run = popen_recipe(args, out, script=script)
+    wait_for(out / "checkpoints" / f"step-{at_step}" / "COMPLETE", run)
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    latest = resolve("latest", out).path
+    assert latest is not None and (latest / "COMPLETE").is_file() and int(latest.name[5:]) >= at_step
+    resumed = launch_here([*args, "--output_dir", str(out), "--resume_from_checkpoint", "latest"], script=script)
+    assert f"resumed from {latest}" in resumed.stdout
+    return latest
+
+
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.time() + timeout
     while not path.exists():

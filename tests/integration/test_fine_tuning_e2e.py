@@ -4,14 +4,10 @@ over every assistant token of the step, as on one process with the same rows."""
 
 from __future__ import annotations
 
-import os
-import signal
-
 import pytest
 
-from accel_trainer.checkpoint import resolve
 from chat_models import make_chat_model
-from launching import REPO, assert_same_final_state, launch, launch_here, popen_recipe, read_jsonl, wait_for
+from launching import REPO, assert_same_final_state, kill_9_then_resume, launch, launch_here, read_jsonl
 
 CAUSAL_LM = REPO / "recipes" / "causal_lm.py"
 
@@ -33,15 +29,7 @@ def test_lora_on_chat_data_survives_kill_9_bitwise(chat, tmp_path):
     straight = tmp_path / "straight"
     launch_here([*args, "--output_dir", str(straight)], script=CAUSAL_LM)
     killed = tmp_path / "killed"
-    run = popen_recipe(args, killed, script=CAUSAL_LM)
-    wait_for(killed / "checkpoints" / "step-4" / "COMPLETE", run)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    latest = resolve("latest", killed).path
-    assert latest is not None and int(latest.name[5:]) >= 4
-    resumed = launch_here([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"],
-                          script=CAUSAL_LM)
-    assert f"resumed from {latest}" in resumed.stdout
+    kill_9_then_resume(args, killed, at_step=4, script=CAUSAL_LM)
     # Adapters, their AdamW moments, the RNG (LoRA dropout draws from it), the data position: bitwise.
     assert_same_final_state(straight, killed, step=8)
 

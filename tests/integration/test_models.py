@@ -7,19 +7,17 @@ and FSDP2 on CPU ranks."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import signal
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from accel_trainer.checkpoint import LocalStorage, resolve
-from launching import (REPO, assert_same_final_state, launch, launch_here, popen_recipe, read_jsonl,
-                       step_losses, torchrun, wait_for)
+from accel_trainer.checkpoint import LocalStorage
+from launching import (REPO, assert_same_final_state, kill_9_then_resume, launch, launch_here, read_jsonl,
+                       step_losses, torchrun)
 
 CAUSAL_LM = REPO / "recipes" / "causal_lm.py"
 CUSTOM = REPO / "examples" / "custom_model.py"
@@ -78,15 +76,7 @@ def test_a_short_run_learns_and_kill_9_then_resume_is_bitwise(models, tmp_path, 
     losses = [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")]
     assert len(losses) == 8 and losses[-1] < losses[0]  # it learns
     killed = tmp_path / "killed"
-    run = popen_recipe(args, killed, script=script)
-    wait_for(killed / "checkpoints" / "step-4" / "COMPLETE", run)
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    # The newest complete checkpoint (the 'latest' pointer may lag it by the instant of the kill).
-    latest = resolve("latest", killed).path
-    assert latest is not None and (latest / "COMPLETE").is_file() and int(latest.name[5:]) >= 4
-    resumed = launch_here([*args, "--output_dir", str(killed), "--resume_from_checkpoint", "latest"], script=script)
-    assert f"resumed from {latest}" in resumed.stdout
+    kill_9_then_resume(args, killed, at_step=4, script=script)
     assert_same_final_state(straight, killed, step=8)
 
 
