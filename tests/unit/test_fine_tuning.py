@@ -175,3 +175,28 @@ def test_lora_checkpoints_hold_the_adapters_and_both_exports_give_the_same_logit
                         "--tokenizer_name", str(chat / "llama")], check=False, script=CAUSAL_LM)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "its LoRA adapters were trained on the base" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--load_in_4bit"], "--load_in_4bit: QLoRA's 4-bit base runs on CUDA GPUs only"),
+    (["--vocab_size", "512"], "--vocab_size=512 with --lora_r"),
+    (["--freeze_params", "embed"], "--lora_r and --freeze_params"),
+    (["--lora_target_modules", "no_such_proj"], "--lora_target_modules: "),
+])
+def test_lora_flags_that_cannot_work_are_one_line(chat, tmp_path, extra, expected):
+    proc = launch_here(["--model_name_or_path", str(chat / "llama"), "--chat_data", str(chat / "chat.jsonl"),
+                        "--lora_r", "4", "--max_steps", "1", *COMMON, *extra, "--output_dir", str(tmp_path)],
+                       check=False, script=CAUSAL_LM)
+    assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+def test_chat_flags_that_cannot_work_are_one_line(chat, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    cases = [(["--packing"], "--packing: only used with --chat_data"),
+             (["--chat_data", str(bad)], f"--chat_data {bad}:1: no assistant message"),
+             (["--chat_data", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such file")]
+    for extra, expected in cases:
+        proc = launch_here(["--model_name_or_path", str(chat / "llama"), "--max_steps", "1", *COMMON, *extra,
+                            "--output_dir", str(tmp_path / "run")], check=False, script=CAUSAL_LM)
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
