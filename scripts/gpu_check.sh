@@ -8,7 +8,7 @@ set -u
 DATA=${1:?DATA_DIR}; OUT=${2:?OUT_DIR}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
-STAGES=${STAGES:-"tests moe mfu runs hfmoe fsdp"}  # a subset reruns part of it
+STAGES=${STAGES:-"tests moe mfu runs hfmoe lora fsdp"}  # a subset reruns part of it
 PRESET=${PRESET:-4090} STEPS=${STEPS:-150} BLOCK=${BLOCK:-2048}  # smaller for a CPU dry run of this script
 log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
 steps() {  # tokens/s, MFU and peak memory of a run, from its metrics.jsonl (steps after the first log)
@@ -70,6 +70,24 @@ stage hfmoe && for kernel in accel_trainer grouped_mm; do
     >"$OUT/qwen_$kernel.log" 2>&1; echo "   exit $?" | tee -a "$OUT/summary.txt"
   steps "$OUT/qwen_$kernel"
 done
+
+if stage lora; then
+# Issue #30: the fine-tuning figures on the GPU (packing, LoRA vs full, AdamW vs Muon for adapters), then
+# QLoRA (--load_in_4bit) on the same base and data where bitsandbytes is installed.
+log "fine-tuning benchmark (packing, LoRA vs full, adapters' optimizer) on the GPU"
+timeout 240 $PY benchmarks/fine_tuning.py --workdir "$OUT/ft" 2>&1 | grep -v -i warn | tail -16 | tee -a "$OUT/summary.txt"
+if $PY -c "import bitsandbytes" 2>/dev/null; then
+  log "QLoRA: LoRA r=8 on the 4-bit base, packed chat data, bf16, 30 steps"
+  timeout 120 $PY recipes/causal_lm.py --model_name_or_path "$OUT/ft/base" --chat_data "$OUT/ft/chat.jsonl" --packing \
+    --block_size 512 --lora_r 8 --load_in_4bit --mixed_precision bf16 --learning_rate 3e-3 --max_steps 30 \
+    --logging_steps 5 --eval_steps 30 --save_steps 30 --disable_tqdm --output_dir "$OUT/qlora" >"$OUT/qlora.log" 2>&1
+  echo "   exit $?; $(grep -m1 -- "--lora_r" "$OUT/qlora.log")" | tee -a "$OUT/summary.txt"
+  steps "$OUT/qlora"
+else
+  log "QLoRA: skipped, bitsandbytes is not installed here"
+fi
+rm -rf "$OUT"/ft/*/checkpoints "$OUT"/qlora/checkpoints
+fi
 
 stage fsdp || exit 0
 log "Accelerate FSDP2 path (bf16 from the config file), one process, --full_determinism: save every 20 steps, kill -9 after step-40, resume"

@@ -21,6 +21,8 @@ from launching import REPO
     ("cli_startup.py", ["--repeats", "1"], "accel-trainer inspect"),
     ("data.py", ["--corpus_bytes", "300000", "--num_proc", "1", "--vocab_size", "400", "--block_size", "256"],
      "skip_first_batches"),
+    ("fine_tuning.py", ["--conversations", "40", "--steps", "2", "--timing_steps", "2", "--adamw_lrs", "1e-3",
+                        "--muon_lrs", "0.02", "--block_size", "256"], "ratio muon / adamw val loss"),
 ])
 def test_benchmark_prints_its_table(script, args, expect):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True,
