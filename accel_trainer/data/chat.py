@@ -56,8 +56,8 @@ def check_chat_template(tokenizer, where: str) -> None:
                         "assistant_only_loss asks)")
 
 
-def read_conversations(path: str | Path) -> list[list[dict]]:
-    """The ``messages`` of every row of a JSON-lines file.
+def read_conversations(path: str | Path) -> list[tuple[int, list[dict]]]:
+    """``(line number, messages)`` of every row of a JSON-lines file.
 
     Raises:
         DataError: naming the file, the line and what is wrong.
@@ -86,7 +86,7 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
                 raise DataError(f"{where}: messages[{i}] needs a string 'role' and a string 'content'")
         if not any(m["role"] == "assistant" for m in messages):
             raise DataError(f"{where}: no assistant message, so nothing to learn from this conversation")
-        out.append(messages)
+        out.append((number, messages))
     if not out:
         raise DataError(f"--chat_data {path}: no conversations in it")
     return out
@@ -103,8 +103,43 @@ def chat_source(files: list[str], tokenizer_identity: str) -> dict:
     return {"format": FORMAT, "files": [hash_file(f) for f in files], "tokenizer": tokenizer_identity}
 
 
-def prepare_chat(files: list[str], tokenizer, out: Path, source: dict, progress: bool = True) -> dict:
+_WORKER: dict = {}
+CHUNK = 256  # conversations per task of a rendering process
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    from .tokenizer import load_tokenizer
+
+    _WORKER["tokenizer"] = load_tokenizer(tokenizer_dir)
+
+
+def _render_chunk(chunk: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    return [render(_WORKER["tokenizer"], messages) for messages in chunk]
+
+
+def _rendered(conversations: list, tokenizer, tokenizer_dir: Path, num_proc: int):
+    """``render`` of every conversation, in order: in this process, or in ``num_proc`` forked ones
+    (the template is Python-side Jinja, so processes are what makes it faster)."""
+    if num_proc <= 1 or len(conversations) <= CHUNK:
+        yield from (render(tokenizer, m) for *_, m in conversations)
+        return
+    import multiprocessing
+
+    chunks = [[m for *_, m in conversations[a: a + CHUNK]] for a in range(0, len(conversations), CHUNK)]
+    with multiprocessing.get_context("fork").Pool(num_proc, _init_worker, (str(tokenizer_dir),)) as pool:
+        for part in pool.imap(_render_chunk, chunks):
+            yield from part
+        pool.close()  # the workers leave on their own before the block ends (see shards._prepare)
+        pool.join()
+
+
+def prepare_chat(files: list[str], tokenizer, out: Path, source: dict, progress: bool = True,
+                 num_proc: int = 1) -> dict:
     """Render every conversation of ``files`` once into ``out`` (kept for later launches).
+
+    Args:
+        num_proc: rendering processes (``--preprocessing_num_workers``).
 
     Raises:
         DataError: bad rows, a template without markers, a conversation with no assistant token.
@@ -118,26 +153,27 @@ def prepare_chat(files: list[str], tokenizer, out: Path, source: dict, progress:
         if manifest.get("source") == source:
             return manifest
     check_chat_template(tokenizer, f"{getattr(tokenizer, 'name_or_path', '')!r}")
-    conversations = [(f, m) for f in files for m in read_conversations(f)]
+    conversations = [(f, line, m) for f in files for line, m in read_conversations(f)]
     out.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out / TOKENIZER_DIR)
     tokens, masks, ends = [], [], []
     total = 0
-    bar = tqdm(conversations, unit="conversation", desc=f"rendering chats into {out}",
+    bar = tqdm(total=len(conversations), unit="conversation", desc=f"rendering chats into {out}",
                disable=not progress or not interactive())
-    for n, (f, messages) in enumerate(bar):
-        ids, mask = render(tokenizer, messages)
+    for n, (ids, mask) in enumerate(_rendered(conversations, tokenizer, out / TOKENIZER_DIR, num_proc)):
         if not any(mask):
-            raise DataError(f"--chat_data {f}: conversation {n + 1} has no assistant token after rendering (the "
-                            "template's {% generation %} markers wrap nothing there)")
+            where, line, _ = conversations[n]
+            raise DataError(f"--chat_data {where}:{line}: no assistant token after rendering (the template's "
+                            "{% generation %} markers wrap nothing there)")
         tokens.append(np.asarray(ids, dtype=np.int64))
         masks.append(np.asarray(mask, dtype=np.uint8))
         total += len(ids)
         ends.append(total)
+        bar.update(1)
     bar.close()
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     arrays = {"tokens": np.concatenate(tokens).astype(dtype), "mask": np.concatenate(masks),
               "index": np.asarray(ends, dtype=np.int64)}
-    tokenizer.save_pretrained(out / TOKENIZER_DIR)
     hashes = {}
     for key, array in arrays.items():
         path, tmp = out / FILES[key], out / f".tmp-{FILES[key]}"

@@ -99,7 +99,7 @@ def _chat_datasets(args: DataArguments, seed: int, output_dir: str | Path, block
     key = hashlib.sha256(json.dumps(source, sort_keys=True).encode()).hexdigest()[:12]
     path = Path(output_dir) / "data" / f"chat-{key}"
     tokenizer = load_tokenizer(args.tokenizer_name or "byte")
-    prepare_chat(list(args.chat_data), tokenizer, path, source, progress)
+    prepare_chat(list(args.chat_data), tokenizer, path, source, progress, num_proc=args.preprocessing_num_workers or 1)
     rows = ChatRows(path, block_size, args.validation_split_percentage / 100, packing=args.packing)
     if progress:
         cut = (f"; {rows.truncated} longer than --block_size={block_size} are cut to it (raise it to keep them "

@@ -200,3 +200,17 @@ def test_chat_flags_that_cannot_work_are_one_line(chat, tmp_path):
         proc = launch_here(["--model_name_or_path", str(chat / "llama"), "--max_steps", "1", *COMMON, *extra,
                             "--output_dir", str(tmp_path / "run")], check=False, script=CAUSAL_LM)
         assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+
+
+def test_rendering_in_several_processes_writes_the_same_bytes(chat, tmp_path):
+    from transformers import AutoTokenizer
+
+    from accel_trainer.data.chat import CHUNK, prepare_chat
+    from chat_models import conversations
+
+    data = tmp_path / "many.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in conversations(2 * CHUNK + 7)))
+    tokenizer = AutoTokenizer.from_pretrained(chat / "llama")
+    one, two = (prepare_chat([str(data)], tokenizer, tmp_path / f"p{n}", {"n": n}, progress=False, num_proc=n)
+                for n in (1, 2))
+    assert one["xxh3_128"] == two["xxh3_128"] and one["conversations"] == 2 * CHUNK + 7
