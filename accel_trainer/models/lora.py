@@ -140,11 +140,13 @@ def load_lora_checkpoint(folder: Path, record: dict, adapter_state: dict, device
         CheckpointError: the base is missing or changed, or the adapters do not fit it.
     """
     peft = require_peft()
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = (record.get("base") or {}).get("path")
     try:
-        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        # The checkpoint's own config.json: the base's as the run trained it (--config_overrides included).
+        config = AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
+        base = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder}: a LoRA checkpoint, and its base {path!r} cannot be loaded "
                               f"({str(err).splitlines()[0][:200]}); put the base back at that path") from None
