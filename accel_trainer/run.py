@@ -228,24 +228,18 @@ def refuse_other_adapters(folder: Path, saved_run: dict, run_config: dict) -> No
                               "checkpoint's values")
 
 
-def check_lora_base(folder: Path, record: dict, model) -> None:
+def check_lora_base(folder: Path, record: dict) -> None:
     """After the base is loaded: refuse a resume whose base is not the one the adapters were
     trained on (compared by the digest of its tensors, not by path).
 
     Raises:
-        CheckpointError: naming the base's path and both digests.
+        CheckpointError: naming the base's paths and both digests.
     """
-    from .models import LORA_KEY
+    from .models import LORA_KEY, check_same_base
 
     saved = read_json(folder / RUN_CONFIG).get(LORA_KEY) if (folder / RUN_CONFIG).is_file() else None
     if saved is not None:
-        saved_base = saved.get("base") or {}
-        if saved_base.get("content_xxh3_128") != record["base"]["content_xxh3_128"]:
-            raise CheckpointError(f"{folder}: its LoRA adapters were trained on the base {saved_base.get('path')!r} "
-                                  f"(content {saved_base.get('content_xxh3_128')}), and this run's base "
-                                  f"{record['base']['path']!r} has content {record['base']['content_xxh3_128']} "
-                                  "(changed or replaced since); resume on the original base, or start a new run "
-                                  "(--output_dir) to adapt this one")
+        check_same_base(saved, record["base"]["content_xxh3_128"], record["base"]["path"], str(folder))
 
 
 def resume_policy(plan: ModelPlan, run_config: dict, print_fn=print, legacy_identity: str | None = None):
@@ -455,7 +449,7 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
         manager = task_manager(train_args.eval_include_path)
         check_tasks(train_args.eval_task_names, manager)
         require_task_data(train_args.eval_task_names, manager)
-    check_fine_tuning(model_args, data_args, model_factory)
+    check_fine_tuning(model_args, data_args)
     tokenizer = run_tokenizer(data_args)
     plan = plan_model(model_args, tokenizer, presets, model_factory, model_config)
     block_size = block_size_for(plan, data_args, model_args.preset, defaults)
@@ -465,14 +459,8 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
     # The one owner of the mesh's sizes, checked against the model's family before any work.
     dims = ParallelDims.from_run(train_args.expert_parallel_size, accelerator.num_processes,
                                  getattr(accelerator, "parallelism_config", None), plan.family)
-    from accelerate.utils import DistributedType
-
-    replicated = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
-    if model_args.lora and (dims.ep > 1 or accelerator.distributed_type not in replicated):
-        raise ConfigError(f"--lora_r: LoRA runs on one process or under DDP here (this launch: "
-                          f"{accelerator.distributed_type}, --expert_parallel_size "
-                          f"{train_args.expert_parallel_size}); launch without FSDP/DeepSpeed or expert parallelism "
-                          "(the adapters are small: every rank holds them whole)")
+    if model_args.lora:
+        refuse_sharded_lora(accelerator, dims)
     check_shared_output_dir(accelerator, train_args.output_dir)  # before the lock: rank 0's lock is on its disk
     lock = lock_run_dir(accelerator, train_args.output_dir)  # one run per output dir
     try:
@@ -490,7 +478,22 @@ def run(presets: dict[str, dict] | None, model_args: ModelArguments, data_args: 
             lock.release()
 
 
-def check_fine_tuning(model_args: ModelArguments, data_args: DataArguments, model_factory) -> None:
+def refuse_sharded_lora(accelerator, dims: ParallelDims) -> None:
+    """LoRA runs on one process or under DDP: every rank holds the (small) adapters whole.
+
+    Raises:
+        ConfigError: under FSDP, DeepSpeed or expert parallelism, naming the launch.
+    """
+    from accelerate.utils import DistributedType
+
+    if dims.ep > 1 or accelerator.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU,
+                                                           DistributedType.MULTI_GPU):
+        raise ConfigError(f"--lora_r: LoRA runs on one process or under DDP here (this launch: "
+                          f"{accelerator.distributed_type}, --expert_parallel_size {dims.ep}); launch without "
+                          "FSDP/DeepSpeed or expert parallelism (the adapters are small: every rank holds them whole)")
+
+
+def check_fine_tuning(model_args: ModelArguments, data_args: DataArguments) -> None:
     """What LoRA and chat data need, checked before any work.
 
     Raises:
@@ -637,7 +640,7 @@ def _run(accelerator, plan: ModelPlan, dims: ParallelDims, block_size: int, mode
 
         run_config[LORA_KEY] = lora
         if folder is not None:
-            check_lora_base(Path(folder), lora, model)
+            check_lora_base(Path(folder), lora)
     if data_args.packing:
         check_packed_attention(model)
     try:

@@ -212,7 +212,8 @@ class TensorFiles(WriteStrategy):
         model = normalize_state_dict(acc.get_state_dict(parts.model))
         opt_tensors, description = optimizer_files.split_state(parts.optimizers, parameter_names(acc, parts.model))
         optimizer_files.write_description(tmp, description)
-        model = {k: v for k, v in model.items() if k not in parts.not_stored()}
+        left_out = parts.not_stored()
+        model = {k: v for k, v in model.items() if k not in left_out}
         frozen = parts.frozen_names()
         big = {MODEL_WEIGHTS: {k: v for k, v in model.items() if k not in frozen}, OPTIMIZER_TENSORS: opt_tensors}
         if frozen and parts.store_frozen:

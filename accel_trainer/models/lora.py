@@ -112,24 +112,19 @@ def _plain(config) -> dict:
     return out
 
 
-def check_same_base(record: dict, model: nn.Module, where: str) -> None:
-    """Refuse a base whose tensors are not those the adapters were trained on.
+def check_same_base(saved: dict, digest: str, path: str, where: str) -> None:
+    """Refuse a base whose tensors (``digest``, as loaded from ``path``) are not those the adapters of
+    ``saved`` (a run config's :data:`LORA_KEY` record) were trained on.
 
     Raises:
-        CheckpointError: naming the checkpoint, the base path and both digests.
+        CheckpointError: naming the checkpoint, both paths and both digests.
     """
-    base = record.get("base") or {}
-    now = base_digest(model)
-    if base.get("content_xxh3_128") != now:
-        raise CheckpointError(f"{where}: its LoRA adapters were trained on the base at {base.get('path')!r} with "
-                              f"content {base.get('content_xxh3_128')}, and the base there now has content {now} "
-                              "(changed or replaced since). Put the original base back at that path; to adapt the "
-                              "new base, start a new run (--output_dir) instead of resuming")
-
-
-def adapter_keys(model: nn.Module) -> list[str]:
-    """The names of the trainable (adapter) tensors of a PEFT model, as its state dict has them."""
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    base = saved.get("base") or {}
+    if base.get("content_xxh3_128") != digest:
+        raise CheckpointError(f"{where}: its LoRA adapters were trained on the base {base.get('path')!r} (content "
+                              f"{base.get('content_xxh3_128')}), and the base at {path!r} has content {digest} "
+                              "(changed or replaced since); put the original base back there, or start a new run "
+                              "(--output_dir) to adapt this one")
 
 
 def load_lora_checkpoint(folder: Path, record: dict, adapter_state: dict, device, dtype) -> nn.Module:
@@ -150,7 +145,7 @@ def load_lora_checkpoint(folder: Path, record: dict, adapter_state: dict, device
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder}: a LoRA checkpoint, and its base {path!r} cannot be loaded "
                               f"({str(err).splitlines()[0][:200]}); put the base back at that path") from None
-    check_same_base(record, base, str(folder))
+    check_same_base(record, base_digest(base), path, str(folder))
     config = peft.LoraConfig(**{k: v for k, v in record["peft_config"].items()
                                 if k in peft.LoraConfig.__dataclass_fields__})
     config.inference_mode = True
