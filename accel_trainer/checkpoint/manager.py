@@ -498,7 +498,9 @@ class Checkpointer:
             self._uploader.wait()
 
     def close(self) -> None:
-        """Wait for the save in flight and the uploads, then release the signal handlers and the lock."""
+        """Wait for the save in flight and the uploads, then release the signal handlers (unless a stop
+        signal came: then they stay, so a repeated signal cannot end the process before it reports how
+        it ended) and the lock."""
         try:
             self.wait()
             if self._uploader is not None:
@@ -512,7 +514,11 @@ class Checkpointer:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
             self.strategy.close()
-            if self._stop is not None:
+            # A stop that was honoured stays handled until the process ends: a worker whose launcher
+            # was killed gets SIGTERM again as it shuts down (seen in the launcher-death test: the
+            # repeat came after close, and the default action ended it before it wrote how it ended).
+            # A repeat says nothing new; a second SIGINT still raises KeyboardInterrupt.
+            if self._stop is not None and self._stop.signum is None:
                 self._stop.uninstall()
             if self._lock is not None:
                 self._lock.release()

@@ -280,3 +280,23 @@ def test_the_checkpoint_package_imports_nothing_of_the_trainer_model_or_data():
                 continue
             for name in names:
                 assert not name.startswith(banned), f"{path.name} imports {name}"
+
+
+def test_close_gives_the_signal_handlers_back_unless_a_stop_came(loop, tmp_path):
+    """After a stop signal the process is on its way out: a repeated signal (a worker whose launcher
+    was killed gets SIGTERM again while it shuts down) must not end it before it reports how it
+    ended, so the handlers stay; without a stop, close() restores what was there."""
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGUSR1)
+    calm = loop(handle_signals=True)
+    calm.ckpt.close()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    stopped = loop(handle_signals=True)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stopped.ckpt.stop_requested()
+    stopped.ckpt.close()
+    os.kill(os.getpid(), signal.SIGUSR1)  # with the default action this would end the test process
+    assert stopped.ckpt.stop_signal == signal.SIGUSR1
+    signal.signal(signal.SIGUSR1, before)
