@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_text, fsync_file, hash_file, read_json
+from ..checkpoint import atomic_write_text, read_json
 from ..errors import DataError
+from .shards import write_array
+from .sources import file_identity
 
 FORMAT = "accel_trainer.chat/1"
 MANIFEST, TOKENIZER_DIR = "chat.json", "tokenizer"
@@ -100,7 +102,9 @@ def render(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
 
 def chat_source(files: list[str], tokenizer_identity: str) -> dict:
     """What the chat data is, by content (no paths): every file's xxh3 in order, and the tokenizer."""
-    return {"format": FORMAT, "files": [hash_file(f) for f in files], "tokenizer": tokenizer_identity}
+    # file_identity's digest: hashed once per process, shared with the run's data identity
+    return {"format": FORMAT, "files": [file_identity(f, "--chat_data")["xxh3_128"] for f in files],
+            "tokenizer": tokenizer_identity}
 
 
 _WORKER: dict = {}
@@ -174,13 +178,7 @@ def prepare_chat(files: list[str], tokenizer, out: Path, source: dict, progress:
     dtype = np.uint16 if len(tokenizer) <= 2**16 else np.uint32
     arrays = {"tokens": np.concatenate(tokens).astype(dtype), "mask": np.concatenate(masks),
               "index": np.asarray(ends, dtype=np.int64)}
-    hashes = {}
-    for key, array in arrays.items():
-        path, tmp = out / FILES[key], out / f".tmp-{FILES[key]}"
-        array.tofile(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        hashes[key] = hash_file(path)
+    hashes = {key: write_array(array, out / FILES[key]) for key, array in arrays.items()}
     manifest = {"format": FORMAT, "source": source, "dtype": np.dtype(dtype).name, "conversations": len(ends),
                 "total_tokens": total, "assistant_tokens": int(arrays["mask"].sum()), "xxh3_128": hashes,
                 "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None

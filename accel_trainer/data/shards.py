@@ -208,6 +208,15 @@ def _shard_done(out: Path, i: int) -> bool:
         return False
 
 
+def write_array(array: np.ndarray, path: Path) -> str:
+    """``array``'s bytes as ``path``, atomically (a temporary file, fsynced, renamed); its xxh3-128."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    array.tofile(tmp)
+    fsync_file(tmp)
+    os.replace(tmp, path)
+    return hash_file(path)
+
+
 def _write_shard(out: Path, i: int, parts: list, dtype: np.dtype) -> int:
     tokens = np.concatenate([t for t, _ in parts]) if parts else np.zeros(0, dtype=np.int64)
     offsets, ends = 0, []
@@ -217,11 +226,8 @@ def _write_shard(out: Path, i: int, parts: list, dtype: np.dtype) -> int:
     ends = np.concatenate(ends) if ends else np.zeros(0, dtype=np.int64)
     info = {"documents": int(len(ends)), "tokens_count": int(len(tokens))}
     for key, array, suffix in (("tokens", tokens.astype(dtype), "bin"), ("index", ends.astype(np.int64), "idx")):
-        path, tmp = out / shard_name(i, suffix), out / f".tmp-{shard_name(i, suffix)}"
-        array.tofile(tmp)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-        info[key] = {"file": path.name, "xxh3_128": hash_file(path)}
+        path = out / shard_name(i, suffix)
+        info[key] = {"file": path.name, "xxh3_128": write_array(array, path)}
     atomic_write_text(out / shard_name(i, "json"), json.dumps(info, indent=2) + "\n")
     return len(tokens)
 
